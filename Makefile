@@ -1,0 +1,43 @@
+# The two commands: `make run` (the daemon, embedded NATS) and `make test` (the whole suite).
+# Everything the project needs is installed from here; nothing by hand.
+PY ?= python3
+VENV := .venv
+TVENV := .venv-trainer
+PIP := pip install -q --disable-pip-version-check --no-input
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test venv trainer-env system-deps bench schemas clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/$(PIP) -c constraints.txt -e '.[test]'
+	touch $@
+
+# The trainer gets its own interpreter: Unsloth pins transformers, trl and datasets,
+# and the daemon must never import torch.
+$(TVENV)/.installed: academyd/trainer/requirements.txt constraints.txt
+	$(PY) -m venv $(TVENV)
+	$(TVENV)/bin/$(PIP) -c constraints.txt -r academyd/trainer/requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+trainer-env: $(TVENV)/.installed
+
+system-deps:
+	bash scripts/install-system-deps
+
+run: $(VENV)/.installed $(TVENV)/.installed
+	$(VENV)/bin/academyd run $(ARGS)
+
+test: $(VENV)/.installed $(TVENV)/.installed system-deps
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+schemas: $(VENV)/.installed
+	$(VENV)/bin/academyd schemas export
+
+bench: $(VENV)/.installed $(TVENV)/.installed
+	$(VENV)/bin/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) $(TVENV) .pytest_cache

@@ -1,0 +1,249 @@
+"""Settings: flags > environment (`ACADEMY_*`, nested with `__`) > TOML file > defaults.
+
+Validated by pydantic; `load_settings` turns a validation error into a message that names the
+setting, the environment variable and what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "ACADEMY_"
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message says which one and how to fix it."""
+
+
+class QuietHours(BaseModel):
+    """A daily window (local to `tz`, default UTC) in which no training starts, e.g. "22:00-06:00"."""
+
+    start: time
+    end: time
+
+    @classmethod
+    def parse(cls, value: str) -> QuietHours:
+        m = re.fullmatch(r"\s*(\d{1,2}:\d{2})\s*-\s*(\d{1,2}:\d{2})\s*", value)
+        if not m:
+            raise ValueError(f"quiet hours must look like '22:00-06:00', got {value!r}")
+        return cls(start=time.fromisoformat(m.group(1).zfill(5)), end=time.fromisoformat(m.group(2).zfill(5)))
+
+
+class NatsSettings(BaseModel):
+    url: str | None = Field(
+        default=None, description="Join this NATS server; unset: start the bundled nats-server (embedded)."
+    )
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    embedded_port: int = Field(default=4222, ge=0, le=65535, description="0 picks a free port.")
+    embedded_monitor_port: int = Field(default=0, ge=0, le=65535, description="0 disables monitoring.")
+    inbound_stream: str = "ACADEMY_INBOUND"
+    outbound_stream: str = "ACADEMY_EVENTS"
+    dlq_stream: str = "ACADEMY_DLQ"
+    consumer: str = "academyd"
+    ack_wait_s: float = Field(default=30.0, gt=0)
+    max_deliver: int = Field(default=8, ge=2)
+    backoff_s: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0, 120.0])
+    fetch_batch: int = Field(default=256, ge=1, le=10_000)
+    fetch_timeout_s: float = Field(default=0.5, gt=0)
+    max_payload_bytes: int = Field(default=1024 * 1024, ge=1024)
+    duplicate_window_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("backoff_s")
+    @classmethod
+    def _backoff_positive(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError("every backoff step must be > 0 seconds")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_consistent(self) -> NatsSettings:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("nats.user and nats.password go together: set both or neither")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("nats.tls_cert and nats.tls_key go together: set both or neither")
+        if self.backoff_s and len(self.backoff_s) > self.max_deliver:
+            raise ValueError("nats.backoff_s may have at most nats.max_deliver steps")
+        return self
+
+
+class PolicySettings(BaseModel):
+    min_lessons: int = Field(default=100, ge=1, description="New successful lessons needed to train.")
+    min_interval_h: float = Field(default=24.0, ge=0, description="Hours since the last training.")
+    quiet_hours: QuietHours | None = None
+    tick_minutes: float = Field(default=10.0, gt=0, description="How often the policy is re-checked.")
+    retry_backoff_min: list[float] = Field(
+        default_factory=lambda: [10.0, 60.0, 360.0], description="Minutes to wait after 1, 2, 3+ failed runs."
+    )
+
+    @field_validator("quiet_hours", mode="before")
+    @classmethod
+    def _parse_quiet(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return None if not v.strip() else QuietHours.parse(v)
+        return v
+
+
+class CuratorSettings(BaseModel):
+    """Dataset curation (see academyd.curator)."""
+
+    format: Literal["alpaca", "sharegpt"] = "alpaca"
+    heldout_fraction: float = Field(default=0.10, ge=0.0, lt=1.0)
+    min_examples: int = Field(default=50, ge=1)
+    replay_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    secrets: Literal["redact", "drop"] = "redact"
+    near_dup_threshold: float = Field(default=0.8, gt=0.0, le=1.0)
+    diff_truncate_chars: int = Field(default=1500, ge=100)
+    diff_drop_chars: int = Field(default=3000, ge=100)
+    max_example_chars: int = Field(default=8000, ge=100)
+    min_example_chars: int = Field(default=20, ge=0)
+
+
+class TrainingSettings(BaseModel):
+    """The habitat and the trainer (see academyd.habitat, academyd.trainer)."""
+
+    habitat: Literal["auto", "process", "docker"] = "auto"
+    trainer_python: Path | None = Field(
+        default=None, description="Interpreter of the trainer environment (default: .venv-trainer/bin/python)."
+    )
+    base_model: str = Field(default="", description="Base model path or name the adapters are trained on.")
+    docker_image: str = "unsloth/unsloth:latest"
+    docker_url: str | None = None
+    time_limit_s: float = Field(default=6 * 3600, gt=0)
+    memory_limit_mb: int = Field(default=0, ge=0, description="0: no limit.")
+    epochs: float | None = None
+    learning_rate: float | None = None
+    max_seq_length: int | None = None
+    seed: int = 3407
+    backend: Literal["auto", "unsloth", "peft"] = "auto"
+    progress_per_s: float = Field(default=2.0, gt=0, description="Throttle of academy.training.progress.")
+
+
+class ArenaSettings(BaseModel):
+    """Evaluation gate and post-promotion watch (see academyd.arena)."""
+
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    generation_sample: int = Field(default=16, ge=0)
+    generation_tolerance: float = Field(default=0.02, ge=0.0)
+    forgetting_tolerance: float = Field(default=0.05, ge=0.0)
+    judge_url: str | None = None
+    judge_model: str | None = None
+    ollama_url: str | None = None
+    watch_window: int = Field(default=50, ge=5)
+    watch_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    watch_margin: float = Field(default=0.05, ge=0.0)
+    auto_promote: bool = True
+
+
+class HttpSettings(BaseModel):
+    """The Academy page and /metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    token: str | None = Field(default=None, description="Required for anything that changes state.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(default=Path("data"), description="SQLite store, datasets, models, NATS store.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    repos: dict[str, Path] = Field(
+        default_factory=dict, description="Allowlist of git repositories: name -> local path."
+    )
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    curator: CuratorSettings = Field(default_factory=CuratorSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    arena: ArenaSettings = Field(default_factory=ArenaSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    # Derived paths: one place decides the data layout.
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "academy.db"
+
+    @property
+    def training_dir(self) -> Path:
+        return self.data_dir / "training"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.data_dir / "nats"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def active_adapter_path(self) -> Path:
+        return self.data_dir / "active_adapter.json"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    env = ENV_PREFIX + "__".join(str(p) for p in err.get("loc", ())).upper()
+    return f"  - {loc or '(settings)'}: {err.get('msg')} (flag or env {env}, or [{loc}] in the TOML file)"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; `overrides` are what flags said (None means: not given)."""
+    if config_file is None and os.environ.get(f"{ENV_PREFIX}CONFIG"):
+        config_file = Path(os.environ[f"{ENV_PREFIX}CONFIG"])
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise SettingsError(f"config file {config_file} does not exist; pass an existing TOML file")
+
+        class _FromFile(Settings):
+            model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": config_file})
+
+        cls = _FromFile
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(**given)
+    except ValidationError as exc:
+        lines = "\n".join(_describe(e) for e in exc.errors())
+        raise SettingsError(f"invalid settings:\n{lines}") from None

@@ -1,0 +1,457 @@
+"""SQLite, the system of record: events, the inbox (idempotency), the outbox, runs, the DLQ.
+
+One file (`academy.db`), WAL, `synchronous=FULL`. Migrations are named SQL scripts applied once, in
+order; other modules (curator, registry, habitat) add theirs to `MIGRATIONS` under a name of their own.
+
+The store is synchronous on purpose: SQLite calls are short, and a batch of inbound events is written in
+one transaction, so the daemon commits once per fetched batch, not once per event.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ACTIVE_RUN_STATES = ("requested", "curating", "training", "evaluating")
+RUN_STATES = (*ACTIVE_RUN_STATES, "succeeded", "failed", "refused", "cancelled")
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_core",
+        """
+        CREATE TABLE inbox(
+            event_id    TEXT PRIMARY KEY,
+            subject     TEXT NOT NULL,
+            stream_seq  INTEGER,
+            received_at TEXT NOT NULL
+        );
+        CREATE TABLE lessons(
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id    TEXT NOT NULL UNIQUE REFERENCES inbox(event_id),
+            lesson_id   TEXT NOT NULL UNIQUE,
+            timestamp   TEXT NOT NULL,
+            situation   TEXT NOT NULL,
+            action      TEXT NOT NULL,
+            result      TEXT NOT NULL,
+            feedback    TEXT,
+            tags        TEXT NOT NULL,
+            metadata    TEXT NOT NULL,
+            success     INTEGER NOT NULL,
+            received_at TEXT NOT NULL
+        );
+        CREATE INDEX lessons_success ON lessons(success, seq);
+        CREATE TABLE commits(
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id    TEXT NOT NULL UNIQUE REFERENCES inbox(event_id),
+            repo        TEXT NOT NULL,
+            sha         TEXT NOT NULL,
+            branch      TEXT NOT NULL,
+            message     TEXT,
+            author      TEXT,
+            pushed_at   TEXT,
+            received_at TEXT NOT NULL,
+            UNIQUE(repo, sha)
+        );
+        CREATE TABLE tasks(
+            seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id        TEXT NOT NULL UNIQUE REFERENCES inbox(event_id),
+            task_id         TEXT NOT NULL UNIQUE,
+            content         TEXT NOT NULL,
+            result          TEXT,
+            status          TEXT NOT NULL,
+            logs            TEXT NOT NULL,
+            context_history TEXT,
+            model_version   TEXT,
+            success         INTEGER NOT NULL,
+            received_at     TEXT NOT NULL
+        );
+        CREATE INDEX tasks_model ON tasks(model_version, seq);
+        CREATE TABLE dlq(
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            subject     TEXT NOT NULL,
+            event_id    TEXT,
+            stream_seq  INTEGER,
+            reason      TEXT NOT NULL,
+            detail      TEXT,
+            excerpt     TEXT,
+            at          TEXT NOT NULL,
+            UNIQUE(subject, stream_seq)
+        );
+        CREATE TABLE outbox(
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            msg_id       TEXT NOT NULL UNIQUE,
+            subject      TEXT NOT NULL,
+            payload      TEXT NOT NULL,
+            created_at   TEXT NOT NULL,
+            published_at TEXT,
+            attempts     INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX outbox_pending ON outbox(id) WHERE published_at IS NULL;
+        CREATE TABLE runs(
+            run_id           TEXT PRIMARY KEY,
+            state            TEXT NOT NULL CHECK(state IN ('requested','curating','training','evaluating',
+                                                           'succeeded','failed','refused','cancelled')),
+            reason           TEXT NOT NULL,
+            forced           INTEGER NOT NULL,
+            lesson_watermark INTEGER NOT NULL,
+            new_lessons      INTEGER NOT NULL,
+            requested_at     TEXT NOT NULL,
+            started_at       TEXT,
+            ended_at         TEXT,
+            attempt          INTEGER NOT NULL DEFAULT 1,
+            dataset_id       TEXT,
+            version          TEXT,
+            habitat          TEXT,
+            job_ref          TEXT,
+            error            TEXT,
+            detail           TEXT NOT NULL DEFAULT '{}'
+        );
+        -- The database itself enforces at most one active run, across restarts and processes.
+        CREATE UNIQUE INDEX runs_one_active
+            ON runs((state IN ('requested','curating','training','evaluating')))
+            WHERE state IN ('requested','curating','training','evaluating');
+        CREATE INDEX runs_ended ON runs(state, ended_at);
+        """,
+    ),
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat()
+
+
+def parse_iso(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+class ActiveRunExists(Exception):
+    """A run is already active; the database refuses a second one."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the policy needs to know, read in one go."""
+
+    new_successful_lessons: int
+    lesson_watermark: int
+    last_training_ended: datetime | None
+    active_run: str | None
+    consecutive_failures: int
+    last_failure_at: datetime | None
+
+
+class Store:
+    """The SQLite store. Not thread-safe: one Store per thread (open another for worker threads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=30000")
+        self._depth = 0
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        store = cls(path)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations not yet applied; return their names."""
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+        )
+        done = {r[0] for r in self.conn.execute("SELECT name FROM schema_migrations")}
+        applied = []
+        for name, sql in MIGRATIONS:
+            if name in done:
+                continue
+            with self.transaction():
+                for statement in _split_sql(sql):
+                    self.conn.execute(statement)
+                self.conn.execute(
+                    "INSERT INTO schema_migrations(name, applied_at) VALUES (?, ?)", (name, iso(utcnow()))
+                )
+            applied.append(name)
+        return applied
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; nested calls join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.conn.execute("COMMIT")
+
+    def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        row = self.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    # ------------------------------------------------------------ inbound
+
+    def claim(self, event_id: str, subject: str, stream_seq: int | None, now: datetime) -> bool:
+        """Write the inbox row; False when the event id was seen before (a duplicate: do nothing)."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO inbox(event_id, subject, stream_seq, received_at) VALUES (?,?,?,?)",
+            (event_id, subject, stream_seq, iso(now)),
+        )
+        return cur.rowcount == 1
+
+    def insert_lesson(self, ev: Any, success: bool, now: datetime) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO lessons(event_id, lesson_id, timestamp, situation, action, result, feedback,"
+            " tags, metadata, success, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                ev.event_id,
+                ev.lesson_id,
+                iso(ev.timestamp),
+                ev.situation,
+                ev.action,
+                ev.result,
+                ev.feedback,
+                json.dumps(ev.tags, ensure_ascii=False),
+                json.dumps(ev.metadata, ensure_ascii=False, default=str),
+                int(success),
+                iso(now),
+            ),
+        )
+        return cur.rowcount == 1
+
+    def insert_commit(self, ev: Any, now: datetime) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO commits(event_id, repo, sha, branch, message, author, pushed_at, received_at)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (ev.event_id, ev.repo, ev.sha.lower(), ev.branch, ev.message, ev.author, iso(ev.pushed_at), iso(now)),
+        )
+        return cur.rowcount == 1
+
+    def insert_task(self, ev: Any, success: bool, now: datetime) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO tasks(event_id, task_id, content, result, status, logs, context_history,"
+            " model_version, success, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                ev.event_id,
+                ev.task_id,
+                ev.content,
+                ev.result,
+                ev.status,
+                json.dumps(ev.logs, ensure_ascii=False),
+                None if ev.context_history is None else json.dumps(ev.context_history, ensure_ascii=False),
+                ev.model_version,
+                int(success),
+                iso(now),
+            ),
+        )
+        return cur.rowcount == 1
+
+    def record_dlq(
+        self,
+        subject: str,
+        reason: str,
+        detail: str,
+        *,
+        event_id: str | None,
+        stream_seq: int | None,
+        excerpt: str,
+        now: datetime,
+    ) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO dlq(subject, event_id, stream_seq, reason, detail, excerpt, at)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (subject, event_id, stream_seq, reason, detail, excerpt, iso(now)),
+        )
+        return cur.rowcount == 1
+
+    # ------------------------------------------------------------ outbox
+
+    def outbox_add(self, subject: str, payload: dict[str, Any], msg_id: str, now: datetime) -> bool:
+        """Queue an event for publishing; call inside the transaction that makes it true."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO outbox(msg_id, subject, payload, created_at) VALUES (?,?,?,?)",
+            (msg_id, subject, json.dumps(payload, ensure_ascii=False, default=str), iso(now)),
+        )
+        return cur.rowcount == 1
+
+    def outbox_pending(self, limit: int = 100) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT id, msg_id, subject, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+    def outbox_mark_published(self, outbox_id: int, now: datetime) -> None:
+        self.conn.execute("UPDATE outbox SET published_at=?, attempts=attempts+1 WHERE id=?", (iso(now), outbox_id))
+
+    def outbox_mark_attempt(self, outbox_id: int) -> None:
+        self.conn.execute("UPDATE outbox SET attempts=attempts+1 WHERE id=?", (outbox_id,))
+
+    # ------------------------------------------------------------ runs
+
+    def snapshot(self) -> Snapshot:
+        last_ok = self.conn.execute(
+            "SELECT lesson_watermark, ended_at FROM runs WHERE state='succeeded' ORDER BY ended_at DESC LIMIT 1"
+        ).fetchone()
+        watermark = last_ok["lesson_watermark"] if last_ok else 0
+        last_ended = parse_iso(last_ok["ended_at"]) if last_ok else None
+        new = self.scalar("SELECT COUNT(*) FROM lessons WHERE success=1 AND seq>?", (watermark,))
+        active = self.scalar(
+            "SELECT run_id FROM runs WHERE state IN ('requested','curating','training','evaluating') LIMIT 1"
+        )
+        failures = 0
+        last_failure: datetime | None = None
+        for row in self.conn.execute(
+            "SELECT state, ended_at FROM runs WHERE state IN ('succeeded','failed','refused')"
+            " ORDER BY requested_at DESC LIMIT 20"
+        ):
+            if row["state"] == "succeeded":
+                break
+            failures += 1
+            if last_failure is None:
+                last_failure = parse_iso(row["ended_at"])
+        return Snapshot(
+            new_successful_lessons=int(new),
+            lesson_watermark=int(watermark),
+            last_training_ended=last_ended,
+            active_run=active,
+            consecutive_failures=failures,
+            last_failure_at=last_failure,
+        )
+
+    def max_lesson_seq(self) -> int:
+        return int(self.scalar("SELECT COALESCE(MAX(seq), 0) FROM lessons"))
+
+    def create_run(self, *, reason: str, forced: bool, new_lessons: int, now: datetime, attempt: int = 1) -> str:
+        """Record a requested run and queue `academy.training.requested`; one transaction.
+
+        Raises ActiveRunExists when a run is active (the partial unique index says so, not a check here).
+        """
+        run_id = f"run-{now.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        watermark = self.max_lesson_seq()
+        try:
+            with self.transaction():
+                self.conn.execute(
+                    "INSERT INTO runs(run_id, state, reason, forced, lesson_watermark, new_lessons, requested_at,"
+                    " attempt) VALUES (?,?,?,?,?,?,?,?)",
+                    (run_id, "requested", reason, int(forced), watermark, new_lessons, iso(now), attempt),
+                )
+                self.outbox_add(
+                    "academy.training.requested",
+                    {
+                        "schema_version": 1,
+                        "event_id": run_id,
+                        "at": iso(now),
+                        "run_id": run_id,
+                        "reason": reason,
+                        "forced": forced,
+                        "new_lessons": new_lessons,
+                    },
+                    msg_id=run_id,
+                    now=now,
+                )
+        except sqlite3.IntegrityError as exc:
+            if "runs_one_active" in str(exc) or "UNIQUE constraint failed: index" in str(exc):
+                raise ActiveRunExists(self.scalar(
+                    "SELECT run_id FROM runs WHERE state IN ('requested','curating','training','evaluating')"
+                )) from None
+            raise
+        return run_id
+
+    def set_run_state(self, run_id: str, state: str, now: datetime, **fields: Any) -> None:
+        if state not in RUN_STATES:
+            raise ValueError(f"unknown run state {state!r}")
+        sets = ["state=?"]
+        values: list[Any] = [state]
+        if state not in ACTIVE_RUN_STATES:
+            sets.append("ended_at=?")
+            values.append(iso(now))
+        elif state != "requested":
+            sets.append("started_at=COALESCE(started_at, ?)")
+            values.append(iso(now))
+        for key, value in fields.items():
+            sets.append(f"{key}=?")
+            values.append(json.dumps(value) if key == "detail" else value)
+        values.append(run_id)
+        self.conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", values)
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return None if row is None else dict(row)
+
+    def active_run(self) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT * FROM runs WHERE state IN ('requested','curating','training','evaluating') LIMIT 1"
+        ).fetchone()
+        return None if row is None else dict(row)
+
+    def recent_runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM runs ORDER BY requested_at DESC LIMIT ?", (limit,))]
+
+    # ------------------------------------------------------------ reading
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "lesson.created": int(self.scalar("SELECT COUNT(*) FROM lessons")),
+            "commit.pushed": int(self.scalar("SELECT COUNT(*) FROM commits")),
+            "task.completed": int(self.scalar("SELECT COUNT(*) FROM tasks")),
+        }
+
+    def dlq_count(self) -> int:
+        return int(self.scalar("SELECT COUNT(*) FROM dlq"))
+
+    def dlq_by_reason(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.conn.execute("SELECT reason, COUNT(*) FROM dlq GROUP BY reason")}
+
+    def recent_dlq(self, limit: int = 50) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM dlq ORDER BY id DESC LIMIT ?", (limit,))]
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (no semicolons inside our literals)."""
+    out, buf = [], []
+    for line in script.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("--"):
+            continue
+        buf.append(line)
+        if stripped.endswith(";"):
+            out.append("\n".join(buf))
+            buf = []
+    if "".join(buf).strip():
+        out.append("\n".join(buf))
+    return [s for s in out if s.strip()]

@@ -1,0 +1,220 @@
+"""The wire contract: one pydantic model per subject.
+
+Every event carries `schema_version` (1) and an `event_id`; publishers set the `Nats-Msg-Id` header to
+the event id so that a re-publish inside the server's duplicate window is dropped. Unknown fields are
+rejected on inbound subjects so that a typo in a hand-written `nats pub` fails loudly (to the DLQ)
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+EventId = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$", description="Unique id of this event.")
+
+
+class Event(BaseModel):
+    """Base of every payload on the bus."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    schema_version: Literal[1] = Field(description="Version of this contract; only 1 exists.")
+    event_id: str = EventId
+
+
+# ---------------------------------------------------------------- inbound
+
+
+class LessonCreated(Event):
+    """`lesson.created`: Venom's Lesson, field for field."""
+
+    lesson_id: str = Field(min_length=1, max_length=200)
+    timestamp: datetime
+    situation: str
+    action: str
+    result: str
+    feedback: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommitPushed(Event):
+    """`commit.pushed`: a commit in a repository named in the daemon's allowlist."""
+
+    repo: str = Field(min_length=1, max_length=200, description="A name from the configured repo allowlist.")
+    sha: str = Field(pattern=r"^[0-9a-fA-F]{7,64}$")
+    branch: str = Field(min_length=1, max_length=500)
+    message: str | None = None
+    author: str | None = None
+    pushed_at: datetime | None = None
+
+
+class TaskCompleted(Event):
+    """`task.completed`: Venom's finished task."""
+
+    task_id: str = Field(min_length=1, max_length=200)
+    content: str = Field(description="The request.")
+    result: str | None = None
+    status: str = Field(min_length=1, max_length=50, description="e.g. COMPLETED, FAILED")
+    logs: list[str] = Field(default_factory=list)
+    context_history: list[dict[str, Any]] | None = None
+    model_version: str | None = Field(default=None, description="The model/adapter version that served it.")
+
+    @field_validator("status")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.strip().upper()
+
+
+# ---------------------------------------------------------------- commands (request/reply)
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainCommand(Command):
+    force: bool = False
+    reason: str = "manual"
+
+
+class DatasetCommand(Command):
+    reason: str = "manual"
+
+
+class PromoteCommand(Command):
+    version: str = Field(pattern=r"^v\d+$")
+    reason: str = "manual"
+
+
+class RollbackCommand(Command):
+    reason: str = "manual"
+
+
+class StatusCommand(Command):
+    pass
+
+
+# ---------------------------------------------------------------- outbound
+
+
+class OutEvent(Event):
+    """Base of what the daemon publishes (through the outbox)."""
+
+    model_config = ConfigDict(extra="allow")
+    at: datetime
+
+
+class TrainingRequested(OutEvent):
+    run_id: str
+    reason: str
+    forced: bool = False
+    new_lessons: int
+
+
+class DatasetBuilt(OutEvent):
+    dataset_id: str
+    run_id: str | None = None
+    format: str
+    path: str
+    heldout_path: str
+    manifest_path: str
+    content_hash: str
+    examples: int
+    heldout: int
+
+
+class TrainingStarted(OutEvent):
+    run_id: str
+    habitat: str
+    dataset_id: str | None = None
+
+
+class TrainingProgress(OutEvent):
+    run_id: str
+    step: int
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    eval_loss: float | None = None
+    eta_s: float | None = None
+
+
+class TrainingFinished(OutEvent):
+    run_id: str
+    version: str | None = None
+    adapter_path: str | None = None
+    backend: str | None = None
+    final_loss: float | None = None
+    duration_s: float | None = None
+
+
+class TrainingFailed(OutEvent):
+    run_id: str
+    reason: str
+    retry_at: datetime | None = None
+
+
+class EvaluationFinished(OutEvent):
+    run_id: str | None = None
+    version: str
+    champion: str | None = None
+    verdict: Literal["promote", "reject"]
+    reasons: list[str] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelPromoted(OutEvent):
+    version: str
+    parent_version: str | None = None
+    base_model: str
+    adapter_path: str
+    adapter_sha256: str
+    modelfile_path: str
+    ollama_model: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    champion_metrics: dict[str, Any] = Field(default_factory=dict)
+    reason: str
+
+
+class ModelRolledBack(OutEvent):
+    from_version: str
+    to_version: str | None = None
+    reason: str
+
+
+INBOUND: dict[str, type[Event]] = {
+    "lesson.created": LessonCreated,
+    "commit.pushed": CommitPushed,
+    "task.completed": TaskCompleted,
+}
+
+COMMANDS: dict[str, type[Command]] = {
+    "academy.status": StatusCommand,
+    "academy.cmd.train": TrainCommand,
+    "academy.cmd.dataset": DatasetCommand,
+    "academy.cmd.promote": PromoteCommand,
+    "academy.cmd.rollback": RollbackCommand,
+}
+
+OUTBOUND: dict[str, type[OutEvent]] = {
+    "academy.training.requested": TrainingRequested,
+    "academy.dataset.built": DatasetBuilt,
+    "academy.training.started": TrainingStarted,
+    "academy.training.progress": TrainingProgress,
+    "academy.training.finished": TrainingFinished,
+    "academy.training.failed": TrainingFailed,
+    "academy.evaluation.finished": EvaluationFinished,
+    "model.promoted": ModelPromoted,
+    "model.rolled_back": ModelRolledBack,
+}
+
+ALL_SUBJECTS: dict[str, type[BaseModel]] = {**INBOUND, **COMMANDS, **OUTBOUND}
