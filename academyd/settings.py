@@ -119,6 +119,11 @@ class CuratorSettings(BaseModel):
 class TrainingSettings(BaseModel):
     """The habitat and the trainer (see academyd.habitat, academyd.trainer)."""
 
+    autorun: bool = Field(
+        default=True,
+        description="Run requested trainings in this daemon; false: only record and publish "
+        "academy.training.requested (for an external worker).",
+    )
     habitat: Literal["auto", "process", "docker"] = "auto"
     trainer_python: Path | None = Field(
         default=None, description="Interpreter of the trainer environment (default: .venv-trainer/bin/python)."

@@ -1,0 +1,341 @@
+"""The composition root: builds the daemon from settings, runs it, stops it in order.
+
+Start: store (migrated) -> embedded nats-server (unless a URL is given) -> connect -> streams ->
+consumer -> the `academy` service -> scheduler, outbox relay, page -> READY.
+Stop (SIGTERM/SIGINT): stop fetching, finish the batch in hand (ack after commit), flush the outbox,
+close NATS, stop the embedded server. Time comes from `clock`, so tests drive the policy's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from academyd import __version__, policy
+from academyd.bus import Bus
+from academyd.embedded import EmbeddedServer
+from academyd.ingest import Inbound, Ingestor
+from academyd.notify import Notifier
+from academyd.outbox import OutboxRelay
+from academyd.settings import Settings
+from academyd.store import ActiveRunExists, Store, iso, utcnow
+from handlers import Outcome
+from schemas.models import COMMANDS
+
+log = structlog.get_logger("academyd.app")
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class Counters:
+    """In-process counters (the page's /metrics reads them; the store is the durable truth)."""
+
+    ingested: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+
+
+class App:
+    def __init__(self, settings: Settings, clock: Clock = utcnow, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.notifier = notifier or Notifier()
+        self.store: Store | None = None
+        self.bus = Bus(settings.nats)
+        self.embedded: EmbeddedServer | None = None
+        self.ingestor: Ingestor | None = None
+        self.relay: OutboxRelay | None = None
+        self.counters = Counters()
+        self.stop_event = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.nats_url: str | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._scheduler: Any = None
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self.started_at: datetime | None = None
+        self.pipeline: Any = None
+        self.web: Any = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store.open(s.db_path)
+        self.ingestor = Ingestor(self.store, s)
+        if s.nats.url:
+            self.nats_url = s.nats.url
+        else:
+            self.embedded = EmbeddedServer(s.nats_dir, s.nats.embedded_port, s.nats.embedded_monitor_port)
+            await self.embedded.start()
+            self.nats_url = self.embedded.url
+        await self.bus.connect(self.nats_url)
+        await self.bus.ensure_streams()
+        await self.bus.bind_consumer()
+        self.relay = OutboxRelay(self.store, self.bus.publish, self.clock, on_published=self._on_published)
+        await self.bus.serve("academy", __version__, self._endpoints())
+        self._start_scheduler()
+        await self._start_extensions()
+        self._tasks.append(asyncio.create_task(self.relay.run(self.stop_event), name="outbox"))
+        self.relay.kick()  # anything a crash left unpublished goes out now
+        if self.notifier.watchdog_interval_s:
+            self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        self.started_at = self.clock()
+        self.ready.set()
+        self.notifier.ready(f"listening on {self.nats_url}")
+        log.info("daemon_ready", nats_url=self.nats_url, data_dir=str(s.data_dir), version=__version__)
+        self.evaluate("startup")
+
+    async def _start_extensions(self) -> None:
+        """The training pipeline and the page, when their modules are present."""
+        try:
+            from academyd.pipeline import Pipeline
+        except ModuleNotFoundError as exc:
+            if exc.name != "academyd.pipeline":
+                raise
+        else:
+            self.pipeline = Pipeline(self)
+            await self.pipeline.start()
+        if self.settings.http.enabled:
+            try:
+                from academyd.dashboard import WebServer
+            except ModuleNotFoundError as exc:
+                if exc.name != "academyd.dashboard":
+                    raise
+            else:
+                self.web = WebServer(self)
+                await self.web.start()
+
+    def _start_scheduler(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self._scheduler = AsyncIOScheduler(timezone="UTC")
+        self._scheduler.add_job(
+            self._tick, "interval", minutes=self.settings.policy.tick_minutes, id="policy", coalesce=True,
+            max_instances=1,
+        )
+        self._scheduler.start()
+
+    async def _tick(self) -> None:
+        self.evaluate("tick")
+
+    async def consume(self) -> None:
+        await self.bus.consume(self.on_batch, self.stop_event)
+
+    async def run(self, install_signals: bool = True) -> None:
+        """Start, consume until SIGTERM/SIGINT (or `request_stop`), then stop cleanly."""
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+        try:
+            await self.start()
+            await self.consume()
+        finally:
+            await self.stop()
+
+    async def run_once(self) -> None:
+        """One cycle for scripts and tests: ingest what is pending, evaluate, publish, exit."""
+        await self.start()
+        try:
+            while True:
+                before = self.bus.stats.fetched
+                once = asyncio.Event()
+                task = asyncio.create_task(self.bus.consume(self.on_batch, once))
+                await asyncio.sleep(self.settings.nats.fetch_timeout_s * 2)
+                once.set()
+                await task
+                if self.bus.stats.fetched == before:
+                    break
+            self.evaluate("once")
+            assert self.relay is not None
+            await self.relay.flush()
+        finally:
+            await self.stop()
+
+    def request_stop(self, why: str = "requested") -> None:
+        if not self.stop_event.is_set():
+            log.info("daemon_stopping", why=why)
+            self.notifier.stopping()
+            self.stop_event.set()
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self.web is not None:
+            await self.web.stop()
+        if self.pipeline is not None:
+            await self.pipeline.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.relay is not None and self.bus.nc is not None and self.bus.nc.is_connected:
+            try:
+                await asyncio.wait_for(self.relay.flush(), timeout=5)
+            except Exception:
+                pass  # what is left stays in the outbox for the next start
+        await self.bus.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        log.info("daemon_stopped")
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_interval_s
+        while not self.stop_event.is_set():
+            # Only a loop that still turns pings: a wedged event loop gets restarted by systemd.
+            if self.bus.nc is not None and not self.bus.nc.is_closed:
+                self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval_s)
+
+    # ------------------------------------------------------------ ingest and the trigger
+
+    async def on_batch(self, batch: list[Inbound]) -> list[Outcome]:
+        assert self.ingestor is not None
+        result = self.ingestor.process(batch, self.clock())
+        c = self.counters
+        c.batches += 1
+        c.duplicates += result.duplicates
+        for subject, n in result.stored.items():
+            c.ingested[subject] = c.ingested.get(subject, 0) + n
+        from handlers import Reject
+
+        for outcome in result.outcomes:
+            if isinstance(outcome, Reject):
+                c.dead_lettered[outcome.reason] = c.dead_lettered.get(outcome.reason, 0) + 1
+        if result.stored.get("lesson.created"):
+            self.evaluate("ingest")
+        self._emit("ingest", {"stored": result.stored, "duplicates": result.duplicates, "rejected": result.rejected})
+        return result.outcomes
+
+    def evaluate(self, trigger: str, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+        """Run the policy now; record a run (and its outbox event) when it says yes."""
+        assert self.store is not None
+        now = self.clock()
+        snap = self.store.snapshot()
+        decision = policy.decide(self.settings.policy, snap, now, force=force)
+        if not decision.train:
+            log.debug("policy_no", trigger=trigger, reason=decision.reason)
+            return {"ok": False, "started": False, "reason": decision.reason, "active_run": snap.active_run}
+        why = reason or (f"forced: {trigger}" if force else decision.reason)
+        try:
+            run_id = self.store.create_run(
+                reason=why, forced=force, new_lessons=snap.new_successful_lessons, now=now,
+                attempt=snap.consecutive_failures + 1,
+            )
+        except ActiveRunExists as exc:
+            return {"ok": False, "started": False, "reason": f"run {exc} is active", "active_run": str(exc)}
+        log.info("training_requested", run_id=run_id, trigger=trigger, reason=why, forced=force)
+        if self.relay is not None:
+            self.relay.kick()
+        if self.pipeline is not None:
+            self.pipeline.wake()
+        return {"ok": True, "started": True, "run_id": run_id, "reason": why}
+
+    # ------------------------------------------------------------ status and commands
+
+    def status(self) -> dict[str, Any]:
+        assert self.store is not None
+        now = self.clock()
+        snap = self.store.snapshot()
+        p = self.settings.policy
+        decision = policy.decide(p, snap, now)
+        out: dict[str, Any] = {
+            "version": __version__,
+            "now": iso(now),
+            "nats_url": self.nats_url,
+            "counts": self.store.counts(),
+            "successful_lessons": int(self.store.scalar("SELECT COUNT(*) FROM lessons WHERE success=1")),
+            "threshold": {
+                "new_successful_lessons": snap.new_successful_lessons,
+                "min_lessons": p.min_lessons,
+                "min_interval_h": p.min_interval_h,
+                "last_training_ended": iso(snap.last_training_ended),
+                "quiet_hours": (
+                    f"{p.quiet_hours.start:%H:%M}-{p.quiet_hours.end:%H:%M}" if p.quiet_hours else None
+                ),
+                "consecutive_failures": snap.consecutive_failures,
+            },
+            "next_eligible": iso(decision.next_eligible) if decision.next_eligible else iso(now),
+            "decision": {"train": decision.train, "reason": decision.reason},
+            "active_run": self.store.active_run(),
+            "last_run": next(iter(self.store.recent_runs(1)), None),
+            "dlq": {"count": self.store.dlq_count(), "by_reason": self.store.dlq_by_reason()},
+            "outbox_pending": int(self.store.scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")),
+        }
+        if self.pipeline is not None:
+            out.update(self.pipeline.status())
+        return out
+
+    def _endpoints(self) -> dict[str, Any]:
+        async def status(body: dict[str, Any]) -> dict[str, Any]:
+            COMMANDS["academy.status"].model_validate(body)
+            return {"ok": True, **self.status()}
+
+        async def train(body: dict[str, Any]) -> dict[str, Any]:
+            cmd = _validated("academy.cmd.train", body)
+            return self.evaluate("command", force=cmd.force, reason=f"{cmd.reason} (forced)" if cmd.force else None)
+
+        async def dataset(body: dict[str, Any]) -> dict[str, Any]:
+            cmd = _validated("academy.cmd.dataset", body)
+            if self.pipeline is None:
+                return {"ok": False, "error": "the curator is not available in this build"}
+            return await self.pipeline.build_dataset(reason=cmd.reason)
+
+        async def promote(body: dict[str, Any]) -> dict[str, Any]:
+            cmd = _validated("academy.cmd.promote", body)
+            if self.pipeline is None:
+                return {"ok": False, "error": "the registry is not available in this build"}
+            return await self.pipeline.promote(cmd.version, reason=cmd.reason)
+
+        async def rollback(body: dict[str, Any]) -> dict[str, Any]:
+            cmd = _validated("academy.cmd.rollback", body)
+            if self.pipeline is None:
+                return {"ok": False, "error": "the registry is not available in this build"}
+            return await self.pipeline.rollback(reason=cmd.reason)
+
+        return {
+            "academy.status": status,
+            "academy.cmd.train": train,
+            "academy.cmd.dataset": dataset,
+            "academy.cmd.promote": promote,
+            "academy.cmd.rollback": rollback,
+        }
+
+    # ------------------------------------------------------------ listeners (the page's live feed)
+
+    def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        self._listeners.append(fn)
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(kind, data)
+            except Exception:
+                log.exception("listener_failed", kind=kind)
+
+    def _on_published(self, subject: str, msg_id: str) -> None:
+        self._emit("published", {"subject": subject, "msg_id": msg_id})
+
+
+def _validated(subject: str, body: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return COMMANDS[subject].model_validate(body)
+    except ValidationError as exc:
+        raise ValueError(
+            f"bad {subject} request: "
+            + "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+        ) from None

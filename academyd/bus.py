@@ -1,0 +1,374 @@
+"""The only module that talks NATS, and the only one that acks.
+
+It connects (embedded or external server, with user/password, token, credentials file or TLS), creates
+or binds the streams and the durable pull consumer, fetches inbound batches and hands them to a plain
+async callback as `Inbound` values, then acks / naks / dead-letters each message by the outcome it got
+back (after the callback's transaction committed). It also publishes durably (JetStream, with
+`Nats-Msg-Id`) and serves the `academy` micro service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from academyd.ingest import Inbound
+from academyd.settings import NatsSettings
+from handlers import Ack, Outcome, Reject, Retry
+
+log = structlog.get_logger("academyd.bus")
+
+INBOUND_SUBJECTS = ["lesson.created", "commit.pushed", "task.completed"]
+OUTBOUND_SUBJECTS = ["academy.training.>", "academy.dataset.>", "academy.evaluation.>", "model.>"]
+DLQ_SUBJECTS = ["academy.dlq.>"]
+DLQ_EXCERPT_BYTES = 64 * 1024
+# Large enough to receive (and dead-letter) an oversized event instead of the server refusing it.
+SERVER_MAX_PAYLOAD = 8 * 1024 * 1024
+
+BatchCallback = Callable[[list[Inbound]], Awaitable[list[Outcome]]]
+RequestHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class BusError(Exception):
+    """NATS said no in a way the user must fix (auth, TLS, stream config); the message says how."""
+
+
+@dataclass
+class ConsumeStats:
+    fetched: int = 0
+    acked: int = 0
+    naked: int = 0
+    dead_lettered: int = 0
+
+
+def connect_options(cfg: NatsSettings, url: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "servers": [url],
+        "name": "academyd",
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        "allow_reconnect": True,
+    }
+    if cfg.user is not None:
+        opts["user"], opts["password"] = cfg.user, cfg.password
+    if cfg.token is not None:
+        opts["token"] = cfg.token
+    if cfg.creds_file is not None:
+        if not cfg.creds_file.is_file():
+            raise BusError(f"NATS credentials file {cfg.creds_file} not found; set nats.creds_file to a .creds file")
+        opts["user_credentials"] = str(cfg.creds_file)
+    if cfg.tls_ca or cfg.tls_cert or url.startswith("tls://"):
+        ctx = ssl.create_default_context(cafile=str(cfg.tls_ca) if cfg.tls_ca else None)
+        if cfg.tls_cert and cfg.tls_key:
+            ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+        opts["tls"] = ctx
+    return opts
+
+
+class Bus:
+    def __init__(self, cfg: NatsSettings) -> None:
+        self.cfg = cfg
+        self.nc: Client | None = None
+        self.js: Any = None
+        self._psub: Any = None
+        self._service: Any = None
+        self.stats = ConsumeStats()
+        self.connected = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def connect(self, url: str) -> None:
+        async def on_disconnect() -> None:
+            self.connected.clear()
+            log.warning("nats_disconnected")
+
+        async def on_reconnect() -> None:
+            self.connected.set()
+            log.info("nats_reconnected")
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats_error", error=str(exc))
+
+        try:
+            self.nc = await nats.connect(
+                **connect_options(self.cfg, url),
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+            )
+        except Exception as exc:
+            raise BusError(
+                f"cannot connect to NATS at {url}: {exc}. Check nats.url and the credentials "
+                "(user/password, token, creds_file, TLS), or unset nats.url to use the embedded server."
+            ) from exc
+        self.js = self.nc.jetstream(timeout=10)
+        self.connected.set()
+
+    async def close(self) -> None:
+        if self._service is not None:
+            try:
+                await self._service.stop()
+            except Exception:  # already gone with the connection
+                pass
+        if self.nc is not None and not self.nc.is_closed:
+            # Acks were sent as batches settled; flush them out, then close (drain would wait on the
+            # pull subscription's pending fetch for its full timeout).
+            try:
+                await self.nc.flush(timeout=2)
+            except Exception:
+                pass
+            await self.nc.close()
+
+    # ------------------------------------------------------------ streams
+
+    async def ensure_streams(self) -> None:
+        """Create the inbound, outbound and DLQ streams, or bind to the ones that exist."""
+        window = self.cfg.duplicate_window_s
+        await self._ensure_stream(
+            StreamConfig(
+                name=self.cfg.inbound_stream,
+                description="Venom's lessons, commits and tasks, as heard by the Academy",
+                subjects=INBOUND_SUBJECTS,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                max_age=90 * 24 * 3600,
+                duplicate_window=window,
+                max_msg_size=SERVER_MAX_PAYLOAD,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=self.cfg.outbound_stream,
+                description="What the Academy publishes: datasets, training, evaluation, promotions",
+                subjects=OUTBOUND_SUBJECTS,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=90 * 24 * 3600,
+                duplicate_window=window,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=self.cfg.dlq_stream,
+                description="Inbound events the Academy rejected, with the reason in headers",
+                subjects=DLQ_SUBJECTS,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=30 * 24 * 3600,
+                duplicate_window=window,
+            )
+        )
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        try:
+            info = await self.js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError as exc:
+                raise BusError(
+                    f"cannot create stream {config.name} for {config.subjects}: {exc.description}. "
+                    "Another stream may already capture these subjects; name it in the settings "
+                    "(nats.inbound_stream / outbound_stream / dlq_stream) to bind to it."
+                ) from exc
+            log.info("stream_created", stream=config.name, subjects=config.subjects)
+            return
+        missing = set(config.subjects or []) - set(info.config.subjects or [])
+        if missing:
+            log.warning("stream_bound_without_subjects", stream=config.name, missing=sorted(missing))
+        else:
+            log.info("stream_bound", stream=config.name)
+
+    async def bind_consumer(self) -> None:
+        """Create (or update) the explicitly configured durable pull consumer and bind to it."""
+        cfg = self.cfg
+        config = ConsumerConfig(
+            durable_name=cfg.consumer,
+            description="academyd ingest",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=cfg.ack_wait_s,
+            max_deliver=cfg.max_deliver,
+            backoff=cfg.backoff_s or None,
+            max_ack_pending=max(1000, cfg.fetch_batch * 4),
+            filter_subjects=INBOUND_SUBJECTS,
+        )
+        try:
+            await self.js.add_consumer(cfg.inbound_stream, config)
+        except BadRequestError as exc:
+            raise BusError(
+                f"cannot configure consumer {cfg.consumer} on {cfg.inbound_stream}: {exc.description}"
+            ) from exc
+        self._psub = await self.js.pull_subscribe_bind(
+            durable=cfg.consumer, stream=cfg.inbound_stream, pending_msgs_limit=cfg.fetch_batch * 8
+        )
+        log.info("consumer_bound", consumer=cfg.consumer, stream=cfg.inbound_stream)
+
+    async def consumer_lag(self) -> int | None:
+        try:
+            info = await self.js.consumer_info(self.cfg.inbound_stream, self.cfg.consumer)
+        except Exception:
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    # ------------------------------------------------------------ consuming
+
+    async def consume(self, on_batch: BatchCallback, stop: asyncio.Event) -> None:
+        """Fetch until `stop` is set. A batch in hand when stop comes is finished, then acked."""
+        assert self._psub is not None, "bind_consumer() first"
+        while not stop.is_set():
+            try:
+                msgs = await self._psub.fetch(self.cfg.fetch_batch, timeout=self.cfg.fetch_timeout_s)
+            except NatsTimeout:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # disconnected, server restarting: wait for the client to reconnect
+                log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                continue
+            if not msgs:
+                continue
+            self.stats.fetched += len(msgs)
+            batch = [_inbound(m) for m in msgs]
+            try:
+                outcomes = await on_batch(batch)
+            except Exception:
+                # Nothing committed: let every message come back (nak, short delay) and go on.
+                log.exception("batch_failed", size=len(msgs))
+                for m in msgs:
+                    await _quietly(m.nak(delay=1.0))
+                self.stats.naked += len(msgs)
+                continue
+            await self._settle(msgs, batch, outcomes)
+
+    async def _settle(self, msgs: list[Msg], batch: list[Inbound], outcomes: list[Outcome]) -> None:
+        for msg, item, outcome in zip(msgs, batch, outcomes, strict=True):
+            if isinstance(outcome, Ack):
+                await _quietly(msg.ack())
+                self.stats.acked += 1
+            elif isinstance(outcome, Retry):
+                await _quietly(msg.nak(delay=outcome.delay_s))
+                self.stats.naked += 1
+            elif isinstance(outcome, Reject):
+                if await self._dead_letter(item, outcome):
+                    await _quietly(msg.term())
+                    self.stats.dead_lettered += 1
+
+    async def _dead_letter(self, item: Inbound, outcome: Reject) -> bool:
+        headers = {
+            "Academy-Reason": outcome.reason,
+            "Academy-Detail": outcome.detail.replace("\r", " ").replace("\n", " ")[:1000],
+            "Academy-Original-Subject": item.subject,
+            "Academy-Stream-Seq": str(item.stream_seq or 0),
+            # Re-delivery of the same poison message must not dead-letter it twice.
+            "Nats-Msg-Id": f"dlq-{self.cfg.inbound_stream}-{item.stream_seq}",
+        }
+        data = item.data
+        if len(data) > DLQ_EXCERPT_BYTES:
+            headers["Academy-Truncated"] = str(len(data))
+            data = data[:DLQ_EXCERPT_BYTES]
+        try:
+            await self.js.publish(f"academy.dlq.{item.subject}", data, headers=headers)
+        except Exception as exc:
+            log.warning("dead_letter_publish_failed", subject=item.subject, error=str(exc))
+            return False  # not terminated: it will be redelivered and dead-lettered then
+        log.warning(
+            "event_dead_lettered", subject=item.subject, stream_seq=item.stream_seq, reason=outcome.reason,
+            event_id=item.msg_id,
+        )
+        return True
+
+    # ------------------------------------------------------------ publishing
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        """Durable publish: returns once JetStream has stored it (a duplicate msg id is a no-op)."""
+        await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
+
+    # ------------------------------------------------------------ the academy service
+
+    async def serve(self, name: str, version: str, endpoints: dict[str, RequestHandler]) -> None:
+        """Serve request/reply endpoints as a `nats.micro` service; `nats pub` (no reply) works too."""
+        from nats import micro
+
+        self._service = await micro.add_service(
+            self.nc, name=name, version=version, description="The Academy: Venom's learning loop"
+        )
+
+        def make(handler: RequestHandler) -> Callable[[Any], Awaitable[None]]:
+            async def on_request(req: Any) -> None:
+                try:
+                    body = json.loads(req.data or b"{}")
+                    if not isinstance(body, dict):
+                        raise ValueError("the request must be a JSON object")
+                    reply = await handler(body)
+                except ValueError as exc:
+                    await _respond(req, {"ok": False, "error": str(exc)}, error=("400", str(exc)))
+                    return
+                except Exception as exc:
+                    log.exception("request_failed", subject=req.subject)
+                    await _respond(req, {"ok": False, "error": str(exc)}, error=("500", str(exc)))
+                    return
+                await _respond(req, reply)
+
+            return on_request
+
+        for subject, handler in endpoints.items():
+            await self._service.add_endpoint(
+                name=subject.replace(".", "_"), subject=subject, handler=make(handler)
+            )
+
+
+async def _respond(req: Any, body: dict[str, Any], error: tuple[str, str] | None = None) -> None:
+    if not req._msg.reply:  # a plain `nats pub`: nobody to answer
+        return
+    data = json.dumps(body, default=str).encode()
+    if error is not None:
+        await req.respond(data, headers={"Nats-Service-Error-Code": error[0], "Nats-Service-Error": error[1][:200]})
+    else:
+        await req.respond(data)
+
+
+def _inbound(msg: Msg) -> Inbound:
+    try:
+        md = msg.metadata
+        seq, delivered = md.sequence.stream, md.num_delivered
+    except Exception:
+        seq, delivered = None, 1
+    return Inbound(
+        subject=msg.subject,
+        data=msg.data,
+        stream_seq=seq,
+        num_delivered=delivered,
+        msg_id=(msg.headers or {}).get("Nats-Msg-Id"),
+    )
+
+
+async def _quietly(aw: Awaitable[Any]) -> None:
+    """Acks are best-effort: a lost ack means a redelivery, which the inbox turns into a no-op."""
+    try:
+        await aw
+    except Exception as exc:
+        log.debug("ack_failed", error=str(exc))

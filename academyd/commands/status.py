@@ -1,0 +1,69 @@
+"""`academyd status`: what the daemon knows, as a table (or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from academyd.commands.common import add_json_arg, add_settings_args, guard, print_json, request, settings_from
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "status",
+        help="ask the running daemon how things stand",
+        description="Ask the running daemon (academy.status): events kept per subject, progress toward the "
+        "next training, when it is next eligible, the active run, the champion, and the dead-letter count.",
+    )
+    add_settings_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=guard(_status))
+
+
+def _status(args: argparse.Namespace) -> int:
+    reply = request(settings_from(args), "academy.status")
+    if args.json:
+        print_json(reply)
+    else:
+        render(reply)
+    return 0
+
+
+def render(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="The Academy", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    counts = s.get("counts", {})
+    for subject in ("lesson.created", "commit.pushed", "task.completed"):
+        t.add_row(subject, str(counts.get(subject, 0)))
+    th = s.get("threshold", {})
+    new, need = th.get("new_successful_lessons", 0), th.get("min_lessons", 0)
+    t.add_row("new successful lessons", f"{new} / {need}" + ("  (enough)" if need and new >= need else ""))
+    t.add_row("last training ended", str(th.get("last_training_ended") or "never"))
+    t.add_row("min interval", f"{th.get('min_interval_h')} h")
+    if th.get("quiet_hours"):
+        t.add_row("quiet hours", th["quiet_hours"])
+    t.add_row("next eligible", str(s.get("next_eligible")))
+    d = s.get("decision", {})
+    t.add_row("policy says", ("train: " if d.get("train") else "wait: ") + str(d.get("reason")))
+    run = s.get("active_run")
+    t.add_row("active run", f"{run['run_id']} ({run['state']})" if run else "none")
+    last = s.get("last_run")
+    if last:
+        extra = f": {last['error']}" if last.get("error") else ""
+        t.add_row("last run", f"{last['run_id']} {last['state']}{extra}")
+    if "champion" in s:
+        t.add_row("champion", str(s.get("champion") or "base model"))
+    if s.get("last_dataset"):
+        ds = s["last_dataset"]
+        t.add_row("last dataset", f"{ds.get('dataset_id')} ({ds.get('examples')} examples)"
+                  + (f", refused: {ds['refused']}" if ds.get("refused") else ""))
+    dlq = s.get("dlq", {})
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(dlq.get("by_reason", {}).items()))
+    t.add_row("dead-lettered", f"{dlq.get('count', 0)}" + (f" ({reasons})" if reasons else ""))
+    t.add_row("outbox pending", str(s.get("outbox_pending", 0)))
+    t.add_row("nats", str(s.get("nats_url")))
+    Console().print(t)

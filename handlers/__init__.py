@@ -1,0 +1,68 @@
+"""The Academy's inbound handlers (part of the `academyd` project, not a general-purpose package).
+
+One module per subscribed subject. A handler gets a validated model and a `HandlerContext` (the store,
+inside the batch's open transaction, the settings and `now`) and returns an outcome: `Ack`,
+`Retry(delay_s, reason)` or `Reject(reason, detail)`. Handlers never touch NATS: only `academyd.bus`
+acks, naks or terminates, and only after the transaction commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from academyd.settings import Settings
+    from academyd.store import Store
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Stored (or already stored: `duplicate=True`); the message is acked after commit."""
+
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Not yet: nak with this delay. After the last delivery the bus turns it into a Reject."""
+
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Never: dead-letter to `academy.dlq.<subject>` with the reason in headers, then terminate."""
+
+    reason: str
+    detail: str = ""
+
+
+Outcome = Ack | Retry | Reject
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    store: Store
+    settings: Settings
+    now: datetime
+
+
+Handler = Callable[[Any, HandlerContext], Outcome]
+
+
+def registry() -> dict[str, Handler]:
+    """Subject -> handler."""
+    from handlers import commit_pushed, lesson_created, task_completed
+
+    return {
+        "lesson.created": lesson_created.handle,
+        "commit.pushed": commit_pushed.handle,
+        "task.completed": task_completed.handle,
+    }
+
+
+__all__ = ["Ack", "Handler", "HandlerContext", "Outcome", "Reject", "Retry", "registry"]
