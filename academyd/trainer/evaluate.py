@@ -1,0 +1,175 @@
+"""Held-out loss on response tokens, per example, for a base model with or without a LoRA adapter.
+
+    python -m academyd.trainer.evaluate --base MODEL --data HELDOUT.jsonl [--adapter DIR]
+        [--format alpaca|sharegpt] [--max-length N] [--batch-size N] [--probe]
+
+Prints one JSON object on stdout:
+    {"base", "adapter", "format", "loss" (token-weighted mean NLL), "perplexity", "tokens", "skipped",
+     "examples": [{"index", "loss", "tokens"}], "probe": {...} (with --probe), "device"}
+Exit codes as the trainer's: 0 ok, 2 bad input (missing data/model/adapter), 4 unexpected.
+
+The trainer uses the same functions for the base and adapter losses in summary.json, so the numbers here
+and there are comparable (the arena builds on this). `probe` is the top logits after the first example's
+prompt: a fingerprint to check that a reloaded adapter computes what the trained model computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from academyd.trainer import spec as S
+from academyd.trainer.data import IGNORE_INDEX, DataError, encode, prompt_ids, read_examples
+
+PROBE_TOP_K = 32
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad input_ids (pad_id), labels (-100) and build the attention mask."""
+    import torch
+
+    width = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        ids[i, :n] = torch.tensor(x["input_ids"])
+        labels[i, :n] = torch.tensor(x["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def encode_all(examples: list[dict[str, Any]], fmt: str, tokenizer: Any, max_length: int) -> tuple[list[Any], int]:
+    """Encoded examples (index kept) and how many were skipped (no response token within max_length)."""
+    out, skipped = [], 0
+    for i, ex in enumerate(examples):
+        enc = encode(ex, fmt, tokenizer, max_length)
+        if enc is None:
+            skipped += 1
+        else:
+            out.append({**enc, "index": i})
+    return out, skipped
+
+
+def heldout_loss(model: Any, encoded: list[dict[str, Any]], pad_id: int, *, batch_size: int = 8) -> dict[str, Any]:
+    """Mean negative log-likelihood of response tokens: token-weighted overall, and per example."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_example: list[dict[str, Any]] = []
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            batch = collate(chunk, pad_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits.float()
+            shift_logits = logits[:, :-1, :]
+            shift_labels = batch["labels"][:, 1:].to(device)
+            mask = shift_labels != IGNORE_INDEX
+            nll = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.clamp(min=0).reshape(-1),
+                reduction="none",
+            ).view(shift_labels.shape)
+            nll = (nll * mask).sum(dim=1)
+            counts = mask.sum(dim=1)
+            for ex, s, c in zip(chunk, nll.tolist(), counts.tolist(), strict=True):
+                per_example.append({"index": ex["index"], "loss": s / max(c, 1), "tokens": int(c)})
+                total_nll += s
+                total_tokens += int(c)
+    if was_training:
+        model.train()
+    loss = total_nll / total_tokens if total_tokens else float("nan")
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 50 else float("inf"),
+        "tokens": total_tokens,
+        "examples": per_example,
+    }
+
+
+def probe(model: Any, ids: list[int], *, top_k: int = PROBE_TOP_K) -> dict[str, Any]:
+    """Top-k logits of the next token after `ids`."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+    if was_training:
+        model.train()
+    values, indices = torch.topk(logits, min(top_k, logits.numel()))
+    return {"prompt_ids": ids, "top_ids": indices.tolist(), "top_logits": values.tolist()}
+
+
+def load_model(base: str, adapter: str | None, device: str) -> tuple[Any, Any]:
+    """Base model (plain transformers) with the adapter applied through peft, and the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(adapter or base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    from academyd.trainer import _process
+
+    out = _process.prepare()
+    p = argparse.ArgumentParser(prog="python -m academyd.trainer.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--format", default="alpaca", choices=S.FORMATS)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--probe", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    a = p.parse_args(argv)
+    try:
+        examples = read_examples(a.data, a.format, what="held-out set")
+        if not (Path(a.base) / "config.json").is_file() and Path(a.base).exists():
+            raise DataError(f"base model {a.base} has no config.json")
+        if a.adapter and not (Path(a.adapter) / "adapter_config.json").is_file():
+            raise DataError(f"adapter {a.adapter} has no adapter_config.json; pass a trained adapter directory")
+    except DataError as exc:
+        out.write(json.dumps({"error": "bad_input", "reason": str(exc)}) + "\n")
+        return S.EXIT_BAD_INPUT
+    try:
+        import torch
+
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_model(a.base, a.adapter, device)
+        encoded, skipped = encode_all(examples, a.format, tokenizer, a.max_length)
+        result: dict[str, Any] = {"base": a.base, "adapter": a.adapter, "format": a.format, "device": device,
+                                  "skipped": skipped}
+        result.update(heldout_loss(model, encoded, tokenizer.pad_token_id or 0, batch_size=a.batch_size))
+        if a.probe:
+            result["probe"] = probe(model, prompt_ids(examples[0], a.format, tokenizer))
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into the protocol
+        traceback.print_exc()
+        out.write(json.dumps({"error": "unexpected", "reason": f"{type(exc).__name__}: {exc}"}) + "\n")
+        return S.EXIT_UNEXPECTED
+    out.write(json.dumps(result) + "\n")
+    return S.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
