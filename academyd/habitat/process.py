@@ -1,0 +1,397 @@
+"""The process habitat: the trainer as a local process group, run by the trainer environment's interpreter.
+
+Everything about a job lives in its output directory, so a second daemon (after a restart) re-attaches by
+reading files, not by being the parent:
+
+    spec.json        the spec the trainer runs
+    job.json         pid, process start time (guards against pid reuse), limits, where this attempt's
+                     events begin in events.jsonl
+    events.jsonl     the trainer's protocol lines (the progress stream is a tail of this file)
+    trainer.stdout   the protocol lines again (and any error printed before events.jsonl existed)
+    trainer.stderr   library output and tracebacks
+    exit_code        written by the wrapper shell when the trainer exits
+    cancelled        written by cancel() before it signals
+    limit.json       written by the watchdog before it stops a job over its time or memory limit
+
+The trainer runs under `/bin/sh` (its own session and process group) that records the exit code, so even
+a re-attached habitat, which cannot wait() for the process, learns it. Cancel sends SIGTERM to the group
+(the trainer saves nothing more and exits 5; the shell ignores it and writes the code), then SIGKILL.
+
+Limits. The time limit is wall-clock from the start, enforced by a watchdog task. The memory limit is on
+resident memory, enforced by the same watchdog reading /proc and killing the group: RLIMIT_AS breaks
+torch (it reserves far more address space than it touches, CUDA most of all), and RLIMIT_DATA counts
+private mappings the allocators reserve but never fill, so a healthy run would fail deep inside an
+allocation with an unreadable error, while a watchdog can say which limit was hit. The watchdog runs
+while a habitat is attached (started or re-attached) to the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import academyd
+from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
+from academyd.trainer import spec as S
+
+REF_PREFIX = "process:"
+JOB_FILE = "job.json"
+EXIT_FILE = "exit_code"
+CANCEL_FILE = "cancelled"
+LIMIT_FILE = "limit.json"
+STDOUT_FILE = "trainer.stdout"
+STDERR_FILE = "trainer.stderr"
+
+# The shell ignores TERM/INT/HUP so that a signal to the group stops the trainer (which installs its own
+# handlers) while the shell stays to record the exit code.
+_WRAPPER = "trap '' TERM INT HUP; \"$0\" -m academyd.trainer \"$1\"; echo $? > \"$2.tmp\" && mv \"$2.tmp\" \"$2\""
+
+
+def package_root() -> Path:
+    """The directory holding the `academyd` package: the trainer's PYTHONPATH."""
+    return Path(academyd.__file__).resolve().parent.parent
+
+
+def default_trainer_python() -> Path:
+    return package_root() / ".venv-trainer" / "bin" / "python"
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time in clock ticks) of a live process, None if there is none."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[2]), int(fields[19])
+
+
+def _group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every process in the group (the shell and the trainer)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(entry.path, "stat").read_text()
+            fields = raw[raw.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid:
+                total += int(Path(entry.path, "statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete JSON lines after `offset`, and the offset after the last complete line."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = []
+    for line in data[:end].splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # not ours: the protocol has only JSON lines
+        if isinstance(event, dict) and "type" in event:
+            events.append(event)
+    return events, offset + end
+
+
+class ProcessHabitat:
+    """Runs `<trainer_python> -m academyd.trainer <output_dir>/spec.json` as a local process group."""
+
+    name = "process"
+
+    def __init__(
+        self,
+        trainer_python: Path | str | None = None,
+        *,
+        poll_s: float = 0.25,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.trainer_python = Path(trainer_python) if trainer_python else default_trainer_python()
+        self.poll_s = poll_s
+        self._clock = clock
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._watchdogs: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------ start / reattach
+
+    async def start(self, job: TrainingJob) -> JobHandle:
+        py = self.trainer_python
+        if not (py.is_file() and os.access(py, os.X_OK)):
+            raise HabitatError(f"trainer environment not found: {py} does not exist; run `make trainer-env` "
+                               "(or set training.trainer_python / ACADEMY_TRAINING__TRAINER_PYTHON)")
+        out = Path(job.spec.output_dir).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        ref = REF_PREFIX + str(out)
+        previous = _read_json(out / JOB_FILE)
+        if previous and self._alive(previous):
+            raise HabitatError(f"a trainer already runs in {out} (pid {previous['pid']}); cancel it "
+                               "or give the job another output_dir")
+        for name in (EXIT_FILE, CANCEL_FILE, LIMIT_FILE):
+            (out / name).unlink(missing_ok=True)
+        spec_path = out / S.SPEC_FILE
+        _write_json(spec_path, job.spec.replace(output_dir=str(out)).to_dict())
+        events_path = out / S.EVENTS_FILE
+        offset = events_path.stat().st_size if events_path.exists() else 0
+        env = {**os.environ, **job.env, "PYTHONPATH": str(package_root()), "PYTHONUNBUFFERED": "1"}
+        env.pop("VIRTUAL_ENV", None)
+        with (out / STDOUT_FILE).open("ab") as so, (out / STDERR_FILE).open("ab") as se:
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", _WRAPPER, str(py), str(spec_path), str(out / EXIT_FILE)],
+                stdin=subprocess.DEVNULL,
+                stdout=so,
+                stderr=se,
+                env=env,
+                cwd=str(out),
+                start_new_session=True,  # own process group: cancel reaches the trainer, not the daemon
+            )
+        stat = _proc_stat(proc.pid)
+        record = {
+            "ref": ref,
+            "run_id": job.run_id,
+            "pid": proc.pid,
+            "pgid": proc.pid,
+            "proc_start": stat[2] if stat else None,
+            "started_at": self._clock(),
+            "events_offset": offset,
+            "time_limit_s": job.time_limit_s,
+            "memory_limit_mb": job.memory_limit_mb or None,
+            "trainer_python": str(py),
+            "spec_hash": S.spec_hash(job.spec),
+        }
+        _write_json(out / JOB_FILE, record)
+        self._children[ref] = proc
+        handle = JobHandle(ref=ref, run_id=job.run_id, output_dir=str(out))
+        self._watch(handle, record)
+        return handle
+
+    async def reattach(self, ref: str) -> JobHandle | None:
+        if not ref.startswith(REF_PREFIX):
+            return None
+        out = Path(ref[len(REF_PREFIX) :])
+        record = _read_json(out / JOB_FILE)
+        if not record or record.get("ref") != ref:
+            return None
+        handle = JobHandle(ref=ref, run_id=record.get("run_id", ""), output_dir=str(out))
+        if self._alive(record):
+            self._watch(handle, record)
+        return handle
+
+    # ------------------------------------------------------------ observe
+
+    def _alive(self, record: dict[str, Any]) -> bool:
+        ref = record.get("ref", "")
+        child = self._children.get(ref)
+        if child is not None and child.poll() is not None:  # reap our own child: no zombie looks alive
+            return False
+        stat = _proc_stat(int(record["pid"]))
+        return stat is not None and stat[0] != "Z" and stat[2] == record.get("proc_start")
+
+    def _record(self, handle: JobHandle) -> dict[str, Any]:
+        record = _read_json(Path(handle.output_dir) / JOB_FILE)
+        if not record:
+            raise HabitatError(f"{handle.output_dir} has no {JOB_FILE}: not a process-habitat job")
+        return record
+
+    async def status(self, handle: JobHandle) -> JobStatus:
+        return self._conclude(handle)[0]
+
+    def _final_event(self, handle: JobHandle, record: dict[str, Any]) -> dict[str, Any] | None:
+        out = Path(handle.output_dir)
+        events, _ = _read_events(out / S.EVENTS_FILE, int(record.get("events_offset", 0)))
+        finals = [e for e in events if e["type"] in S.FINAL_EVENTS]
+        if not finals:
+            # An error before the trainer knew its output_dir (a bad spec) only reached stdout.
+            events, _ = _read_events(out / STDOUT_FILE, 0)
+            finals = [e for e in events if e["type"] == S.EVENT_ERROR and e.get("time", 0) >= record["started_at"]]
+        return finals[-1] if finals else None
+
+    def _conclude(self, handle: JobHandle) -> tuple[JobStatus, dict[str, Any]]:
+        """Status and what is known of the end: exit_code, reason, error_code, final event."""
+        record = self._record(handle)
+        if self._alive(record):
+            return JobStatus.RUNNING, {}
+        out = Path(handle.output_dir)
+        exit_code: int | None = None
+        with contextlib.suppress(OSError, ValueError):
+            exit_code = int((out / EXIT_FILE).read_text().strip())
+        final = self._final_event(handle, record)
+        limit = _read_json(out / LIMIT_FILE)
+        cancelled = (out / CANCEL_FILE).exists()
+        if exit_code is None and final is not None:
+            exit_code = final.get("exit_code", S.EXIT_OK if final["type"] == S.EVENT_DONE else None)
+        info: dict[str, Any] = {"exit_code": exit_code, "final": final, "reason": None, "error_code": None}
+        if final is not None and final["type"] == S.EVENT_ERROR:
+            info["reason"], info["error_code"] = final.get("reason"), final.get("code")
+        if limit:
+            info["reason"], info["error_code"] = limit["reason"], limit["code"]
+            return JobStatus.FAILED, info
+        if cancelled:
+            info["reason"], info["error_code"] = info["reason"] or "cancelled", "cancelled"
+            return JobStatus.CANCELLED, info
+        if exit_code == S.EXIT_OK and final is not None and final["type"] == S.EVENT_DONE:
+            return JobStatus.SUCCEEDED, info
+        if exit_code == S.EXIT_CANCELLED:
+            return JobStatus.CANCELLED, info
+        if exit_code is not None:
+            if info["reason"] is None:
+                info["reason"] = f"trainer exited with {exit_code} ({S.EXIT_NAMES.get(exit_code, 'killed?')}); " \
+                                 f"see {out / STDERR_FILE}"
+                info["error_code"] = S.EXIT_NAMES.get(exit_code, "killed")
+            return JobStatus.FAILED, info
+        info["reason"] = (f"the trainer (pid {record['pid']}) is gone without an exit code; it was killed "
+                          f"from outside or the host restarted; the same spec resumes from its checkpoint")
+        info["error_code"] = "lost"
+        return JobStatus.LOST, info
+
+    async def progress(self, handle: JobHandle) -> AsyncIterator[dict[str, Any]]:
+        record = self._record(handle)
+        path = Path(handle.output_dir) / S.EVENTS_FILE
+        offset = int(record.get("events_offset", 0))
+        while True:
+            # Check liveness before reading, so the last read after death sees every line written.
+            running = self._alive(record)
+            events, offset = _read_events(path, offset)
+            for event in events:
+                yield event
+                if event["type"] in S.FINAL_EVENTS:
+                    await self._wait_exit(record)
+                    return
+            if not running:
+                status, info = self._conclude(handle)
+                if info.get("final") is not None:
+                    yield info["final"]  # the trainer's last word reached only stdout (a bad spec)
+                    return
+                # The trainer died without its last word (killed, over a limit): say it for it.
+                yield {
+                    "type": S.EVENT_ERROR,
+                    "time": round(self._clock(), 3),
+                    "origin": "habitat",
+                    "status": status.value,
+                    "code": info.get("error_code"),
+                    "reason": info.get("reason"),
+                    "exit_code": info.get("exit_code"),
+                }
+                return
+            await asyncio.sleep(self.poll_s)
+
+    async def _wait_exit(self, record: dict[str, Any], timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._alive(record) and time.monotonic() < deadline:
+            await asyncio.sleep(self.poll_s / 2)
+
+    async def result(self, handle: JobHandle) -> JobResult:
+        record = self._record(handle)
+        while self._alive(record):
+            await asyncio.sleep(self.poll_s)
+        await self._wait_exit_file(handle)
+        status, info = self._conclude(handle)
+        summary = None
+        adapter = None
+        if status is JobStatus.SUCCEEDED:
+            summary = _read_json(Path(handle.output_dir) / S.SUMMARY_FILE)
+            adapter = str(Path(handle.output_dir) / S.ADAPTER_DIR)
+        return JobResult(
+            status=status,
+            exit_code=info.get("exit_code"),
+            reason=info.get("reason"),
+            summary=summary,
+            adapter_path=adapter,
+            error_code=info.get("error_code"),
+        )
+
+    async def _wait_exit_file(self, handle: JobHandle) -> None:
+        # The shell writes exit_code a moment after the trainer's last event; its group may outlive it briefly.
+        for _ in range(8):
+            if (Path(handle.output_dir) / EXIT_FILE).exists():
+                return
+            await asyncio.sleep(self.poll_s / 4)
+
+    # ------------------------------------------------------------ control
+
+    async def cancel(self, handle: JobHandle, *, grace_s: float = 10.0) -> None:
+        record = self._record(handle)
+        if not self._alive(record):
+            return
+        _write_json(Path(handle.output_dir) / CANCEL_FILE, {"time": self._clock()})
+        await self._stop(record, grace_s)
+
+    async def _stop(self, record: dict[str, Any], grace_s: float) -> None:
+        pgid = int(record["pgid"])
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self._alive(record) and time.monotonic() < deadline:
+            await asyncio.sleep(self.poll_s / 2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        while self._alive(record):
+            await asyncio.sleep(self.poll_s / 4)
+
+    def _watch(self, handle: JobHandle, record: dict[str, Any]) -> None:
+        old = self._watchdogs.get(handle.ref)
+        if old is None or old.done():
+            self._watchdogs[handle.ref] = asyncio.get_running_loop().create_task(
+                self._watchdog(handle, record), name=f"habitat-watchdog:{handle.run_id}"
+            )
+
+    async def _watchdog(self, handle: JobHandle, record: dict[str, Any]) -> None:
+        """Enforce the time and memory limits while the job runs."""
+        out = Path(handle.output_dir)
+        time_limit = record.get("time_limit_s")
+        mem_limit = record.get("memory_limit_mb")
+        while self._alive(record):
+            elapsed = self._clock() - float(record["started_at"])
+            if time_limit and elapsed > float(time_limit):
+                _write_json(out / LIMIT_FILE, {"code": "time_limit", "reason": (
+                    f"time limit {time_limit:g} s reached; raise training.time_limit_s or train less "
+                    "(the checkpoint is kept: the same spec resumes)")})
+                await self._stop(record, grace_s=10.0)
+                return
+            if mem_limit:
+                rss = _group_rss_bytes(int(record["pgid"]))
+                if rss > int(mem_limit) * 2**20:
+                    _write_json(out / LIMIT_FILE, {"code": "memory_limit", "reason": (
+                        f"memory limit {mem_limit} MB exceeded (resident {rss / 2**20:.0f} MB); raise "
+                        "training.memory_limit_mb or lower batch_size/max_length")})
+                    await self._stop(record, grace_s=0.0)
+                    return
+            await asyncio.sleep(self.poll_s)
+
+    async def close(self) -> None:
+        """Stop watching (jobs keep running; a later reattach watches them again)."""
+        for task in self._watchdogs.values():
+            task.cancel()
+        for task in self._watchdogs.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchdogs.clear()
