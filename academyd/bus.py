@@ -236,33 +236,45 @@ class Bus:
     # ------------------------------------------------------------ consuming
 
     async def consume(self, on_batch: BatchCallback, stop: asyncio.Event) -> None:
-        """Fetch until `stop` is set. A batch in hand when stop comes is finished, then acked."""
+        """Fetch until `stop` is set, one fetch ahead of the batch being stored (pipelined).
+
+        When stop comes, the batch in hand and the one already fetched are finished and acked, so a
+        SIGTERM leaves nothing waiting out its ack timeout.
+        """
         assert self._psub is not None, "bind_consumer() first"
-        while not stop.is_set():
-            try:
-                msgs = await self._psub.fetch(self.cfg.fetch_batch, timeout=self.cfg.fetch_timeout_s)
-            except NatsTimeout:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # disconnected, server restarting: wait for the client to reconnect
-                log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.5)
-                continue
-            if not msgs:
-                continue
-            self.stats.fetched += len(msgs)
-            batch = [_inbound(m) for m in msgs]
-            try:
-                outcomes = await on_batch(batch)
-            except Exception:
-                # Nothing committed: let every message come back (nak, short delay) and go on.
-                log.exception("batch_failed", size=len(msgs))
-                for m in msgs:
-                    await _quietly(m.nak(delay=1.0))
-                self.stats.naked += len(msgs)
-                continue
-            await self._settle(msgs, batch, outcomes)
+        ahead: asyncio.Task[list[Msg]] | None = asyncio.create_task(self._fetch())
+        while ahead is not None:
+            msgs = await ahead
+            ahead = None if stop.is_set() else asyncio.create_task(self._fetch())
+            if msgs:
+                await self._handle(msgs, on_batch)
+
+    async def _fetch(self) -> list[Msg]:
+        assert self._psub is not None
+        try:
+            return await self._psub.fetch(self.cfg.fetch_batch, timeout=self.cfg.fetch_timeout_s)
+        except NatsTimeout:
+            return []
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # disconnected, server restarting: the client reconnects by itself
+            log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.5)
+            return []
+
+    async def _handle(self, msgs: list[Msg], on_batch: BatchCallback) -> None:
+        self.stats.fetched += len(msgs)
+        batch = [_inbound(m) for m in msgs]
+        try:
+            outcomes = await on_batch(batch)
+        except Exception:
+            # Nothing committed: let every message come back (nak, short delay) and go on.
+            log.exception("batch_failed", size=len(msgs))
+            for m in msgs:
+                await _quietly(m.nak(delay=1.0))
+            self.stats.naked += len(msgs)
+            return
+        await self._settle(msgs, batch, outcomes)
 
     async def _settle(self, msgs: list[Msg], batch: list[Inbound], outcomes: list[Outcome]) -> None:
         for msg, item, outcome in zip(msgs, batch, outcomes, strict=True):

@@ -114,6 +114,16 @@ class CuratorSettings(BaseModel):
     diff_drop_chars: int = Field(default=3000, ge=100)
     max_example_chars: int = Field(default=8000, ge=100)
     min_example_chars: int = Field(default=20, ge=0)
+    commit_message_min_chars: int = Field(default=10, ge=1, description="Shorter commit messages are dropped.")
+    commit_message_min_words: int = Field(default=3, ge=1, description="Subjects with fewer words are dropped.")
+    commit_message_max_chars: int = Field(default=1000, ge=20, description="Longer commit messages are dropped.")
+    scope: Literal["all", "new"] = Field(
+        default="all",
+        description="all: every record that passes; new: only records no earlier dataset trained on, plus "
+        "replay_fraction x that many earlier training examples (against forgetting).",
+    )
+    shingle_chars: int = Field(default=5, ge=2, le=16, description="Character shingle size for near-duplicates.")
+    num_perm: int = Field(default=64, ge=16, le=512, description="MinHash permutations (LSH candidates only).")
 
 
 class TrainingSettings(BaseModel):

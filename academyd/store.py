@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,35 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX runs_ended ON runs(state, ended_at);
         """,
     ),
+    (
+        # academyd.curator: every dataset build (refused ones too), and the split every source record
+        # was first given, so that a record once held out stays held out in every later build.
+        "0002_datasets",
+        """
+        CREATE TABLE datasets(
+            dataset_id    TEXT PRIMARY KEY,
+            run_id        TEXT,
+            created_at    TEXT NOT NULL,
+            format        TEXT NOT NULL,
+            path          TEXT,
+            heldout_path  TEXT,
+            manifest_path TEXT,
+            content_hash  TEXT,
+            examples      INTEGER NOT NULL,
+            heldout       INTEGER NOT NULL,
+            counts        TEXT NOT NULL,
+            dropped       TEXT NOT NULL,
+            refused       TEXT,
+            manifest      TEXT NOT NULL
+        );
+        CREATE INDEX datasets_created ON datasets(created_at);
+        CREATE TABLE dataset_members(
+            record_key       TEXT PRIMARY KEY,
+            split            TEXT NOT NULL CHECK(split IN ('train','heldout')),
+            first_dataset_id TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 
@@ -127,6 +157,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@lru_cache(maxsize=256)  # a batch stamps thousands of rows with the same `now`
 def iso(dt: datetime | None) -> str | None:
     if dt is None:
         return None

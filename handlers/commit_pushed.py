@@ -19,3 +19,6 @@ def handle(event: CommitPushed, ctx: HandlerContext) -> Outcome:
         return Retry(SHA_RETRY_S, f"commit {event.sha} not found in {event.repo}")
     stored = ctx.store.insert_commit(event, ctx.now)
     return Ack(duplicate=not stored)
+
+
+handle.may_refuse = True  # type: ignore[attr-defined]  # Retry/Reject: the ingestor wraps it in a savepoint

@@ -1,0 +1,147 @@
+"""Ingest throughput against a bare nats-py pull-consumer loop, idle RSS, and time to READY.
+
+    .venv/bin/python bench/bench_ingest.py [--n 20000]
+
+Both sides drain the same number of lessons, pre-published to a fresh stream on the same nats-server
+(sync_interval: always), in the same run. The bare loop only fetches and acks; the daemon decodes,
+validates, stores in SQLite (WAL, synchronous=FULL) with the inbox row, commits, then acks.
+Targets (issue #2): ratio >= 0.5 of the bare loop, >= 5,000 lessons/s, idle RSS < 100 MB, READY < 3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+from academyd.app import App
+from academyd.embedded import EmbeddedServer, free_port
+from academyd.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lesson(i: int) -> bytes:
+    return json.dumps({
+        "schema_version": 1, "event_id": f"ev-{i}", "lesson_id": f"lesson-{i}", "timestamp": "2026-11-20T10:00:00",
+        "situation": f"The build of module {i % 97} failed on an import error after upgrading a dependency",
+        "action": f"Pinned dependency {i} to the last good version and re-ran the test suite",
+        "result": "Sukces ✅ tests pass", "feedback": "Pin early, upgrade deliberately", "tags": ["build"],
+        "metadata": {"agent": "coder"},
+    }).encode()
+
+
+async def fill(js, stream: str, subject: str, n: int) -> None:
+    await js.add_stream(StreamConfig(name=stream, subjects=[subject]))
+    for i in range(n):
+        await js.publish(subject, lesson(i))
+
+
+async def bare_loop(url: str, n: int, batch: int) -> float:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await fill(js, "BARE", "bare.lesson", n)
+    await js.add_consumer("BARE", ConsumerConfig(durable_name="bare", ack_policy=AckPolicy.EXPLICIT,
+                                                 max_ack_pending=batch * 4))
+    psub = await js.pull_subscribe_bind("bare", "BARE")
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        msgs = await psub.fetch(batch, timeout=2)
+        for m in msgs:
+            json.loads(m.data)  # the bare loop at least parses what it acks
+            await m.ack()
+        done += len(msgs)
+    await nc.flush()
+    elapsed = time.perf_counter() - t0
+    await nc.close()
+    return elapsed
+
+
+async def daemon_drain(url: str, n: int, batch: int, data: Path) -> float:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    settings = load_settings(None, data_dir=data, log_level="warning",
+                             nats={"url": url, "fetch_batch": batch}, http={"enabled": False},
+                             training={"autorun": False})
+    app = App(settings)
+    await app.start()  # creates the streams and the consumer
+    # Pre-publish while the daemon's consumer is bound but not fetching yet.
+    for i in range(n):
+        await js.publish("lesson.created", lesson(i), headers={"Nats-Msg-Id": f"ev-{i}"})
+    t0 = time.perf_counter()
+    task = asyncio.create_task(app.consume())
+    while app.bus.stats.acked < n:
+        await asyncio.sleep(0.005)
+    await nc.flush()
+    elapsed = time.perf_counter() - t0
+    stored = app.store.counts()["lesson.created"]
+    app.request_stop("bench")
+    await task
+    await app.stop()
+    await nc.close()
+    assert stored == n, f"stored {stored} of {n}"
+    return elapsed
+
+
+def ready_and_rss(tmp: Path) -> tuple[float, float]:
+    sock_path = tmp / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "ACADEMY_HTTP__ENABLED": "true",
+           "ACADEMY_HTTP__PORT": "0", "ACADEMY_TRAINING__AUTORUN": "true"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "academyd"), "run", "--port", str(free_port()),
+                             "--data-dir", str(tmp / "data")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while b"READY=1" not in sock.recv(4096):
+            pass
+        ready = time.perf_counter() - t0
+        time.sleep(3)
+        rss_kb = next(int(line.split()[1]) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if line.startswith("VmRSS:"))
+        return ready, rss_kb / 1024
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        sock.close()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=256)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        server = EmbeddedServer(tmp / "nats", free_port())
+        await server.start()
+        try:
+            bare = await bare_loop(server.url, args.n, args.batch)
+            academy = await daemon_drain(server.url, args.n, args.batch, tmp / "data")
+        finally:
+            await server.stop()
+        ready, rss = ready_and_rss(tmp)
+    bare_rate, academy_rate = args.n / bare, args.n / academy
+    print(f"machine: {os.cpu_count()} cores; n={args.n} lessons, fetch batch {args.batch}")
+    print(f"bare nats-py pull loop (fetch+ack):         {bare_rate:10.0f} msgs/s")
+    print(f"academyd (validate+SQLite FULL+inbox+ack):  {academy_rate:10.0f} lessons/s")
+    print(f"ratio academyd / bare:                      {academy_rate / bare_rate:10.2f}  (target >= 0.5)")
+    print(f"time to READY (embedded nats-server):       {ready:10.2f} s   (target < 3 s)")
+    print(f"idle RSS of the daemon:                     {rss:10.1f} MB  (target < 100 MB)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
