@@ -483,7 +483,7 @@ class _ProtocolCallback:
         grad = logs.get("grad_norm")
         if loss != loss or loss in (float("inf"), float("-inf")) or (grad is not None and grad != grad):
             raise TrainingFailure("loss_nan", f"loss became {loss} at step {state.global_step}; lower "
-                                  "hyperparameters.learning_rate or check the dataset")
+                                  "hyperparameters.learning_rate, or check the dataset and the base model")
         if self.first_loss is None:
             self.first_loss = loss
         elif loss > DIVERGENCE_FACTOR * self.first_loss:
