@@ -1,0 +1,484 @@
+"""The curator's pipeline: store -> examples -> filters -> secrets -> dedup -> split -> files + manifest.
+
+Synchronous and CPU-bound; the daemon runs it in a worker thread with its own Store. Every source record
+ends with a decision (train, heldout, replay, excluded, or dropped with a reason), written beside the
+dataset, so anyone can see why an example is in or out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import statistics
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from academyd.curator import sources
+from academyd.curator.dedup import Deduper
+from academyd.curator.examples import SOURCES, Example
+from academyd.curator.rules import trivial_reason
+from academyd.curator.secrets import SecretScanner
+from academyd.curator.split import assign, replay_sample
+from academyd.settings import Settings
+from academyd.store import Store, iso
+
+Progress = Callable[[str, int, int], None]
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_SECRET_BATCH = 512
+
+
+@dataclass
+class BuildResult:
+    """What a build produced (or why it was refused). `event_payload()` is `academy.dataset.built`'s body."""
+
+    dataset_id: str
+    run_id: str | None
+    created_at: str
+    format: str
+    refused: str | None = None
+    path: str | None = None
+    heldout_path: str | None = None
+    manifest_path: str | None = None
+    decisions_path: str | None = None
+    content_hash: str | None = None
+    examples: int = 0
+    heldout: int = 0
+    replay: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.refused is None
+
+    def event_payload(self) -> dict[str, Any]:
+        """`academy.dataset.built` without schema_version/event_id/at (the publisher adds them)."""
+        if self.refused is not None:
+            raise ValueError(f"dataset {self.dataset_id} was refused ({self.refused}); there is nothing to announce")
+        return {
+            "dataset_id": self.dataset_id,
+            "run_id": self.run_id,
+            "format": self.format,
+            "path": self.path,
+            "heldout_path": self.heldout_path,
+            "manifest_path": self.manifest_path,
+            "content_hash": self.content_hash,
+            "examples": self.examples,
+            "heldout": self.heldout,
+            "replay": self.replay,
+            "counts": self.counts,
+            "dropped": self.dropped,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.times[stage] = round(self.times.get(stage, 0.0) + now - self._t, 4)
+        self._t = now
+
+
+def build_dataset(
+    settings: Settings,
+    store: Store,
+    *,
+    now: datetime,
+    run_id: str | None = None,
+    progress: Progress | None = None,
+    announce: bool = False,
+) -> BuildResult:
+    """Curate everything the store holds into a dataset under `settings.training_dir`; record it.
+
+    Refused (nothing written to training/, a `datasets` row with the reason) when fewer than
+    `curator.min_examples` examples survive. With `announce`, `academy.dataset.built` is queued in the
+    outbox in the same transaction that records the dataset.
+    """
+    cfg = settings.curator
+    report = progress or (lambda stage, done, total: None)
+    clock = _Clock()
+    now = now.astimezone(UTC) if now.tzinfo else now.replace(tzinfo=UTC)
+    stamp = now.strftime("%Y%m%d_%H%M%S")
+    decisions: dict[str, dict[str, Any]] = {}
+    orders: dict[str, tuple[str, str, int]] = {}
+    dropped_by_source: dict[str, Counter[str]] = defaultdict(Counter)
+    records: Counter[str] = Counter()
+
+    def drop(source: str, key: str, reason: str, **extra: Any) -> None:
+        dropped_by_source[source][reason] += 1
+        decisions[key] = {"record": key, "source": source, "decision": "dropped", "reason": reason, **extra}
+
+    # -------------------------------------------------------------- read (+ git)
+    examples: list[Example] = []
+    readers = [
+        ("lesson", lambda: sources.lessons(store, cfg)),
+        ("task", lambda: sources.tasks(store, cfg)),
+        ("commit", lambda: sources.commits(store, cfg, dict(settings.repos))),
+    ]
+    for n, (source, reader) in enumerate(readers):
+        report("read", n, len(readers))
+        for item in reader():
+            records[source] += 1
+            orders[item.key] = item.order
+            if isinstance(item, sources.Dropped):
+                drop(item.source, item.key, item.reason)
+            else:
+                examples.append(item)
+        clock.lap("read_git" if source == "commit" else "read")
+    report("read", len(readers), len(readers))
+
+    # -------------------------------------------------------------- trivial / over-long
+    kept: list[Example] = []
+    for ex in examples:
+        reason = trivial_reason(ex.required, cfg.min_example_chars)
+        if reason is None and sum(len(t) for t in ex.texts()) > cfg.max_example_chars:
+            reason = "too_long"
+        if reason:
+            drop(ex.source, ex.key, reason)
+        else:
+            kept.append(ex)
+    clock.lap("filter")
+
+    # -------------------------------------------------------------- secrets
+    scanner = SecretScanner()
+    secret_types: Counter[str] = Counter()
+    redacted_examples = 0
+    safe_keys: dict[str, str] = {}
+    after_secrets: list[Example] = []
+    with scanner.session():
+        for lo in range(0, len(kept), _SECRET_BATCH):
+            report("secrets", lo, len(kept))
+            batch = kept[lo : lo + _SECRET_BATCH]
+            texts: list[str] = []
+            for ex in batch:
+                texts.append(ex.key)
+                texts.extend(t for _, t in ex.turns)
+            results = iter(scanner.clean_many(texts))
+            for ex in batch:
+                key_text, key_types, _ = next(results)
+                if key_types:  # a record id that itself looks like a secret is never written as is
+                    safe_keys[ex.key] = f"{ex.source}:sha256:{hashlib.sha256(ex.key.encode()).hexdigest()[:24]}"
+                cleaned = [next(results) for _ in ex.turns]
+                types = Counter[str]()
+                for _, t, _ in cleaned:
+                    types.update(t)
+                types.update(key_types)
+                if not types:
+                    after_secrets.append(ex)
+                    continue
+                secret_types.update(types)
+                if cfg.secrets == "drop" or not all(ok for _, _, ok in cleaned):
+                    reason = "secret" if cfg.secrets == "drop" else "secret_unredactable"
+                    drop(ex.source, ex.key, reason, secret_types=sorted(types))
+                    continue
+                redacted_examples += 1
+                ex.turns = [(role, text) for (role, _), (text, _, _) in zip(ex.turns, cleaned, strict=True)]
+                after_secrets.append(ex)
+    report("secrets", len(kept), len(kept))
+    clock.lap("secrets")
+
+    # -------------------------------------------------------------- dedup (store order: stable as data grows)
+    after_secrets.sort(key=lambda e: e.order)
+    report("dedup", 0, len(after_secrets))
+    deduper = Deduper(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm, k=cfg.shingle_chars)
+    verdicts = deduper.run([e.key for e in after_secrets], [e.content() for e in after_secrets])
+    unique: list[Example] = []
+    dup_of: dict[str, str] = {}
+    for ex, v in zip(after_secrets, verdicts, strict=True):
+        if v.kept:
+            unique.append(ex)
+        else:
+            dup_of[ex.key] = v.duplicate_of or ""
+            drop(ex.source, ex.key, v.reason or "duplicate", duplicate_of=v.duplicate_of, similarity=v.similarity)
+    report("dedup", len(after_secrets), len(after_secrets))
+    clock.lap("dedup")
+
+    # -------------------------------------------------------------- split, scope, replay
+    remembered = dict(store.conn.execute("SELECT record_key, split FROM dataset_members").fetchall())
+    by_source: dict[str, list[str]] = defaultdict(list)
+    for ex in unique:
+        by_source[ex.source].append(ex.key)
+    split, why = assign(dict(by_source), cfg.heldout_fraction, remembered)
+    # duplicates whose own hash split differs from the kept twin's: a leak between train and held-out
+    # had they both been kept
+    across = sum(1 for d, first in dup_of.items() if first in split and _hash_split(d, cfg) != split[first])
+    train = [ex for ex in unique if split[ex.key] == "train"]
+    heldout = [ex for ex in unique if split[ex.key] == "heldout"]
+    replay: list[Example] = []
+    excluded: list[Example] = []
+    if cfg.scope == "new":
+        earlier = [ex for ex in train if remembered.get(ex.key) == "train"]
+        train = [ex for ex in train if ex.key not in remembered]
+        seed = hashlib.sha256("\n".join(sorted(e.key for e in train)).encode()).hexdigest()
+        picked = set(replay_sample((e.key for e in earlier), round(cfg.replay_fraction * len(train)), seed))
+        replay = [ex for ex in earlier if ex.key in picked]
+        excluded = [ex for ex in earlier if ex.key not in picked]
+    for ex in train:
+        decisions[ex.key] = {"record": ex.key, "source": ex.source, "decision": "train", "split_rule": why[ex.key]}
+    for ex in heldout:
+        decisions[ex.key] = {"record": ex.key, "source": ex.source, "decision": "heldout", "split_rule": why[ex.key]}
+    for ex in replay:
+        decisions[ex.key] = {"record": ex.key, "source": ex.source, "decision": "replay", "split_rule": "remembered"}
+    for ex in excluded:
+        decisions[ex.key] = {"record": ex.key, "source": ex.source, "decision": "excluded", "reason": "trained_before"}
+    train_all = sorted(train + replay, key=lambda e: e.order)
+    heldout.sort(key=lambda e: e.order)
+    clock.lap("split")
+
+    # -------------------------------------------------------------- counts
+    counts: dict[str, dict[str, int]] = {}
+    for source in SOURCES:
+        counts[source] = {
+            "records": records[source],
+            "train": sum(1 for e in train if e.source == source),
+            "replay": sum(1 for e in replay if e.source == source),
+            "heldout": sum(1 for e in heldout if e.source == source),
+            "excluded": sum(1 for e in excluded if e.source == source),
+            "dropped": sum(dropped_by_source[source].values()),
+        }
+    dropped: Counter[str] = Counter()
+    for c in dropped_by_source.values():
+        dropped.update(c)
+    survivors = len(train_all) + len(heldout)
+    created = iso(now) or ""
+    result = BuildResult(
+        dataset_id=f"ds-{stamp}",
+        run_id=run_id,
+        created_at=created,
+        format=cfg.format,
+        examples=len(train_all),
+        heldout=len(heldout),
+        replay=len(replay),
+        counts=counts,
+        dropped=dict(sorted(dropped.items())),
+    )
+    manifest: dict[str, Any] = {
+        "dataset_id": result.dataset_id,
+        "run_id": run_id,
+        "created_at": created,
+        "format": cfg.format,
+        "examples": len(train_all),
+        "heldout": len(heldout),
+        "replay": len(replay),
+        "counts": counts,
+        "dropped": result.dropped,
+        "dropped_by_source": {s: dict(sorted(c.items())) for s, c in sorted(dropped_by_source.items())},
+        "secrets": {
+            "policy": cfg.secrets,
+            "examples_redacted": redacted_examples,
+            "examples_dropped": dropped["secret"] + dropped["secret_unredactable"],
+            "findings_by_type": dict(sorted(secret_types.items())),
+            "lines_scanned_by_detect_secrets": scanner.lines_scanned,
+        },
+        "dedup": {
+            "exact": dropped["exact_duplicate"],
+            "near": dropped["near_duplicate"],
+            "duplicates_across_split": across,
+            "threshold": cfg.near_dup_threshold,
+            "shingle_chars": cfg.shingle_chars,
+            "num_perm": cfg.num_perm,
+            "lsh_bands": deduper.lsh.b,
+            "lsh_rows": deduper.lsh.r,
+            "lsh_candidates_checked": deduper.candidates_checked,
+        },
+        "split": {
+            "heldout_fraction": cfg.heldout_fraction,
+            "rule": "sha256(record key) / 2^64 < fraction, per source; remembered splits win",
+            "by_rule": dict(Counter(why[e.key] for e in train + heldout)),
+            "scope": cfg.scope,
+            "replay_fraction": cfg.replay_fraction,
+        },
+        "settings": cfg.model_dump(mode="json"),
+    }
+    if survivors < cfg.min_examples:
+        result.refused = (
+            f"only {survivors} examples survived curation (train {len(train_all)}, held-out {len(heldout)}); "
+            f"at least {cfg.min_examples} are needed (curator.min_examples)"
+        )
+        manifest["refused"] = result.refused
+        clock.lap("write")
+        result.timings = manifest["timings_s"] = clock.times
+        _record(store, result, manifest, now, announce=False, members=[])
+        return result
+
+    # -------------------------------------------------------------- write
+    report("write", 0, 3)
+    out_dir = settings.training_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _names(out_dir, cfg.format, stamp)
+    result.dataset_id = names["id"]
+    manifest["dataset_id"] = result.dataset_id
+    train_lines = [ex.line(cfg.format) for ex in train_all]
+    held_lines = [ex.line(cfg.format) for ex in heldout]
+    train_bytes = "".join(line + "\n" for line in train_lines).encode()
+    held_bytes = "".join(line + "\n" for line in held_lines).encode()
+    content_hash = hashlib.sha256(cfg.format.encode() + b"\0" + train_bytes + b"\0" + held_bytes).hexdigest()
+    _write(names["train"], train_bytes)
+    _write(names["heldout"], held_bytes)
+    report("write", 1, 3)
+
+    def public(key: str) -> str:
+        return safe_keys.get(key, key)
+
+    ordered = sorted(decisions.values(), key=lambda d: orders.get(d["record"], ("", "", 0)))
+    for d in ordered:
+        d["record"] = public(d["record"])
+        if d.get("duplicate_of"):
+            d["duplicate_of"] = public(d["duplicate_of"])
+    _write(names["decisions"], "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in ordered).encode())
+    manifest.update(
+        {
+            "content_hash": content_hash,
+            "files": {
+                "train": str(names["train"]),
+                "heldout": str(names["heldout"]),
+                "decisions": str(names["decisions"]),
+            },
+            "sha256": {"train": hashlib.sha256(train_bytes).hexdigest(), "heldout": hashlib.sha256(held_bytes).hexdigest()},
+            "tokens": {
+                "method": "approximate: words and punctuation (regex \\w+|[^\\w\\s]) of the rendered example",
+                "train": _token_stats(train_lines),
+                "heldout": _token_stats(held_lines),
+            },
+            "lineage": {
+                "train": [public(e.key) for e in train],
+                "replay": [public(e.key) for e in replay],
+                "heldout": [public(e.key) for e in heldout],
+            },
+        }
+    )
+    result.path, result.heldout_path = str(names["train"]), str(names["heldout"])
+    result.manifest_path, result.decisions_path = str(names["manifest"]), str(names["decisions"])
+    result.content_hash = content_hash
+    clock.lap("write")
+    result.timings = manifest["timings_s"] = clock.times
+    _write(names["manifest"], json.dumps(manifest, ensure_ascii=False, indent=1).encode())
+    report("write", 2, 3)
+    members = [(public(e.key), "train", result.dataset_id) for e in train]
+    members += [(public(e.key), "heldout", result.dataset_id) for e in heldout]
+    _record(store, result, manifest, now, announce=announce, members=members)
+    clock.lap("record")
+    result.timings = clock.times
+    report("write", 3, 3)
+    return result
+
+
+def _hash_split(key: str, cfg: Any) -> str:
+    from academyd.curator.split import is_heldout_by_hash
+
+    return "heldout" if is_heldout_by_hash(key, cfg.heldout_fraction) else "train"
+
+
+def _names(out_dir: Path, fmt: str, stamp: str) -> dict[str, Any]:
+    """Venom's names; a second build in the same second gets a suffix instead of overwriting."""
+    suffix, n = "", 1
+    while (out_dir / f"dataset_{fmt}_{stamp}{suffix}.jsonl").exists():
+        n += 1
+        suffix = f"_{n}"
+    tag = f"{fmt}_{stamp}{suffix}"
+    return {
+        "id": f"ds-{stamp}{suffix}",
+        "train": out_dir / f"dataset_{tag}.jsonl",
+        # Not `dataset_*.jsonl`: a tool that globs for datasets must never pick up the held-out set.
+        "heldout": out_dir / f"heldout_{tag}.jsonl",
+        "decisions": out_dir / f"decisions_{tag}.jsonl",
+        "manifest": out_dir / f"dataset_{tag}.manifest.json",
+    }
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _token_stats(lines: list[str]) -> dict[str, float]:
+    if not lines:
+        return {"count": 0}
+    sizes = sorted(len(_TOKEN.findall(line)) for line in lines)
+
+    def pct(p: float) -> int:
+        return sizes[min(len(sizes) - 1, int(p * len(sizes)))]
+
+    return {
+        "count": len(sizes),
+        "total": sum(sizes),
+        "min": sizes[0],
+        "mean": round(statistics.fmean(sizes), 1),
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p99": pct(0.99),
+        "max": sizes[-1],
+    }
+
+
+def _record(
+    store: Store,
+    result: BuildResult,
+    manifest: dict[str, Any],
+    now: datetime,
+    *,
+    announce: bool,
+    members: list[tuple[str, str, str]],
+) -> None:
+    slim = {k: v for k, v in manifest.items() if k != "lineage"}
+    with store.transaction():
+        store.conn.execute(
+            "INSERT INTO datasets(dataset_id, run_id, created_at, format, path, heldout_path, manifest_path,"
+            " content_hash, examples, heldout, counts, dropped, refused, manifest)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(dataset_id) DO UPDATE SET refused=excluded.refused, manifest=excluded.manifest",
+            (
+                result.dataset_id,
+                result.run_id,
+                result.created_at,
+                result.format,
+                result.path,
+                result.heldout_path,
+                result.manifest_path,
+                result.content_hash,
+                result.examples,
+                result.heldout,
+                json.dumps(result.counts),
+                json.dumps(result.dropped),
+                result.refused,
+                json.dumps(slim, ensure_ascii=False, default=str),
+            ),
+        )
+        store.conn.executemany(
+            "INSERT OR IGNORE INTO dataset_members(record_key, split, first_dataset_id) VALUES (?,?,?)", members
+        )
+        if announce and result.ok:
+            payload = {"schema_version": 1, "event_id": result.dataset_id, "at": iso(now), **result.event_payload()}
+            store.outbox_add("academy.dataset.built", payload, f"academy.dataset.built:{result.dataset_id}", now)
+
+
+def latest_dataset(store: Store) -> dict[str, Any] | None:
+    """The latest build (refused ones included) for `academy.status` and the page."""
+    row = store.conn.execute(
+        "SELECT dataset_id, run_id, created_at, format, path, heldout_path, manifest_path, content_hash,"
+        " examples, heldout, counts, dropped, refused FROM datasets ORDER BY created_at DESC, rowid DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None
+    out = dict(row)
+    out["counts"] = json.loads(out["counts"])
+    out["dropped"] = json.loads(out["dropped"])
+    return out

@@ -1,0 +1,94 @@
+"""One example in a neutral shape, and its two renderings (Alpaca, ShareGPT) as Venom writes them.
+
+An example is a system/instruction text plus alternating human/gpt turns ending with gpt. Alpaca folds
+earlier turns into `input`; ShareGPT keeps them as turns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+LESSON_INSTRUCTION = (
+    "You are Venom's assistant. Given the situation below, say what action to take, what result it had "
+    "and the lesson learned."
+)
+COMMIT_INSTRUCTION = "Write a clear, concise git commit message that describes the following change (a diff)."
+TASK_INSTRUCTION = "You are Venom, a helpful local AI assistant. Complete the user's request."
+
+SOURCES = ("lesson", "commit", "task")
+
+
+@dataclass
+class Example:
+    """A candidate example, keyed by its source record (`lesson:<id>`, `commit:<repo>:<sha>`, `task:<id>`)."""
+
+    source: str
+    key: str
+    order: tuple[str, str, int]  # (received_at, source, seq): stable as the store grows
+    instruction: str
+    turns: list[tuple[str, str]]  # ("human"|"gpt", text), alternating, ending with gpt
+    required: dict[str, str | None] = field(default_factory=dict)  # fields checked for triviality
+
+    def texts(self) -> list[str]:
+        return [self.instruction, *(t for _, t in self.turns)]
+
+    def content(self) -> str:
+        """The variable part (what duplicates are judged on): the turns, not the fixed instruction."""
+        return "\n".join(t for _, t in self.turns)
+
+    def alpaca(self) -> dict[str, str]:
+        earlier, last_human, answer = self.turns[:-2], self.turns[-2][1], self.turns[-1][1]
+        if earlier:
+            history = "\n".join(f"{'User' if r == 'human' else 'Assistant'}: {t}" for r, t in earlier)
+            last_human = f"Earlier conversation:\n{history}\n\nRequest:\n{last_human}"
+        return {"instruction": self.instruction, "input": last_human, "output": answer}
+
+    def sharegpt(self) -> dict[str, list[dict[str, str]]]:
+        convo = [{"from": "system", "value": self.instruction}]
+        convo += [{"from": r, "value": t} for r, t in self.turns]
+        return {"conversations": convo}
+
+    def render(self, fmt: str) -> dict[str, Any]:
+        return self.alpaca() if fmt == "alpaca" else self.sharegpt()
+
+    def line(self, fmt: str) -> str:
+        return json.dumps(self.render(fmt), ensure_ascii=False, sort_keys=False)
+
+
+def lesson_output(action: str, result: str, feedback: str | None) -> str:
+    """Venom's mapping: the action, then the result and the lesson learned."""
+    parts = [action.strip(), f"Result: {result.strip()}"]
+    if feedback and feedback.strip():
+        parts.append(f"Lesson learned: {feedback.strip()}")
+    return "\n\n".join(parts)
+
+
+_HUMAN_ROLES = {"user", "human", "client", "request"}
+_GPT_ROLES = {"assistant", "gpt", "ai", "model", "bot", "venom", "response"}
+
+
+def history_turns(context_history: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
+    """Earlier turns from Venom's `context_history` (role/content or from/value entries).
+
+    Unknown roles and empty texts are skipped; consecutive turns of one role are merged so that the
+    conversation alternates (chat templates require it); a leading assistant turn is dropped. The
+    result may end with a human turn; the caller joins it with the request.
+    """
+    out: list[tuple[str, str]] = []
+    for item in context_history or []:
+        if not isinstance(item, dict):
+            continue
+        role = str(item.get("role", item.get("from", ""))).strip().casefold()
+        text = item.get("content", item.get("value", item.get("text")))
+        if not isinstance(text, str) or not text.strip():
+            continue
+        who = "human" if role in _HUMAN_ROLES else "gpt" if role in _GPT_ROLES else None
+        if who is None:
+            continue
+        if out and out[-1][0] == who:
+            out[-1] = (who, out[-1][1] + "\n\n" + text.strip())
+        elif out or who == "human":
+            out.append((who, text.strip()))
+    return out

@@ -1,0 +1,144 @@
+"""The three sources, read from the store: each record becomes an Example or a reasoned drop."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from academyd.curator import git as gitsrc
+from academyd.curator import rules
+from academyd.curator.examples import (
+    COMMIT_INSTRUCTION,
+    LESSON_INSTRUCTION,
+    TASK_INSTRUCTION,
+    Example,
+    history_turns,
+    lesson_output,
+)
+from academyd.settings import CuratorSettings
+from academyd.store import Store
+
+TRUNCATED = "\n[... diff truncated]"
+
+
+@dataclass(frozen=True)
+class Dropped:
+    source: str
+    key: str
+    order: tuple[str, str, int]
+    reason: str
+
+
+Item = Example | Dropped
+
+
+def lessons(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
+    rows = store.conn.execute(
+        "SELECT seq, lesson_id, situation, action, result, feedback, metadata, received_at FROM lessons ORDER BY seq"
+    )
+    for seq, lesson_id, situation, action, result, feedback, metadata, received_at in rows:
+        key = f"lesson:{lesson_id}"
+        order = (received_at, "lesson", seq)
+        meta = json.loads(metadata) if metadata else {}
+        if not rules.is_successful_lesson(result, meta if isinstance(meta, dict) else {}):
+            yield Dropped("lesson", key, order, "failure")
+            continue
+        yield Example(
+            source="lesson",
+            key=key,
+            order=order,
+            instruction=LESSON_INSTRUCTION,
+            turns=[("human", situation.strip()), ("gpt", lesson_output(action, result, feedback))],
+            required={"situation": situation, "action": action},
+        )
+
+
+def tasks(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
+    rows = store.conn.execute(
+        "SELECT seq, task_id, content, result, status, context_history, received_at FROM tasks ORDER BY seq"
+    )
+    for seq, task_id, content, result, status, history, received_at in rows:
+        key = f"task:{task_id}"
+        order = (received_at, "task", seq)
+        if not rules.is_successful_task(status):
+            yield Dropped("task", key, order, "failure")
+            continue
+        turns = history_turns(json.loads(history) if history else None)
+        request = (content or "").strip()
+        if turns and turns[-1][0] == "human":  # the history may already end with this very request
+            last = turns.pop()[1]
+            if rules.squash(last) != rules.squash(request):
+                request = f"{last}\n\n{request}"
+        turns += [("human", request), ("gpt", (result or "").strip())]
+        yield Example(
+            source="task",
+            key=key,
+            order=order,
+            instruction=TASK_INSTRUCTION,
+            turns=turns,
+            required={"content": content, "result": result},
+        )
+
+
+def commits(store: Store, cfg: CuratorSettings, repos: dict[str, Path]) -> Iterator[Item]:
+    rows = store.conn.execute("SELECT seq, repo, sha, received_at FROM commits ORDER BY seq").fetchall()
+    by_repo: dict[str, list[tuple[int, str, str]]] = {}
+    for seq, repo, sha, received_at in rows:
+        by_repo.setdefault(repo, []).append((seq, sha, received_at))
+    for name in sorted(by_repo):
+        entries = by_repo[name]
+        keyed = [(f"commit:{name}:{sha}", (received_at, "commit", seq), sha) for seq, sha, received_at in entries]
+        if name not in repos:
+            for key, order, _ in keyed:
+                yield Dropped("commit", key, order, "repo_not_allowed")
+            continue
+        try:
+            repo = gitsrc.open_repo(Path(repos[name]))
+        except gitsrc.RepoNotAllowed:
+            for key, order, _ in keyed:
+                yield Dropped("commit", key, order, "repo_unavailable")
+            continue
+        with repo:
+            full = gitsrc.existing_commits(repo, [sha for _, _, sha in keyed])
+            data = {c.sha: c for c in gitsrc.read_commits(repo, sorted(set(full.values())), cap=cfg.diff_drop_chars)}
+        for key, order, sha in keyed:
+            commit = data.get(full.get(sha, ""))
+            if commit is None:
+                yield Dropped("commit", key, order, "commit_missing")
+                continue
+            yield from _commit_item(key, order, commit, cfg)
+
+
+def _commit_item(key: str, order: tuple[str, str, int], c: gitsrc.CommitData, cfg: CuratorSettings) -> Iterator[Item]:
+    if c.is_merge:
+        yield Dropped("commit", key, order, "merge_commit")
+        return
+    reason = rules.commit_message_reason(
+        c.message,
+        min_chars=cfg.commit_message_min_chars,
+        max_chars=cfg.commit_message_max_chars,
+        min_words=cfg.commit_message_min_words,
+    )
+    if reason:
+        yield Dropped("commit", key, order, reason)
+        return
+    if c.diff_chars == 0 or not c.diff.strip():
+        yield Dropped("commit", key, order, "empty_diff")
+        return
+    if c.diff_chars > cfg.diff_drop_chars:
+        yield Dropped("commit", key, order, "diff_too_long")
+        return
+    diff = c.diff
+    if c.diff_chars > cfg.diff_truncate_chars:
+        cut = diff.rfind("\n", 0, cfg.diff_truncate_chars)
+        diff = diff[: cut if cut > cfg.diff_truncate_chars // 2 else cfg.diff_truncate_chars] + TRUNCATED
+    yield Example(
+        source="commit",
+        key=key,
+        order=order,
+        instruction=COMMIT_INSTRUCTION,
+        turns=[("human", diff), ("gpt", c.message)],
+        required={"diff": diff, "message": c.message},
+    )
