@@ -9,6 +9,7 @@ close NATS, stop the embedded server. Time comes from `clock`, so tests drive th
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from handlers import Outcome
 from schemas.models import COMMANDS
 
 log = structlog.get_logger("academyd.app")
+
+# What the live views (the page, `train --follow`) hear: everything the Academy publishes, and the DLQ.
+LIVE_SUBJECTS = ["academy.training.>", "academy.dataset.>", "academy.evaluation.>", "academy.dlq.>", "model.>"]
 
 Clock = Callable[[], datetime]
 
@@ -84,8 +88,9 @@ class App:
         await self.bus.connect(self.nats_url)
         await self.bus.ensure_streams()
         await self.bus.bind_consumer()
-        self.relay = OutboxRelay(self.store, self.bus.publish, self.clock, on_published=self._on_published)
+        self.relay = OutboxRelay(self.store, self.bus.publish, self.clock)
         await self.bus.serve("academy", __version__, self._endpoints())
+        await self.bus.watch(LIVE_SUBJECTS, self._on_live)
         self._start_scheduler()
         await self._start_extensions()
         self._tasks.append(asyncio.create_task(self.relay.run(self.stop_event), name="outbox"))
@@ -321,17 +326,29 @@ class App:
     # ------------------------------------------------------------ listeners (the page's live feed)
 
     def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        """`fn(subject, payload)` for every event seen on the bus (LIVE_SUBJECTS, whoever published it:
+        this daemon's outbox or a remote training worker), plus "ingest" after each stored batch."""
         self._listeners.append(fn)
 
-    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+    def remove_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _emit(self, subject: str, data: dict[str, Any]) -> None:
         for fn in list(self._listeners):
             try:
-                fn(kind, data)
+                fn(subject, data)
             except Exception:
-                log.exception("listener_failed", kind=kind)
+                log.exception("listener_failed", subject=subject)
 
-    def _on_published(self, subject: str, msg_id: str) -> None:
-        self._emit("published", {"subject": subject, "msg_id": msg_id})
+    async def _on_live(self, subject: str, data: bytes) -> None:
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            payload = {"raw": data[:500].decode("utf-8", "replace")}
+        if not isinstance(payload, dict):
+            payload = {"value": payload}
+        self._emit(subject, payload)
 
 
 def _validated(subject: str, body: dict[str, Any]) -> Any:

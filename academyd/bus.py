@@ -319,6 +319,16 @@ class Bus:
         """Durable publish: returns once JetStream has stored it (a duplicate msg id is a no-op)."""
         await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
 
+    async def watch(self, subjects: list[str], cb: Callable[[str, bytes], Awaitable[None]]) -> None:
+        """Core subscription (no ack) to events for live views: progress from any worker, the DLQ."""
+        assert self.nc is not None
+
+        async def on_msg(msg: Msg) -> None:
+            await cb(msg.subject, msg.data)
+
+        for subject in subjects:
+            await self.nc.subscribe(subject, cb=on_msg)
+
     # ------------------------------------------------------------ the academy service
 
     async def serve(self, name: str, version: str, endpoints: dict[str, RequestHandler]) -> None:

@@ -25,12 +25,10 @@ class OutboxRelay:
         store: Store,
         publish: Callable[[str, bytes, str], Any],
         clock: Callable[[], datetime],
-        on_published: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
         self.clock = clock
-        self.on_published = on_published
         self._kick = asyncio.Event()
 
     def kick(self) -> None:
@@ -53,8 +51,6 @@ class OutboxRelay:
                 self.store.outbox_mark_published(row["id"], self.clock())
                 sent += 1
                 log.info("event_published", subject=row["subject"], event_id=row["msg_id"])
-                if self.on_published is not None:
-                    self.on_published(row["subject"], row["msg_id"])
 
     async def run(self, stop: asyncio.Event, idle_s: float = 1.0) -> None:
         backoff = idle_s
