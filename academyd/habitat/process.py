@@ -285,6 +285,11 @@ class ProcessHabitat:
                 yield event
                 if event["type"] in S.FINAL_EVENTS:
                     await self._wait_exit(record)
+                    limit = _read_json(Path(handle.output_dir) / LIMIT_FILE)
+                    if limit:
+                        # The trainer only saw a SIGTERM; the real reason is the limit the watchdog hit.
+                        yield self._habitat_error(JobStatus.FAILED, limit["code"], limit["reason"],
+                                                  event.get("exit_code"))
                     return
             if not running:
                 status, info = self._conclude(handle)
@@ -292,17 +297,21 @@ class ProcessHabitat:
                     yield info["final"]  # the trainer's last word reached only stdout (a bad spec)
                     return
                 # The trainer died without its last word (killed, over a limit): say it for it.
-                yield {
-                    "type": S.EVENT_ERROR,
-                    "time": round(self._clock(), 3),
-                    "origin": "habitat",
-                    "status": status.value,
-                    "code": info.get("error_code"),
-                    "reason": info.get("reason"),
-                    "exit_code": info.get("exit_code"),
-                }
+                yield self._habitat_error(status, info.get("error_code"), info.get("reason"), info.get("exit_code"))
                 return
             await asyncio.sleep(self.poll_s)
+
+    def _habitat_error(self, status: JobStatus, code: str | None, reason: str | None,
+                       exit_code: int | None) -> dict[str, Any]:
+        return {
+            "type": S.EVENT_ERROR,
+            "time": round(self._clock(), 3),
+            "origin": "habitat",
+            "status": status.value,
+            "code": code,
+            "reason": reason,
+            "exit_code": exit_code,
+        }
 
     async def _wait_exit(self, record: dict[str, Any], timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
