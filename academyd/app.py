@@ -135,6 +135,8 @@ class App:
 
     async def _tick(self) -> None:
         self.evaluate("tick")
+        if self.pipeline is not None:
+            await self.pipeline.watch()
 
     async def consume(self) -> None:
         await self.bus.consume(self.on_batch, self.stop_event)
@@ -226,6 +228,8 @@ class App:
                 c.dead_lettered[outcome.reason] = c.dead_lettered.get(outcome.reason, 0) + 1
         if result.stored.get("lesson.created"):
             self.evaluate("ingest")
+        if result.stored.get("task.completed") and self.pipeline is not None:
+            await self.pipeline.watch()
         self._emit("ingest", {"stored": result.stored, "duplicates": result.duplicates, "rejected": result.rejected})
         return result.outcomes
 

@@ -141,11 +141,31 @@ class TrainingSettings(BaseModel):
     base_model: str = Field(default="", description="Base model path or name the adapters are trained on.")
     docker_image: str = "unsloth/unsloth:latest"
     docker_url: str | None = None
+    docker_python: str = Field(
+        default="python", description="The trainer's interpreter inside the Docker image (it needs torch/Unsloth)."
+    )
+    docker_user: str | None = Field(
+        default=None,
+        description="uid:gid the trainer runs as in the container (never root); unset: the daemon's own "
+        "uid:gid, or 65534:65534 (nobody) when the daemon runs as root.",
+    )
+    docker_cpus: float = Field(default=0.0, ge=0, description="CPUs the container may use; 0: no limit.")
+    docker_pids_limit: int = Field(default=4096, ge=0, description="Processes/threads in the container; 0: no limit.")
+    docker_shm_mb: int = Field(default=1024, ge=64, description="Size of the container's /dev/shm.")
+    docker_mounts: list[str] = Field(
+        default_factory=list,
+        description="Extra read-only mounts, HOST[:CONTAINER] (a Hugging Face cache, a trainer environment).",
+    )
     time_limit_s: float = Field(default=6 * 3600, gt=0)
     memory_limit_mb: int = Field(default=0, ge=0, description="0: no limit.")
     epochs: float | None = None
     learning_rate: float | None = None
     max_seq_length: int | None = None
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the trainer's hyperparameters (lora_r, batch_size, ...)."
+    )
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch threads in the trainer.")
     seed: int = 3407
     backend: Literal["auto", "unsloth", "peft"] = "auto"
     progress_per_s: float = Field(default=2.0, gt=0, description="Throttle of academy.training.progress.")
@@ -165,6 +185,20 @@ class ArenaSettings(BaseModel):
     watch_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     watch_margin: float = Field(default=0.05, ge=0.0)
     auto_promote: bool = True
+    eval_time_limit_s: float = Field(default=3600.0, gt=0, description="Limit of one arena measurement.")
+    max_new_tokens: int = Field(default=64, ge=1, description="Generation length of the arena's sample.")
+    seed: int = Field(default=0, description="Seed of the generation sample and the bootstrap.")
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of the measurement.")
+    gguf: bool = Field(default=True, description="Write a GGUF adapter on promotion (llama/mistral/qwen2/qwen3).")
+    ollama_base: str | None = Field(
+        default=None, description="Ollama name of the base model for FROM (default: training.base_model)."
+    )
+    ollama_timeout_s: float = Field(default=600.0, gt=0)
+    judge_timeout_s: float = Field(default=120.0, gt=0)
+    modelfile_parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"temperature": 0.7, "top_p": 0.9, "num_ctx": 4096},
+        description="PARAMETER lines of the Modelfile (the tokenizer's EOS is added as a stop).",
+    )
 
 
 class HttpSettings(BaseModel):

@@ -1,0 +1,409 @@
+"""The training pipeline: a requested run becomes dataset -> training -> evaluation -> promotion.
+
+Every step's state lives in the `runs` table, and every event goes out through the outbox, so a daemon
+that restarts picks the active run up where it was: curation is redone (it is deterministic), a training
+job is re-attached through its habitat ref (or started again with the same spec, which resumes from the
+trainer's last checkpoint), an evaluation is redone. A failed run frees the slot and the policy retries
+with backoff.
+
+The pipeline never imports torch: the trainer and the arena's measurements run in the trainer's
+environment (a process or a container).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
+from academyd.policy import failure_backoff
+from academyd.store import Store, iso
+from academyd.trainer.spec import SpecError, TrainSpec, spec_hash
+
+if TYPE_CHECKING:
+    from academyd.app import App
+
+log = structlog.get_logger("academyd.pipeline")
+
+PROGRESS_FIELDS = ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "eval_loss")
+
+
+class RunFailed(Exception):
+    """A step failed for a reason the run records (and the policy backs off from)."""
+
+    def __init__(self, reason: str, *, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
+
+
+class Pipeline:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.settings = app.settings
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._live: dict[str, Any] = {}
+        self._habitat: Any = None
+        self._lock = asyncio.Lock()  # promotions and rollbacks one at a time
+
+    @property
+    def store(self) -> Store:
+        assert self.app.store is not None
+        return self.app.store
+
+    def now(self) -> datetime:
+        return self.app.clock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.settings.training.autorun:
+            self._task = asyncio.create_task(self._loop(), name="pipeline")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        # The training job itself is left running (its habitat keeps it); the next start re-attaches.
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            run = self.store.active_run()
+            if run is not None:
+                try:
+                    await self.execute(run["run_id"])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug must not wedge the slot: fail the run, say why
+                    log.exception("pipeline_crashed", run_id=run["run_id"])
+                    self._fail(run["run_id"], f"internal error: {type(exc).__name__}: {exc}")
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+
+    def habitat(self) -> Any:
+        if self._habitat is None:
+            self._habitat = habitat_for(self.settings)
+        return self._habitat
+
+    # ------------------------------------------------------------ one run
+
+    async def execute(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        assert run is not None
+        log.info("run_started", run_id=run_id, state=run["state"])
+        try:
+            if run["state"] in ("requested", "curating"):
+                self._set(run_id, "curating")
+                dataset = await self._curate(run_id)
+                self._set(run_id, "training", dataset_id=dataset["dataset_id"])
+            run = self.store.get_run(run_id) or run
+            if run["state"] == "training":
+                version = await self._train(run)
+                self._set(run_id, "evaluating", version=version)
+            run = self.store.get_run(run_id) or run
+            if run["state"] == "evaluating":
+                await self._evaluate(run)
+                self._finish(run_id)
+        except RunFailed as exc:
+            self._fail(run_id, str(exc), refused=exc.refused)
+        finally:
+            self._live.pop(run_id, None)
+
+    def _set(self, run_id: str, state: str, **fields: Any) -> None:
+        with self.store.transaction():
+            self.store.set_run_state(run_id, state, self.now(), **fields)
+
+    def _finish(self, run_id: str) -> None:
+        self._set(run_id, "succeeded")
+        log.info("run_succeeded", run_id=run_id)
+        self.app.evaluate("run-finished")
+
+    def _fail(self, run_id: str, reason: str, refused: bool = False) -> None:
+        now = self.now()
+        snap = self.store.snapshot()
+        retry_at = now + failure_backoff(self.settings.policy, snap.consecutive_failures + 1)
+        with self.store.transaction():
+            self.store.set_run_state(run_id, "refused" if refused else "failed", now, error=reason)
+            self._outbox("academy.training.failed", f"{run_id}-failed",
+                         {"run_id": run_id, "reason": reason, "retry_at": iso(retry_at)}, now)
+        log.warning("run_failed", run_id=run_id, reason=reason, refused=refused, retry_at=iso(retry_at))
+        self._kick()
+
+    def _outbox(self, subject: str, event_id: str, body: dict[str, Any], now: datetime) -> None:
+        payload = {"schema_version": 1, "event_id": event_id, "at": iso(now), **body}
+        self.store.outbox_add(subject, payload, msg_id=event_id, now=now)
+
+    def _publish(self, subject: str, event_id: str, body: dict[str, Any]) -> None:
+        now = self.now()
+        with self.store.transaction():
+            self._outbox(subject, event_id, body, now)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self.app.relay is not None:
+            self.app.relay.kick()
+
+    # ------------------------------------------------------------ curation
+
+    async def _curate(self, run_id: str) -> dict[str, Any]:
+        result = await self._build(run_id)
+        if result.refused:
+            raise RunFailed(f"dataset refused: {result.refused}", refused=True)
+        return {"dataset_id": result.dataset_id}
+
+    async def _build(self, run_id: str | None) -> Any:
+        from academyd.curator import build_dataset
+
+        settings, now = self.settings, self.now()
+
+        def work() -> Any:
+            # Curation is CPU-bound: a worker thread with its own connection keeps the loop responsive.
+            store = Store(settings.db_path)
+            try:
+                return build_dataset(settings, store, now=now, run_id=run_id)
+            finally:
+                store.close()
+
+        result = await asyncio.to_thread(work)
+        if not result.refused:
+            self._publish("academy.dataset.built", f"dataset-{result.dataset_id}",
+                          {**result.event_payload(), "run_id": run_id})
+        log.info("dataset_built", run_id=run_id, dataset_id=result.dataset_id, examples=result.examples,
+                 refused=result.refused)
+        return result
+
+    async def build_dataset(self, reason: str = "manual") -> dict[str, Any]:
+        """`academy.cmd.dataset`: build a dataset now, outside any run."""
+        result = await self._build(None)
+        out = {"ok": not result.refused, "reason": reason, **result.event_payload()}
+        if result.refused:
+            out["refused"] = result.refused
+        return out
+
+    # ------------------------------------------------------------ training
+
+    def _spec(self, run: dict[str, Any]) -> TrainSpec:
+        from academyd.curator import get_dataset
+
+        t = self.settings.training
+        ds = get_dataset(self.store, run["dataset_id"])
+        if ds is None:
+            raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
+        if not t.base_model:
+            raise RunFailed("no base model configured: set training.base_model (ACADEMY_TRAINING__BASE_MODEL)")
+        hp: dict[str, Any] = dict(t.hyperparameters)
+        if t.epochs is not None:
+            hp["epochs"] = t.epochs
+        if t.learning_rate is not None:
+            hp["learning_rate"] = t.learning_rate
+        if t.max_seq_length is not None:
+            hp["max_length"] = t.max_seq_length
+        raw = {
+            "base_model": t.base_model,
+            "dataset_path": ds["path"],
+            "heldout_path": ds["heldout_path"],
+            "format": ds["format"],
+            "output_dir": str((self.settings.runs_dir / run["run_id"]).resolve()),
+            "hyperparameters": hp,
+            "seed": t.seed,
+            "backend": t.backend,
+            "max_steps": t.max_steps,
+            "run_id": run["run_id"],
+            "cpu_threads": t.cpu_threads,
+        }
+        try:
+            return TrainSpec.from_dict(raw)
+        except SpecError as exc:
+            raise RunFailed(f"training settings rejected: {exc}") from None
+
+    async def _train(self, run: dict[str, Any]) -> str:
+        run_id = run["run_id"]
+        spec = self._spec(run)
+        habitat = self.habitat()
+        handle: JobHandle | None = None
+        if run.get("job_ref"):
+            handle = await habitat.reattach(run["job_ref"])
+            if handle is not None:
+                log.info("training_reattached", run_id=run_id, ref=handle.ref)
+        if handle is None or (await habitat.status(handle)) is JobStatus.LOST:
+            t = self.settings.training
+            job = TrainingJob(spec=spec, run_id=run_id, time_limit_s=t.time_limit_s,
+                              memory_limit_mb=t.memory_limit_mb or None)
+            try:
+                handle = await habitat.start(job)
+            except HabitatError as exc:
+                raise RunFailed(f"habitat {habitat.name}: {exc}") from None
+            with self.store.transaction():
+                self.store.set_run_state(run_id, "training", self.now(), job_ref=handle.ref, habitat=habitat.name)
+                self._outbox("academy.training.started", f"{run_id}-started-{handle.ref[-40:]}",
+                             {"run_id": run_id, "habitat": habitat.name, "dataset_id": run["dataset_id"],
+                              "spec_hash": spec_hash(spec)}, self.now())
+            self._kick()
+            log.info("training_started", run_id=run_id, habitat=habitat.name, ref=handle.ref)
+        await self._forward_progress(run_id, habitat, handle)
+        result = await habitat.result(handle)
+        if result.status is not JobStatus.SUCCEEDED or not result.adapter_path:
+            raise RunFailed(f"training {result.status.value}: {result.reason or 'no reason given'}"
+                            + (f" (exit {result.exit_code})" if result.exit_code is not None else ""))
+        return self._register(run, spec, result)
+
+    async def _forward_progress(self, run_id: str, habitat: Any, handle: JobHandle) -> None:
+        """Trainer events -> `academy.training.progress`, at most `progress_per_s` a second."""
+        min_gap = 1.0 / self.settings.training.progress_per_s
+        last_sent, pending = 0.0, None
+        started = time.monotonic()
+        async for ev in habitat.progress(handle):
+            if ev.get("type") != "progress":
+                continue
+            body = {k: ev[k] for k in PROGRESS_FIELDS if ev.get(k) is not None}
+            step, total = body.get("step"), body.get("total_steps")
+            if step and total:
+                body["eta_s"] = round((time.monotonic() - started) / step * (total - step), 1)
+            body["run_id"] = run_id
+            self._live[run_id] = body
+            pending = body
+            if time.monotonic() - last_sent >= min_gap:
+                self._send_progress(body)
+                last_sent, pending = time.monotonic(), None
+        if pending is not None:
+            self._send_progress(pending)
+
+    def _send_progress(self, body: dict[str, Any]) -> None:
+        self._publish("academy.training.progress", f"{body['run_id']}-progress-{body.get('step', 0)}", body)
+
+    def _register(self, run: dict[str, Any], spec: TrainSpec, result: Any) -> str:
+        from academyd.curator import get_dataset
+        from academyd.registry import Registry
+
+        registry = Registry(self.store, self.settings)
+        summary = dict(result.summary or {})
+        summary.setdefault("spec_hash", spec_hash(spec))
+        summary.setdefault("spec", spec.to_dict())
+        model = registry.add_candidate(
+            run_id=run["run_id"], adapter_src=Path(result.adapter_path), run_summary=summary,
+            dataset=get_dataset(self.store, run["dataset_id"]), base_model=spec.base_model, now=self.now(),
+        )
+        version = model["version"]
+        self._publish("academy.training.finished", f"{run['run_id']}-finished", {
+            "run_id": run["run_id"], "version": version, "adapter_path": model.get("adapter_path"),
+            "backend": summary.get("backend"), "final_loss": summary.get("final_loss"),
+            "duration_s": summary.get("duration_s"),
+        })
+        log.info("training_finished", run_id=run["run_id"], version=version, backend=summary.get("backend"))
+        return version
+
+    # ------------------------------------------------------------ evaluation and promotion
+
+    async def _evaluate(self, run: dict[str, Any]) -> None:
+        from academyd.arena import evaluate
+        from academyd.curator import get_dataset
+        from academyd.registry import Registry
+
+        registry = Registry(self.store, self.settings)
+        version = run["version"]
+        model = registry.get(version)
+        if model is None:
+            raise RunFailed(f"version {version} is missing from the registry")
+        champion = registry.champion()
+        ds = get_dataset(self.store, run["dataset_id"])
+        if ds is None:
+            raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
+        try:
+            verdict = await evaluate(
+                self.settings,
+                candidate_adapter=Path(model["adapter_path"]),
+                champion_adapter=Path(champion["adapter_path"]) if champion else None,
+                base_model=model["base_model"],
+                heldout_path=Path(ds["heldout_path"]),
+                format=ds["format"],
+                out_dir=self.settings.models_dir / version / "arena",
+            )
+        except Exception as exc:
+            raise RunFailed(f"evaluation failed: {exc}") from None
+        with self.store.transaction():
+            registry.record_verdict(version, verdict, self.now())
+        self._kick()
+        log.info("evaluation_finished", run_id=run["run_id"], version=version, promote=verdict.promote,
+                 reasons=verdict.reasons)
+        if verdict.promote and self.settings.arena.auto_promote:
+            result = await self.promote(version, reason="; ".join(verdict.reasons) or "better on held-out data")
+            if not result.get("ok"):
+                raise RunFailed(f"promotion of {version} refused: {result.get('error')}")
+
+    async def promote(self, version: str, *, reason: str = "manual") -> dict[str, Any]:
+        from academyd.promotion import PromotionRefused, promote
+
+        async with self._lock:
+            try:
+                payload = await promote(self.store, self.settings, version, reason=reason, now=self.now())
+            except PromotionRefused as exc:
+                log.warning("promotion_refused", version=version, reason=str(exc))
+                return {"ok": False, "error": str(exc)}
+        self._kick()
+        log.info("model_promoted", version=version, reason=reason)
+        return {"ok": True, **payload}
+
+    async def rollback(self, *, reason: str = "manual") -> dict[str, Any]:
+        from academyd.promotion import PromotionRefused, rollback
+
+        async with self._lock:
+            try:
+                payload = await rollback(self.store, self.settings, reason=reason, now=self.now())
+            except PromotionRefused as exc:
+                log.warning("rollback_refused", reason=str(exc))
+                return {"ok": False, "error": str(exc)}
+        self._kick()
+        log.info("model_rolled_back", reason=reason, **{k: payload.get(k) for k in ("from_version", "to_version")})
+        return {"ok": True, **payload}
+
+    async def watch(self) -> None:
+        """After task.completed batches and on every tick: roll the champion back if it got worse."""
+        try:  # TRANSITIONAL until the registry lands
+            from academyd.registry import Registry
+            from academyd.watch import check_champion
+        except ModuleNotFoundError:
+            return
+        registry = Registry(self.store, self.settings)
+        champion = registry.champion()
+        if champion is None or not champion.get("parent"):
+            return
+        decision = check_champion(self.store, self.settings, champion, registry.get(champion["parent"]))
+        if decision.rollback:
+            log.warning("champion_regressed", version=champion["version"], reason=decision.reason,
+                        **decision.stats)
+            await self.rollback(reason=f"automatic: {decision.reason}")
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"training": None, "champion": None, "last_dataset": None}
+        try:
+            from academyd.registry import Registry
+
+            champ = Registry(self.store, self.settings).champion()
+            out["champion"] = champ["version"] if champ else None
+        except ModuleNotFoundError:
+            pass
+        try:
+            from academyd.curator import latest_dataset
+
+            out["last_dataset"] = latest_dataset(self.store)
+        except ModuleNotFoundError:
+            pass
+        run = self.store.active_run()
+        if run is not None and run["run_id"] in self._live:
+            out["training"] = self._live[run["run_id"]]
+        return out
+
