@@ -108,7 +108,7 @@ _MERGE = re.compile(r"^\s*(merge (branch|pull request|remote-tracking|tag|commit
 _VERSION_BUMP = re.compile(
     r"^\s*(((chore|build|release)(\([^)]*\))?!?:\s*)?"
     r"(bump(ed|s)?\b|release\s+v?\d|releasing\b|prepare (for )?release\b|version\s+v?\d|update version\b"
-    r"|set version\b|new version\b)"
+    r"|set version\b|new version\b|v?\d+(\.\d+)+\b)"
     r"|v?\d+(\.\d+)+([-+.][0-9a-z.]+)?\s*$"
     r"|(chore|build)(\([^)]*\))?:\s*release\b)",
     re.IGNORECASE,

@@ -100,6 +100,8 @@ class SecretScanner:
             else:  # unknown plugin: no sound shortcut, scan every line
                 self._scan_everything = True
         self._gated, self._ungated = [], []
+        # MULTILINE: detect-secrets sees one line at a time, where ^ and $ are line boundaries.
+        patterns = [re.compile(p.pattern, p.flags | re.MULTILINE) for p in patterns]
         for pattern in patterns:
             factors = [f for f in required_literals(pattern) if min(map(len, f)) >= 2]
             if not factors:
@@ -123,12 +125,12 @@ class SecretScanner:
         for pattern in self._ungated:
             for m in pattern.finditer(joined):
                 i = bisect_right(starts, m.start()) - 1
-                _mark(hits[i], texts[i], m.start() - starts[i], m.end() - starts[i])
+                _mark(hits[i], texts[i], m.start() - starts[i], m.end() - starts[i], pattern)
         for gate, pattern in self._gated:
             candidates = {bisect_right(fstarts, m.start()) - 1 for m in gate.finditer(folded)}
             for i in candidates:
                 for m in pattern.finditer(texts[i]):
-                    _mark(hits[i], texts[i], m.start(), m.end())
+                    _mark(hits[i], texts[i], m.start(), m.end(), pattern)
         return [sorted(h) for h in hits]
 
     def find_many(self, texts: list[str]) -> list[list[Finding]]:
@@ -195,9 +197,19 @@ def _offsets(texts: list[str], sep_len: int) -> list[int]:
     return starts
 
 
-def _mark(lines: set[int], text: str, start: int, end: int) -> None:
+def _mark(lines: set[int], text: str, start: int, end: int, pattern: re.Pattern[str]) -> None:
+    """Mark the lines a match touches. A match that runs over several lines (several plugin regexes
+    let `[^\\v...]` cross newlines; in Python `\\v` is only the vertical tab) marks only those of its
+    lines the regex matches on their own, which is how detect-secrets will see them."""
     first = text.count("\n", 0, start)
-    lines.update(range(first, first + text.count("\n", start, end) + 1))
+    span = text.count("\n", start, end)
+    if span == 0:
+        lines.add(first)
+        return
+    begin = text.rfind("\n", 0, start) + 1
+    for j, line in enumerate(text[begin:].split("\n", span + 1)[: span + 1]):
+        if pattern.search(line):
+            lines.add(first + j)
 
 
 def _whole_tokens(value: str, line: str) -> list[str]:

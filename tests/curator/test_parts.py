@@ -1,0 +1,186 @@
+"""Table-driven tests of the curator's parts: rules, the secrets prefilter, MinHash, git reading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+from detect_secrets.core.scan import _process_line_based_plugins
+from detect_secrets.settings import default_settings
+
+from academyd.curator import git as gitsrc
+from academyd.curator.dedup import Deduper, Signer, normalize, shingle_hashes
+from academyd.curator.rules import commit_message_reason, is_successful_lesson, is_successful_task, trivial_reason
+from academyd.curator.secrets import SecretScanner
+from academyd.curator.split import assign
+from fixtures.curator import PRIVATE_KEY, SECRETS, GitRepo, Words, secret_texts
+
+
+@pytest.mark.parametrize(
+    ("result", "metadata", "expected"),
+    [
+        ("Sukces: zadanie wykonane", {}, True),
+        ("SUKCES", {}, True),
+        ("all good ✅", {}, True),
+        ("Brak sukcesu, timeout", {}, False),
+        ("nie było sukcesu", {}, False),
+        ("sukces częściowy ❌ test failed", {}, False),
+        ("Błąd: timeout", {}, False),
+        ("done", {"success": True}, True),
+        ("done", {"success": "tak"}, True),
+        ("done", {"outcome": "success"}, True),
+        ("done", {"success": False}, False),
+        ("", None, False),
+    ],
+)
+def test_lesson_success_rule(result: str, metadata: dict | None, expected: bool) -> None:
+    assert is_successful_lesson(result, metadata) is expected
+
+
+@pytest.mark.parametrize(("status", "expected"), [("COMPLETED", True), ("completed ", True), ("DONE", True),
+                                                   ("FAILED", False), ("LOST", False), ("", False), (None, False)])
+def test_task_success_rule(status: str | None, expected: bool) -> None:
+    assert is_successful_task(status) is expected
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("Add retry with backoff to the fetcher", None),
+        ("Merge branch 'feature' into main", "message_merge"),
+        ("Merge pull request #12 from venom/x", "message_merge"),
+        ("WIP planner", "message_wip"),
+        ("fixup! Add retry", "message_wip"),
+        ("Bump version to 1.2.3", "message_version_bump"),
+        ("chore(release): 2.0.0", "message_version_bump"),
+        ("v1.4.0", "message_version_bump"),
+        ("bump lodash from 4.17.20 to 4.17.21", "message_version_bump"),
+        ("https://github.com/venom/venom/pull/42", "message_url_only"),
+        ("fix", "message_too_short"),
+        ("fix the bug", None),
+        ("Add a very long message " + "word " * 300, "message_too_long"),
+        ("", "message_empty"),
+    ],
+)
+def test_commit_message_filters(message: str, reason: str | None) -> None:
+    assert commit_message_reason(message, min_chars=10, max_chars=1000, min_words=3) == reason
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"a": "A real situation here", "b": "a real action taken"}, None),
+        ({"a": "", "b": "x" * 30}, "empty"),
+        ({"a": "   ", "b": "x" * 30}, "empty"),
+        ({"a": "TODO", "b": "x" * 30}, "placeholder"),
+        ({"a": "Lorem ipsum dolor sit amet", "b": "x" * 30}, "placeholder"),
+        ({"a": "...", "b": "x" * 30}, "placeholder"),
+        ({"a": "Hi", "b": "Go"}, "too_short"),
+    ],
+)
+def test_trivial_content(fields: dict, reason: str | None) -> None:
+    assert trivial_reason(fields, 20) == reason
+
+
+def test_every_planted_secret_kind_is_found_and_redacted() -> None:
+    scanner = SecretScanner()
+    with scanner.session():
+        for kind, text in secret_texts().items():
+            cleaned, types, ok = scanner.clean(text)
+            assert ok and types, kind
+            for value in [*SECRETS.values(), *PRIVATE_KEY.splitlines()[1:-1]]:
+                assert value not in cleaned, (kind, value)
+        assert scanner.clean("Refactored the planner loop and added tests")[1] == {}
+
+
+def test_prefilter_never_hides_a_line_detect_secrets_flags() -> None:
+    """Every line detect-secrets flags when it scans *all* lines is also a line the prefilter passes."""
+    w = Words(1)
+    lines = [*(t for v in secret_texts().values() for t in v.splitlines())]
+    lines += [
+        'db_password = "Xk29fLq0pZ"', "api_key: 9f8e7d6c5b4a39281706", "sk_live_" + "a1B2c3D4e5F6g7H8i9J0k1L2",
+        "xoxb-123456789012-123456789012-abcdefghijklmnopqrstuvwx", 'secret = "c2VjcmV0LXZhbHVlLWZvci10ZXN0aW5n"',
+        "hash = 'deadbeefcafebabe0123456789abcdef'", "npm_token=npm_" + "a" * 36, "server at 8.8.8.8 port 53",
+        "PASSWORD=hunter2hunter2", "contraseña = Lima2024!", "SG." + "a" * 22 + "." + "b" * 43,
+    ]
+    lines += [w.sentence(12) for _ in range(200)]
+    text = "\n".join(lines)
+    scanner = SecretScanner()
+    with scanner.session():
+        flagged_all = {s.line_number - 1 for s in _process_line_based_plugins(list(enumerate(lines, 1)), "example.yaml")}
+        suspects = set(scanner.suspect_lines([text])[0])
+    assert len(flagged_all) >= 12
+    assert flagged_all <= suspects
+    assert len(suspects) < len(lines) // 2  # and it does skip the harmless prose
+
+
+def test_our_signatures_are_datasketch_minhashes() -> None:
+    signer = Signer(64, 5)
+    texts = ["hello world, this is the curator", "ab", "zażółć gęślą jaźń ✅", ""]
+    sigs = signer.sign([normalize(t) for t in texts])
+    for text, sig in zip(texts, sigs, strict=True):
+        m = MinHash(num_perm=64, seed=1, hashfunc=lambda x: x)
+        m.update_batch(shingle_hashes(normalize(text), 5).tolist())
+        assert np.array_equal(m.hashvalues, sig)
+
+
+def test_dedup_is_order_stable_and_exact_about_the_threshold() -> None:
+    w = Words(2)
+    base = [w.sentence(40) for _ in range(50)]
+    words = base[0].split()
+    near = " ".join(words[:-2] + ["odmienione", "słowa"])  # a few shingles differ: J >= 0.8
+    far = " ".join(words[: len(words) // 2]) + " " + w.sentence(20)  # half shared: J < 0.8
+    d = Deduper(threshold=0.8, num_perm=64, k=5)
+    first = d.run([f"k{i}" for i in range(50)], base)
+    assert all(v.kept for v in first)
+    later = d.run(["near", "far", "exact"], [near, far, base[1].upper()])
+    assert [(v.reason, v.duplicate_of) for v in later] == [("near_duplicate", "k0"), (None, None), ("exact_duplicate", "k1")]
+    assert later[0].similarity >= 0.8
+
+
+def test_split_remembers_and_stratifies() -> None:
+    keys = {"lesson": [f"lesson:{i}" for i in range(200)], "task": [f"task:{i}" for i in range(12)]}
+    split, why = assign(keys, 0.1, {})
+    held = {k for k, s in split.items() if s == "heldout"}
+    assert 8 <= sum(k.startswith("lesson") for k in held) <= 35
+    assert any(k.startswith("task") for k in held)
+    remembered = {k: s for k, s in split.items()}
+    again, why2 = assign(keys, 0.01, remembered)
+    assert again == split and set(why2.values()) == {"remembered"}
+
+
+def test_git_reads_in_batches_and_knows_what_exists(tmp_path: Path) -> None:
+    repo = GitRepo(tmp_path / "r")
+    a = repo.commit("Add the first module of the agent", {"a.py": "print('a')\n"})
+    big = repo.commit("Add a large table for the tokenizer", {"t.txt": "x" * 10_000 + "\n"})
+    repo.git("checkout", "-q", "-b", "side")
+    s = repo.commit("Add the side module for the agent", {"s.py": "print('s')\n"})
+    repo.git("checkout", "-q", "main")
+    m = repo.commit("Add the main module for the agent", {"m.py": "print('m')\n"})
+    merge = repo.merge("side", "Merge branch 'side'")
+    assert gitsrc.commit_available(repo.path, a) and gitsrc.commit_available(repo.path, a[:8])
+    assert not gitsrc.commit_available(repo.path, "f" * 40)
+    assert not gitsrc.commit_available(tmp_path / "nothing", a)
+    with gitsrc.open_repo(repo.path) as r:
+        full = gitsrc.existing_commits(r, [a[:10], big, "e" * 40, merge])
+        assert full == {a[:10]: a, big: big, merge: merge}
+        got = {c.sha: c for c in gitsrc.read_commits(r, [a, big, merge, s, m], cap=3000)}
+        history = list(gitsrc.walk_history(r))
+    assert got[a].message == "Add the first module of the agent" and "+print('a')" in got[a].diff
+    assert got[big].diff_chars > 10_000 and len(got[big].diff) <= 3001
+    assert got[merge].is_merge and not got[s].is_merge
+    assert [h.sha for h in history][0] == a and len(history) == 5
+    with pytest.raises(gitsrc.RepoNotAllowed, match="not in the allowlist"):
+        gitsrc.resolve_repo({"venom": repo.path}, "other")
+
+
+def test_detect_secrets_verification_is_off_inside_a_session() -> None:
+    """Verifying a secret would send it to its provider: never from the curator."""
+    from detect_secrets.settings import get_settings
+
+    with SecretScanner().session():
+        assert "detect_secrets.filters.common.is_ignored_due_to_verification_policies" not in get_settings().filters
+    with default_settings():
+        pass
