@@ -1,0 +1,150 @@
+"""Trainer throughput: Unsloth backend vs the transformers+peft fallback, same model, data and spec.
+
+    .venv/bin/python bench/bench_trainer.py [--repeat 3] [--steps 60] [--threads 1] [--json OUT]
+    .venv/bin/python bench/bench_trainer.py --gpu      # a ~1B-parameter random-init Llama on CUDA
+
+Each backend runs as a real trainer process (`python -m academyd.trainer`) in .venv-trainer; the numbers
+come from the trainer's own summary.json: tokens/s of training (non-pad tokens fed / training time), peak
+resident memory, peak GPU memory, final and held-out losses. Runs alternate backends (u, p, u, p, ...) so
+load from other work on the machine hits both alike; the median of the repeats is reported, with the
+ratio unsloth / peft. The device is the one the trainer reports, so a --gpu run that found no GPU says
+so and stops instead of printing CPU numbers as GPU ones.
+
+CPU runs use one torch thread by default: on a shared 2-core machine two threads fighting other work for a
+core run ~10x slower and the comparison becomes noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("red blue green yellow black white cat dog bird fish horse cow apple pear plum grape lemon "
+         "one two three four five six seven eight nine ten").split()
+
+# ~1B parameters: 20 layers x (4 x 2048^2 attention + 3 x 2048 x 5632 MLP) = 1.03e9.
+GPU_MODEL = ["--hidden", "2048", "--layers", "20", "--heads", "16", "--intermediate", "5632", "--vocab-size", "4096"]
+
+
+def trainer_python() -> Path:
+    py = REPO / ".venv-trainer" / "bin" / "python"
+    if not py.is_file():
+        sys.exit(f"{py} is missing: run `make trainer-env` first")
+    return py
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": str(REPO)}
+    e.pop("VIRTUAL_ENV", None)
+    return e
+
+
+def build_model(out: Path, extra: list[str]) -> dict[str, Any]:
+    proc = subprocess.run([str(trainer_python()), "-m", "academyd.trainer.tiny", str(out), *extra],
+                          env=env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"building the model failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def write_data(directory: Path, n_train: int, n_heldout: int) -> tuple[Path, Path]:
+    """Reverse 3 to 12 words: learnable, and long enough for throughput to mean something."""
+    rng = random.Random(0)
+    paths = []
+    for name, n in (("train", n_train), ("heldout", n_heldout)):
+        lines = []
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 12))]
+            lines.append(json.dumps({"instruction": "Reverse the words.", "input": " ".join(words),
+                                     "output": " ".join(reversed(words))}))
+        path = directory / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def run_backend(work: Path, tag: str, spec: dict[str, Any]) -> dict[str, Any]:
+    out = work / tag
+    spec = {**spec, "output_dir": str(out)}
+    spec_path = work / f"{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([str(trainer_python()), "-m", "academyd.trainer", str(spec_path)], env=env(),
+                          capture_output=True, text=True)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    if proc.returncode != 0:
+        sys.exit(f"{tag} failed ({proc.returncode}): {events[-1] if events else ''}\n{proc.stderr[-3000:]}")
+    start = next(e for e in events if e["type"] == "start")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"device": start["device"], **{k: summary[k] for k in (
+        "backend", "tokens_per_s", "train_tokens", "train_duration_s", "peak_rss_mb", "peak_gpu_mb",
+        "final_loss", "base_heldout_loss", "adapter_heldout_loss", "steps")}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gpu", action="store_true", help="~1B-param model on CUDA (needs a GPU trainer env)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 60 CPU, 30 GPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    a = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        work = Path(tmp)
+        model = build_model(work / "model", GPU_MODEL if a.gpu else ["--seed", "0"])
+        train, heldout = write_data(work, 400, 40)
+        spec = {
+            "base_model": model["path"], "dataset_path": str(train), "heldout_path": str(heldout),
+            "format": "alpaca", "seed": 1, "max_steps": a.steps or (30 if a.gpu else 60),
+            "cpu_threads": None if a.gpu else a.threads,
+            "hyperparameters": {"learning_rate": 2e-4 if a.gpu else 2e-3, "batch_size": 8, "max_length": 256,
+                                "logging_steps": 10, "save_steps": 1000, "adjust": False},
+        }
+        runs: dict[str, list[dict[str, Any]]] = {"unsloth": [], "peft": []}
+        for i in range(a.repeat):
+            for backend in ("unsloth", "peft"):
+                r = run_backend(work, f"{backend}-{i}", {**spec, "backend": backend})
+                if a.gpu and not r["device"].startswith("cuda"):
+                    sys.exit(f"--gpu asked, but the trainer ran on {r['device']}: no CUDA in .venv-trainer/this machine")
+                runs[backend].append(r)
+                print(f"  run {i + 1}/{a.repeat} {backend:7s} {r['tokens_per_s']:9.0f} tok/s "
+                      f"rss {r['peak_rss_mb']:6.0f} MB  loss {r['final_loss']:.3f}", file=sys.stderr)
+
+    def med(backend: str, key: str) -> float | None:
+        values = [r[key] for r in runs[backend] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    device = runs["unsloth"][0]["device"]
+    print(f"trainer bench: {'~1B' if a.gpu else 'tiny'} Llama ({model['parameters'] / 1e6:.1f} M params), "
+          f"{spec['max_steps']} steps x batch 8, device {device}, median of {a.repeat}")
+    print(f"{'backend':8s} {'tokens/s':>10s} {'peak RSS MB':>12s} {'peak GPU MB':>12s} {'final loss':>11s} "
+          f"{'held-out base -> adapter':>26s}")
+    result: dict[str, Any] = {"device": device, "parameters": model["parameters"], "repeat": a.repeat,
+                              "steps": spec["max_steps"], "backends": {}}
+    for backend in ("unsloth", "peft"):
+        row = {k: med(backend, k) for k in ("tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "final_loss",
+                                            "base_heldout_loss", "adapter_heldout_loss", "train_duration_s")}
+        result["backends"][backend] = {**row, "runs": runs[backend]}
+        gpu = f"{row['peak_gpu_mb']:12.0f}" if row["peak_gpu_mb"] is not None else f"{'-':>12s}"
+        print(f"{backend:8s} {row['tokens_per_s']:10.0f} {row['peak_rss_mb']:12.0f} {gpu} {row['final_loss']:11.3f} "
+              f"{row['base_heldout_loss']:12.3f} -> {row['adapter_heldout_loss']:.3f}")
+    ratio = result["backends"]["unsloth"]["tokens_per_s"] / result["backends"]["peft"]["tokens_per_s"]
+    mem_ratio = result["backends"]["unsloth"]["peak_rss_mb"] / result["backends"]["peft"]["peak_rss_mb"]
+    result["ratio_tokens_per_s"] = ratio
+    result["ratio_peak_rss"] = mem_ratio
+    print(f"ratio unsloth/peft: tokens/s x{ratio:.2f}, peak RSS x{mem_ratio:.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
