@@ -98,7 +98,11 @@ class Bus:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def connect(self, url: str) -> None:
+    async def connect(self, url: str, timeout: float = 20.0) -> None:
+        """Connect, retrying while the server comes up; an authorization error fails at once."""
+        refused: list[str] = []
+        connecting: asyncio.Task[Client] | None = None
+
         async def on_disconnect() -> None:
             self.connected.clear()
             log.warning("nats_disconnected")
@@ -108,20 +112,27 @@ class Bus:
             log.info("nats_reconnected")
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats_error", error=str(exc))
+            text = str(exc)
+            log.warning("nats_error", error=text)
+            if "authorization" in text.lower() or "authentication" in text.lower():
+                refused.append(text)
+                if connecting is not None and self.nc is None:
+                    connecting.cancel()
 
+        connecting = asyncio.create_task(nats.connect(
+            **connect_options(self.cfg, url),
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        ))
         try:
-            self.nc = await nats.connect(
-                **connect_options(self.cfg, url),
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                error_cb=on_error,
-            )
-        except Exception as exc:
+            self.nc = await asyncio.wait_for(connecting, timeout)
+        except (asyncio.CancelledError, TimeoutError, Exception) as exc:
+            why = refused[0] if refused else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             raise BusError(
-                f"cannot connect to NATS at {url}: {exc}. Check nats.url and the credentials "
+                f"cannot connect to NATS at {url}: {why}. Check nats.url and the credentials "
                 "(user/password, token, creds_file, TLS), or unset nats.url to use the embedded server."
-            ) from exc
+            ) from None
         self.js = self.nc.jetstream(timeout=10)
         self.connected.set()
 
@@ -138,7 +149,10 @@ class Bus:
                 await self.nc.flush(timeout=2)
             except Exception:
                 pass
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except Exception as exc:  # a transport the server already dropped (TLS) can fail to close
+                log.debug("nats_close_failed", error=repr(exc))
 
     # ------------------------------------------------------------ streams
 
