@@ -1,0 +1,206 @@
+"""What the page shows, read from the store, the data directory and the live feed, as plain JSON values.
+
+The curator's `datasets` table and the arena's registry land on their own schedule; each view says
+"not available" instead of failing when its source is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from academyd.dashboard.live import LiveFeed
+from academyd.settings import Settings
+from academyd.store import Store, parse_iso
+
+MAX_CHART_POINTS = 2000
+# Approximate tokens (words and punctuation), the curator manifest's own measure.
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+LENGTH_BINS = (0, 64, 128, 256, 512, 1024, 2048)
+_HIST_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _table_exists(store: Store, name: str) -> bool:
+    return bool(store.scalar("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)))
+
+
+def _plain(value: Any) -> Any:
+    """A registry entry (dict, dataclass or pydantic model) as JSON-ready data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------- runs and loss
+
+
+def runs(store: Store, settings: Settings, feed: LiveFeed, limit: int = 20) -> list[dict[str, Any]]:
+    out = []
+    for r in store.recent_runs(limit):
+        try:
+            r["detail"] = json.loads(r.get("detail") or "{}")
+        except ValueError:
+            r["detail"] = {}
+        start, end = parse_iso(r.get("started_at")), parse_iso(r.get("ended_at"))
+        r["duration_s"] = (end - start).total_seconds() if start and end else None
+        r["live_points"] = len(feed.progress.get(r["run_id"], ()))
+        r["has_loss"] = bool(r["live_points"]) or _loss_file(settings, r) is not None
+        out.append(r)
+    return out
+
+
+def _loss_file(settings: Settings, run: dict[str, Any]) -> Path | None:
+    """Where an earlier run's loss curve lives: the registry's copy, else the trainer's output dir."""
+    candidates = []
+    if run.get("version"):
+        candidates.append(settings.models_dir / str(run["version"]) / "loss.jsonl")
+    run_dir = settings.runs_dir / str(run["run_id"])
+    candidates.append(run_dir / "loss.jsonl")
+    if run_dir.is_dir():
+        candidates.extend(sorted(run_dir.glob("*/loss.jsonl")))
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def loss_points(store: Store, settings: Settings, feed: LiveFeed, run_id: str) -> dict[str, Any] | None:
+    run = store.get_run(run_id)
+    live = feed.points(run_id)
+    if run is None and not live:
+        return None
+    points: list[dict[str, Any]] = []
+    source = "none"
+    path = _loss_file(settings, run) if run else None
+    if path is not None:
+        source = str(path)
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                p = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if isinstance(p, dict) and isinstance(p.get("step"), (int, float)):
+                points.append(p)
+    if len(live) > len(points):  # the live ring knows more (the run is going on now)
+        points, source = live, "live"
+    return {"run_id": run_id, "state": run["state"] if run else None, "source": source,
+            "points": _thin(points, MAX_CHART_POINTS)}
+
+
+def _thin(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    if len(points) <= limit:
+        return points
+    stride = len(points) / limit
+    kept = [points[int(i * stride)] for i in range(limit - 1)]
+    return [*kept, points[-1]]
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def datasets(store: Store, limit: int = 5) -> dict[str, Any]:
+    if not _table_exists(store, "datasets"):
+        return {"available": False, "datasets": []}
+    rows = store.conn.execute(
+        "SELECT dataset_id, run_id, created_at, format, path, heldout_path, manifest_path, content_hash,"
+        " examples, heldout, counts, dropped, refused, manifest FROM datasets"
+        " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    out = []
+    for row in rows:
+        d = dict(row)
+        manifest = _json(d.pop("manifest"), {})
+        d["counts"] = _json(d["counts"], {})
+        d["dropped"] = _json(d["dropped"], {})
+        d["replay"] = manifest.get("replay", 0)
+        d["tokens"] = manifest.get("tokens")
+        d["length_histogram"] = {
+            "unit": "approx. tokens (words and punctuation)",
+            "bins": list(LENGTH_BINS),
+            "train": None,  # filled by `histogram` (file reads, off the event loop)
+            "heldout": None,
+        }
+        out.append(d)
+    return {"available": True, "datasets": out}
+
+
+def _json(text: str | None, default: Any) -> Any:
+    try:
+        return json.loads(text) if text else default
+    except ValueError:
+        return default
+
+
+_hist_cache: dict[tuple[str, int, int], list[int]] = {}
+
+
+def histogram(path: str | None) -> list[int] | None:
+    """Counts of examples per length bin (LENGTH_BINS lower edges; the last bin is open)."""
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    if st.st_size > _HIST_MAX_BYTES:
+        return None
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if key not in _hist_cache:
+        counts = [0] * len(LENGTH_BINS)
+        with p.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                n = len(_TOKEN.findall(line))
+                idx = max(i for i, lo in enumerate(LENGTH_BINS) if n >= lo)
+                counts[idx] += 1
+        if len(_hist_cache) > 32:
+            _hist_cache.clear()
+        _hist_cache[key] = counts
+    return _hist_cache[key]
+
+
+# ---------------------------------------------------------------- models
+
+
+def models(app: Any) -> dict[str, Any]:
+    """The registry's versions (a tree through parent versions) and the champion."""
+    try:
+        from academyd.registry import Registry
+    except ModuleNotFoundError as exc:
+        if exc.name != "academyd.registry":
+            raise
+        return {"available": False, "models": [], "champion": None}
+    registry = Registry(app.store, app.settings)
+    versions = [_plain(v) for v in registry.list()]
+    champion = _plain(registry.champion())
+    if isinstance(champion, dict):
+        champion = champion.get("version")
+    return {"available": True, "models": versions, "champion": champion}
+
+
+# ---------------------------------------------------------------- DLQ
+
+
+def dlq(store: Store, limit: int = 50) -> list[dict[str, Any]]:
+    try:
+        rows = store.recent_dlq(limit)
+    except sqlite3.OperationalError:
+        return []
+    for r in rows:
+        excerpt = r.get("excerpt") or ""
+        r["excerpt"] = excerpt[:400] + ("…" if len(excerpt) > 400 else "")
+    return rows
