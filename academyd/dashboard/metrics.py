@@ -178,11 +178,14 @@ def _le(bound: float) -> str:
 
 
 def _evaluations_by_verdict(store: Any) -> dict[str, int] | None:
-    """Durable verdict counts when the arena keeps an `evaluations` table with a `verdict` column."""
-    cols = [r[1] for r in store.conn.execute("PRAGMA table_info(evaluations)").fetchall()]
+    """Durable verdict counts from the registry (each version keeps its arena verdict); None without one."""
+    cols = [r[1] for r in store.conn.execute("PRAGMA table_info(models)").fetchall()]
     if "verdict" not in cols:
         return None
-    return dict(store.conn.execute("SELECT verdict, COUNT(*) FROM evaluations GROUP BY verdict").fetchall())
+    return dict(store.conn.execute(
+        "SELECT json_extract(verdict, '$.verdict'), COUNT(*) FROM models WHERE verdict IS NOT NULL"
+        " AND json_valid(verdict) GROUP BY 1"
+    ).fetchall())
 
 
 def make_registry(app: Any, feed: LiveFeed) -> tuple[CollectorRegistry, AcademyCollector]:

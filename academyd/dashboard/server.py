@@ -145,7 +145,8 @@ class WebServer:
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            response = exc
+            exc.headers.update(SECURITY_HEADERS)
+            raise
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
         return response
@@ -298,6 +299,8 @@ class WebServer:
                           "include yet")
         try:
             result = await getattr(pipeline, action)(**kw)
+        except ModuleNotFoundError as exc:
+            return _error(503, f"{action} is not available in this build of academyd ({exc.name} is missing)")
         except (ValueError, KeyError, LookupError) as exc:
             return _error(400, str(exc))
         log.info(f"page_{action}", **{k: v for k, v in kw.items()}, ok=result.get("ok"))

@@ -434,12 +434,21 @@ async function loadDatasets() {
 
 // ------------------------------------------------------------------ models: the genealogy
 
-function metricLine(metrics) {
-  if (!metrics || typeof metrics !== "object") return "";
-  const prefer = ["heldout_loss", "eval_loss", "perplexity", "heldout_perplexity", "loss", "final_loss"];
-  const keys = Object.keys(metrics).filter((k) => typeof metrics[k] === "number");
-  keys.sort((a, b) => (prefer.indexOf(a) + 99) % 99 - (prefer.indexOf(b) + 99) % 99);
-  return keys.slice(0, 3).map((k) => `${k} ${fmtNum(metrics[k])}`).join(" · ");
+function metricLine(m) {
+  // The arena's numbers: held-out loss and perplexity of the candidate (vs the champion it met).
+  const met = m.metrics || {};
+  const held = met.heldout || {};
+  const parts = [];
+  if (typeof held.candidate_loss === "number") {
+    parts.push(`held-out loss ${fmtNum(held.candidate_loss)}` +
+      (typeof held.champion_loss === "number" ? ` vs ${fmtNum(held.champion_loss)}` : ""));
+  }
+  if (typeof held.candidate_perplexity === "number") parts.push(`ppl ${fmtNum(held.candidate_perplexity)}`);
+  if (typeof held.improvement === "number") parts.push(`Δ ${fmtNum(held.improvement, 3)}`);
+  if (!parts.length) {
+    for (const [k, v] of Object.entries(met)) if (typeof v === "number" && parts.length < 3) parts.push(`${k} ${fmtNum(v)}`);
+  }
+  return parts.join(" · ");
 }
 
 function renderModels(res) {
@@ -455,7 +464,7 @@ function renderModels(res) {
   const children = new Map();
   const roots = [];
   for (const m of res.models) {
-    const parent = m.parent_version ?? m.parent ?? null;
+    const parent = m.parent ?? m.parent_version ?? null;
     if (parent && byVersion.has(parent)) {
       if (!children.has(parent)) children.set(parent, []);
       children.get(parent).push(m);
@@ -463,22 +472,23 @@ function renderModels(res) {
   }
   const num = (v) => parseInt(String(v.version).replace(/\D/g, ""), 10) || 0;
   const node = (m) => {
-    const isChamp = m.version === champ || m.champion === true;
-    const verdict = m.verdict || (m.evaluation && m.evaluation.verdict) || null;
-    const st = m.status || m.state || null;
+    const isChamp = m.version === champ || m.is_champion === true;
+    const verdict = m.verdict && typeof m.verdict === "object" ? m.verdict.verdict : (m.verdict || null);
+    const reasons = m.verdict && Array.isArray(m.verdict.reasons) ? m.verdict.reasons.join("\n") : "";
+    const st = m.status || null;
     const promote = h("button", { class: "tiny", "data-version": m.version, disabled: isChamp || !state.canAct || null,
       title: state.canAct ? "make this version the champion" : "read-only: set a token to act",
       onclick: () => promote_(m.version) }, "Promote");
     const li = h("li", { "data-version": m.version },
-      h("div", { class: "node" + (isChamp ? " champion" : "") },
+      h("div", { class: "node" + (isChamp ? " champion" : "") + (st ? " " + st : ""), title: reasons || null },
         h("div", {},
           h("span", { class: "v" }, m.version), " ",
           isChamp ? h("span", { class: "crown" }, "★ champion") : null, " ",
           verdict ? h("span", { class: "state " + verdict }, verdict) : null, " ",
-          st && st !== verdict ? h("span", { class: "state" }, st) : null,
+          st && !isChamp ? h("span", { class: "state " + st }, st) : null,
           h("div", { class: "meta" }, [m.created_at ? fmtTime(m.created_at) : null, m.run_id, m.dataset_id]
             .filter(Boolean).join(" · ")),
-          h("div", { class: "metrics" }, metricLine(m.metrics))),
+          h("div", { class: "metrics" }, metricLine(m))),
         isChamp ? null : promote));
     const kids = (children.get(m.version) || []).sort((a, b) => num(a) - num(b));
     if (kids.length) li.append(h("ul", {}, kids.map(node)));
