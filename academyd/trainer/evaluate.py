@@ -1,11 +1,12 @@
 """Held-out loss on response tokens, per example, for a base model with or without a LoRA adapter.
 
     python -m academyd.trainer.evaluate --base MODEL --data HELDOUT.jsonl [--adapter DIR]
-        [--format alpaca|sharegpt] [--max-length N] [--batch-size N] [--probe]
+        [--format alpaca|sharegpt] [--max-length N] [--batch-size N] [--probe] [--with-base]
 
 Prints one JSON object on stdout:
     {"base", "adapter", "format", "loss" (token-weighted mean NLL), "perplexity", "tokens", "skipped",
-     "examples": [{"index", "loss", "tokens"}], "probe": {...} (with --probe), "device"}
+     "examples": [{"index", "loss", "tokens"}], "probe": {...} (with --probe), "device",
+     "base_result": {the same keys for the base model alone} (with --adapter and --with-base)}
 Exit codes as the trainer's: 0 ok, 2 bad input (missing data/model/adapter), 4 unexpected.
 
 The trainer uses the same functions for the base and adapter losses in summary.json, so the numbers here
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--probe", action="store_true")
+    p.add_argument("--with-base", action="store_true", help="also score the base model (adapter disabled)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     a = p.parse_args(argv)
     try:
@@ -160,9 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         encoded, skipped = encode_all(examples, a.format, tokenizer, a.max_length)
         result: dict[str, Any] = {"base": a.base, "adapter": a.adapter, "format": a.format, "device": device,
                                   "skipped": skipped}
-        result.update(heldout_loss(model, encoded, tokenizer.pad_token_id or 0, batch_size=a.batch_size))
+        pad_id = tokenizer.pad_token_id or 0
+        result.update(heldout_loss(model, encoded, pad_id, batch_size=a.batch_size))
         if a.probe:
             result["probe"] = probe(model, prompt_ids(examples[0], a.format, tokenizer))
+        if a.adapter and a.with_base:
+            with model.disable_adapter():
+                base = heldout_loss(model, encoded, pad_id, batch_size=a.batch_size)
+                if a.probe:
+                    base["probe"] = probe(model, prompt_ids(examples[0], a.format, tokenizer))
+            result["base_result"] = base
     except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into the protocol
         traceback.print_exc()
         out.write(json.dumps({"error": "unexpected", "reason": f"{type(exc).__name__}: {exc}"}) + "\n")

@@ -258,6 +258,8 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     h = S.spec_hash(spec)
     ckpt_dir = out_dir / S.CHECKPOINTS_DIR
     resume_path, resume_step = find_checkpoint(ckpt_dir, h)
+    for stale in out_dir.glob(".adapter.*"):  # an earlier attempt stopped while saving
+        shutil.rmtree(stale, ignore_errors=True)
     if spec.cpu_threads:
         os.environ["OMP_NUM_THREADS"] = str(spec.cpu_threads)
         import torch

@@ -6,6 +6,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +83,14 @@ def test_sharegpt_run_learns(
     assert summary["final_loss"] < 0.5 * summary["first_loss"]
     assert summary["adapter_heldout_loss"] < 0.5 * summary["base_heldout_loss"]
     assert (tmp_path / "run" / S.ADAPTER_DIR / "chat_template.jinja").read_text().startswith("{% for message")
+
+
+def test_evaluate_refuses_a_missing_adapter(trainer_python: Path, tiny_base_model: Path, alpaca_data: Any) -> None:
+    proc = subprocess.run(
+        [str(trainer_python), "-m", "academyd.trainer.evaluate", "--base", str(tiny_base_model),
+         "--adapter", str(tiny_base_model / "no-adapter"), "--data", str(alpaca_data.heldout)],
+        env=trainer_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == S.EXIT_BAD_INPUT
+    out = json.loads(proc.stdout)
+    assert out["error"] == "bad_input" and "adapter_config.json" in out["reason"]

@@ -48,7 +48,7 @@ def assert_adapter_reloads(trainer_python: Path, base: Path, out: Path, data: Da
     assert reloaded["loss"] == pytest.approx(summary["adapter_heldout_loss"], rel=1e-4)
     assert reloaded["probe"]["top_ids"][:5] == summary["probe"]["top_ids"][:5]
     assert reloaded["probe"]["top_logits"] == pytest.approx(summary["probe"]["top_logits"], abs=1e-3)
-    base_only = evaluate_adapter(trainer_python, base, None, data.heldout)
+    base_only = reloaded["base_result"]
     assert base_only["loss"] == pytest.approx(summary["base_heldout_loss"], rel=1e-4)
     assert base_only["probe"]["top_logits"] != pytest.approx(summary["probe"]["top_logits"], abs=1e-3)
 
