@@ -73,7 +73,8 @@ class SecretScanner:
     def __init__(self) -> None:
         self.lines_scanned = 0
         self.texts_flagged = 0
-        self._gated: list[tuple[re.Pattern[str], re.Pattern[str]]] = []  # (gate over folded text, plugin regex)
+        # (gate strings, found in the folded text; plugin regex; every match starts with a gate string)
+        self._gated: list[tuple[frozenset[str], re.Pattern[str], bool]] = []
         self._ungated: list[re.Pattern[str]] = []
         self._scan_everything = False
 
@@ -103,13 +104,12 @@ class SecretScanner:
         # MULTILINE: detect-secrets sees one line at a time, where ^ and $ are line boundaries.
         patterns = [re.compile(p.pattern, p.flags | re.MULTILINE) for p in patterns]
         for pattern in patterns:
-            factors = [f for f in required_literals(pattern) if min(map(len, f)) >= 2]
-            if not factors:
+            plan = best_gate(pattern)
+            if plan is None:
                 self._ungated.append(pattern)
                 continue
-            best = max(factors, key=lambda f: (min(map(len, f)), -len(f)))
-            gate = re.compile("|".join(re.escape(x) for x in sorted(best, key=len, reverse=True)))
-            self._gated.append((gate, pattern))
+            strings, leading = plan
+            self._gated.append((strings, pattern, leading))
 
     def suspect_lines(self, texts: list[str]) -> list[list[int]]:
         """For each text, the (0-based) lines some plugin regex matches: the only lines worth scanning."""
@@ -122,15 +122,42 @@ class SecretScanner:
         folded_texts = [fold(t) for t in texts]
         folded = sep.join(folded_texts)
         fstarts = _offsets(folded_texts, len(sep))
-        for pattern in self._ungated:
+        for pattern in self._ungated:  # few and cheap: over the whole batch at once
             for m in pattern.finditer(joined):
                 i = bisect_right(starts, m.start()) - 1
                 _mark(hits[i], texts[i], m.start() - starts[i], m.end() - starts[i], pattern)
-        for gate, pattern in self._gated:
-            candidates = {bisect_right(fstarts, m.start()) - 1 for m in gate.finditer(folded)}
-            for i in candidates:
-                for m in pattern.finditer(texts[i]):
-                    _mark(hits[i], texts[i], m.start(), m.end(), pattern)
+        lines_of: dict[int, tuple[list[str], list[int], bool]] = {}
+        positions: dict[frozenset[str], list[int]] = {}
+        for gate, pattern, leading in self._gated:
+            # A line can match only if it holds a gate string (casefolding keeps newlines where they
+            # are, so the line number in the folded text is the line number in the text); the regex then
+            # runs on that line alone, as detect-secrets will. When every match starts with a gate string,
+            # it is tried only where one starts (if casefolding kept the text's character positions).
+            done: set[tuple[int, int]] = set()
+            if gate not in positions:  # str.find per string: many times faster than a regex alternation
+                positions[gate] = sorted({p for x in gate for p in _find_all(folded, x)})
+            for pos in positions[gate]:
+                i = bisect_right(fstarts, pos) - 1
+                line_no = folded.count("\n", fstarts[i], pos)
+                if (i, line_no) in done:
+                    continue
+                info = lines_of.get(i)
+                if info is None:
+                    lines = texts[i].split("\n")
+                    line_starts = _offsets(lines, 1)
+                    info = lines_of[i] = (lines, line_starts, len(folded_texts[i]) == len(texts[i]))
+                lines, line_starts, aligned = info
+                if line_no >= len(lines):
+                    continue
+                line = lines[line_no]
+                if leading and aligned:
+                    found = pattern.match(line, pos - fstarts[i] - line_starts[line_no]) is not None
+                else:
+                    found = pattern.search(line) is not None
+                    done.add((i, line_no))
+                if found:
+                    hits[i].add(line_no)
+                    done.add((i, line_no))
         return [sorted(h) for h in hits]
 
     def find_many(self, texts: list[str]) -> list[list[Finding]]:
@@ -189,6 +216,15 @@ class SecretScanner:
         return self.clean_many([text])[0]
 
 
+def _find_all(text: str, needle: str) -> list[int]:
+    """Every start of `needle` in `text`, overlapping ones included."""
+    out, pos = [], text.find(needle)
+    while pos != -1:
+        out.append(pos)
+        pos = text.find(needle, pos + 1)
+    return out
+
+
 def _offsets(texts: list[str], sep_len: int) -> list[int]:
     starts, pos = [], 0
     for t in texts:
@@ -242,6 +278,50 @@ def required_literals(pattern: re.Pattern[str]) -> list[frozenset[str]]:
     except Exception:  # an unknown construct: no gate, the regex always runs
         return []
     return [s for s in _factors(list(tree)) if s and all(s)]
+
+
+def best_gate(pattern: re.Pattern[str]) -> tuple[frozenset[str], bool] | None:
+    """(strings one of which every match contains, whether every match starts with one), or None.
+
+    The strings have >= 2 characters and there are at most 32; a set every match starts with is
+    preferred (the regex then runs only where one starts), else the most selective contained set.
+    """
+    def usable(c: frozenset[str]) -> bool:
+        return bool(c) and min(map(len, c)) >= 2 and len(c) <= 32
+
+    try:
+        leading, _ = _prefixes(list(P.parse(pattern.pattern, pattern.flags)))
+    except Exception:
+        leading = set()
+    starts = frozenset(fold(x) for x in leading)
+    if usable(starts):
+        return starts, True
+    candidates = [c for c in required_literals(pattern) if usable(c)]
+    if not candidates:
+        return None
+    # longer strings are rarer (up to ~4 characters, past which all are rare); fewer strings scan faster
+    return max(candidates, key=lambda c: (min(min(map(len, c)), 4), -len(c))), False
+
+
+def _prefixes(items: list[tuple[object, object]]) -> tuple[set[str], bool]:
+    """(prefixes every match of the sequence starts with one of, whether they cover the whole sequence)."""
+    out = {""}
+    for op, av in items:
+        if op is C.LITERAL:
+            out = {p + chr(av) for p in out}  # type: ignore[arg-type]
+            continue
+        if op is C.SUBPATTERN:
+            sub, complete = _prefixes(list(av[-1]))  # type: ignore[index]
+        elif op is C.BRANCH:
+            parts = [_prefixes(list(alt)) for alt in av[1]]  # type: ignore[index]
+            sub = set().union(*(p for p, _ in parts))
+            complete = all(c for _, c in parts)
+        else:
+            return out, False
+        out = {p + x for p in out for x in sub}
+        if not complete or len(out) > 32:
+            return out, False
+    return out, True
 
 
 def _factors(items: list[tuple[object, object]]) -> list[frozenset[str]]:
