@@ -150,6 +150,50 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # academyd.registry: every adapter version with its genealogy, the `champion` alias, and what
+        # happened to each version (evaluated, promoted, rolled back) in order.
+        "0003_registry",
+        """
+        CREATE TABLE models(
+            version        TEXT PRIMARY KEY,
+            seq            INTEGER NOT NULL UNIQUE,
+            parent         TEXT REFERENCES models(version),
+            run_id         TEXT UNIQUE,
+            base_model     TEXT NOT NULL,
+            dataset_id     TEXT,
+            dataset_hash   TEXT,
+            dataset_format TEXT,
+            heldout_path   TEXT,
+            spec_hash      TEXT,
+            backend        TEXT,
+            packages       TEXT NOT NULL DEFAULT '{}',
+            adapter_path   TEXT NOT NULL,
+            adapter_sha256 TEXT NOT NULL,
+            metrics        TEXT NOT NULL DEFAULT '{}',
+            verdict        TEXT,
+            status         TEXT NOT NULL CHECK(status IN ('candidate','champion','retired','rejected')),
+            created_at     TEXT NOT NULL,
+            evaluated_at   TEXT,
+            promoted_at    TEXT,
+            artifacts      TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE UNIQUE INDEX models_one_champion ON models(status) WHERE status='champion';
+        CREATE TABLE model_aliases(
+            alias      TEXT PRIMARY KEY,
+            version    TEXT REFERENCES models(version),
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE model_history(
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            version TEXT NOT NULL REFERENCES models(version),
+            action  TEXT NOT NULL,
+            reason  TEXT NOT NULL,
+            at      TEXT NOT NULL
+        );
+        CREATE INDEX model_history_version ON model_history(version, id);
+        """,
+    ),
 ]
 
 

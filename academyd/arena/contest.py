@@ -1,0 +1,124 @@
+"""The arena's daemon side: run the measurement in the trainer's environment, ask the judge, apply the gate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from academyd.arena.gate import Verdict, decide
+from academyd.arena.judge import JudgeError, judge
+from academyd.settings import Settings
+
+log = structlog.get_logger("academyd.arena")
+
+GENERAL_SET = Path(__file__).parent / "data" / "general.jsonl"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ArenaError(Exception):
+    """The measurement could not run or failed; the message says why and what to do."""
+
+
+def trainer_python(settings: Settings) -> Path:
+    from academyd.habitat.process import default_trainer_python
+
+    return Path(settings.training.trainer_python or default_trainer_python())
+
+
+def trainer_env() -> dict[str, str]:
+    """The environment of a trainer-side process: the `academyd` package importable, nothing else leaked."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+async def run_trainer_module(
+    settings: Settings, module: str, args: list[str], *, time_limit_s: float, what: str
+) -> dict[str, Any]:
+    """Run `<trainer-python> -m module args...` (its own process group), time-limited; return its JSON line.
+
+    Raises ArenaError with the tool's own reason (bad input, a crash with the tail of stderr, a timeout).
+    """
+    py = trainer_python(settings)
+    if not py.is_file():
+        raise ArenaError(f"trainer environment not found: {py} does not exist; run `make trainer-env` "
+                         "(or set training.trainer_python / ACADEMY_TRAINING__TRAINER_PYTHON)")
+    proc = await asyncio.create_subprocess_exec(
+        str(py), "-m", module, *args, env=trainer_env(), start_new_session=True,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=time_limit_s)
+    except (TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise ArenaError(f"{what} took longer than {time_limit_s:g} s and was stopped "
+                         "(raise arena.eval_time_limit_s or lower arena.generation_sample)") from None
+    lines = [ln for ln in stdout.decode(errors="replace").splitlines() if ln.strip()]
+    try:
+        result = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        result = {}
+    if proc.returncode != 0 or "error" in result or not result:
+        reason = result.get("reason") or stderr.decode(errors="replace").strip()[-2000:] or "no output"
+        raise ArenaError(f"{what} failed (exit {proc.returncode}): {reason}")
+    return result
+
+
+async def evaluate(
+    settings: Settings,
+    *,
+    candidate_adapter: Path,
+    champion_adapter: Path | None,
+    base_model: str,
+    heldout_path: Path,
+    format: str,
+    out_dir: Path,
+    champion: str | None = None,
+    http_session: aiohttp.ClientSession | None = None,
+) -> Verdict:
+    """Candidate against champion (the base model when `champion_adapter` is None).
+
+    Runs `academyd.arena.measure` in the trainer's environment (held-out loss per example, the general set,
+    generation on a sample), asks the judge when `arena.judge_url` and `arena.judge_model` are set, and
+    applies the gate (`academyd.arena.gate.decide`). Writes `measure.json` and `verdict.json` into
+    `out_dir`. `champion` is the champion's version name, for the reasons. Raises ArenaError when the
+    measurement cannot be made (the verdict is then unknown, not a rejection).
+    """
+    arena = settings.arena
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = ["--base", base_model, "--candidate", str(candidate_adapter), "--heldout", str(heldout_path),
+            "--general", str(GENERAL_SET), "--format", format, "--generation-sample", str(arena.generation_sample),
+            "--max-new-tokens", str(arena.max_new_tokens), "--seed", str(arena.seed)]
+    if settings.training.max_seq_length:
+        args += ["--max-length", str(settings.training.max_seq_length)]
+    if champion_adapter is not None:
+        args += ["--champion", str(champion_adapter)]
+    if arena.cpu_threads:
+        args += ["--cpu-threads", str(arena.cpu_threads)]
+    log.info("arena.measure", candidate=str(candidate_adapter), champion=champion or "base")
+    measurement = await run_trainer_module(settings, "academyd.arena.measure", args,
+                                           time_limit_s=arena.eval_time_limit_s, what="the arena's measurement")
+    if arena.judge_url and arena.judge_model and measurement.get("generation", {}).get("examples"):
+        try:
+            measurement["judge"] = await judge(measurement["generation"]["examples"], url=arena.judge_url,
+                                               model=arena.judge_model, timeout_s=arena.judge_timeout_s,
+                                               session=http_session)
+        except JudgeError as exc:
+            # The judge is optional evidence: its failure is recorded, not fatal.
+            log.warning("arena.judge_failed", error=str(exc))
+            measurement["judge"] = {"error": str(exc)}
+    (out_dir / "measure.json").write_text(json.dumps(measurement, indent=1))
+    verdict = await asyncio.to_thread(decide, measurement, arena, champion=champion)
+    (out_dir / "verdict.json").write_text(json.dumps(verdict.to_event(), indent=2, default=str))
+    log.info("arena.verdict", promote=verdict.promote, reasons=verdict.reasons)
+    return verdict

@@ -1,0 +1,172 @@
+"""The gate: a pure function from the arena's measurements to a verdict (promote or not, and why).
+
+Rules (all must pass to promote; every rule adds one reason either way):
+
+1. Held-out loss. The improvement is the token-weighted mean of (champion loss - candidate loss) over the
+   held-out examples, both scored on the same tokens (nats per response token). Its 95 % confidence
+   interval comes from a paired bootstrap (`bootstrap_samples` resamples of the examples, percentile
+   interval, seeded). Promote only when the whole interval lies above zero.
+2. Generation. On the generation sample, neither exact match (fraction) nor chrF (sacrebleu's corpus chrF,
+   divided by 100) of the candidate may fall below the champion's by more than `generation_tolerance`.
+3. Forgetting. On the general set shipped with the project, the candidate's loss may not exceed the
+   champion's by more than `forgetting_tolerance` relative to it (0.05: 5 % worse).
+4. Judge (only when measured). Of the sampled questions, the champion's consistent wins (it wins in both
+   answer orders) may not exceed the candidate's by more than `generation_tolerance` x the sample size.
+
+"Champion" is the base model when there is no champion yet. Non-finite losses always reject.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from academyd.settings import ArenaSettings
+
+
+@dataclass
+class Verdict:
+    """The arena's decision. `metrics` holds every number the decision used (see `decide`)."""
+
+    promote: bool
+    reasons: list[str]
+    metrics: dict[str, Any]
+    champion: str | None = None  # the version compared with; None: the base model
+    rules: dict[str, bool] = field(default_factory=dict)
+
+    def to_event(self) -> dict[str, Any]:
+        """The verdict part of `academy.evaluation.finished` (the registry adds ids, version and time)."""
+        return {
+            "verdict": "promote" if self.promote else "reject",
+            "champion": self.champion,
+            "reasons": list(self.reasons),
+            "metrics": {**self.metrics, "rules": dict(self.rules)},
+        }
+
+
+def paired_bootstrap_ci(
+    diffs: list[float], weights: list[float], *, samples: int, seed: int, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(point, low, high) of the weighted mean of paired differences, percentile bootstrap over examples."""
+    d = np.asarray(diffs, dtype=float)
+    w = np.asarray(weights, dtype=float)
+    if d.size == 0 or w.sum() <= 0:
+        raise ValueError("no paired examples to bootstrap")
+    point = float((d * w).sum() / w.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, d.size, size=(samples, d.size))
+    stats = (d[idx] * w[idx]).sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [alpha, 1.0 - alpha])
+    return point, float(low), float(high)
+
+
+def _weighted_loss(rows: list[dict[str, Any]]) -> float:
+    tokens = sum(r["tokens"] for r in rows)
+    return sum(r["loss"] * r["tokens"] for r in rows) / tokens if tokens else float("nan")
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf")
+
+
+def decide(measurement: dict[str, Any], arena: ArenaSettings, *, champion: str | None = None) -> Verdict:
+    """Apply the gate to a measurement (the JSON `academyd.arena.measure` prints, plus `judge` if any).
+
+    `measurement` keys: `heldout` {candidate: [{index, loss, tokens}], champion: [...]},
+    `general` {candidate: [...], champion: [...], base: [...]}, `generation` {n, candidate_exact_match,
+    champion_exact_match, candidate_chrf, champion_chrf}, optional `judge` {n, candidate_wins,
+    champion_wins, ties}.
+    """
+    name = champion or "the base model"
+    reasons: list[str] = []
+    rules: dict[str, bool] = {}
+    metrics: dict[str, Any] = {"champion": champion or "base"}
+
+    # 1. held-out loss, paired by example index
+    cand = {r["index"]: r for r in measurement["heldout"]["candidate"]}
+    champ = {r["index"]: r for r in measurement["heldout"]["champion"]}
+    common = sorted(set(cand) & set(champ))
+    cand_rows = [cand[i] for i in common]
+    champ_rows = [champ[i] for i in common]
+    cand_loss, champ_loss = _weighted_loss(cand_rows), _weighted_loss(champ_rows)
+    held: dict[str, Any] = {
+        "examples": len(common),
+        "tokens": sum(r["tokens"] for r in cand_rows),
+        "candidate_loss": cand_loss,
+        "champion_loss": champ_loss,
+        "candidate_perplexity": _ppl(cand_loss),
+        "champion_perplexity": _ppl(champ_loss),
+    }
+    if not common:
+        rules["heldout"] = False
+        reasons.append("no held-out example could be scored: cannot show an improvement")
+    elif not all(math.isfinite(r["loss"]) for r in cand_rows):
+        rules["heldout"] = False
+        reasons.append("the candidate's held-out loss is not finite (the adapter is broken)")
+    else:
+        diffs = [c["loss"] - k["loss"] for c, k in zip(champ_rows, cand_rows, strict=True)]
+        weights = [k["tokens"] for k in cand_rows]
+        point, low, high = paired_bootstrap_ci(diffs, weights, samples=arena.bootstrap_samples, seed=arena.seed)
+        held.update(improvement=point, ci_low=low, ci_high=high, bootstrap_samples=arena.bootstrap_samples)
+        rules["heldout"] = low > 0
+        if low > 0:
+            reasons.append(f"held-out loss {cand_loss:.4f} vs {champ_loss:.4f} ({name}): improvement {point:.4f} "
+                           f"nats/token, 95% CI [{low:.4f}, {high:.4f}] above zero")
+        else:
+            reasons.append(f"held-out loss {cand_loss:.4f} vs {champ_loss:.4f} ({name}): improvement {point:.4f} "
+                           f"nats/token, 95% CI [{low:.4f}, {high:.4f}] does not lie above zero")
+    metrics["heldout"] = held
+
+    # 2. generation
+    gen = measurement.get("generation") or {}
+    metrics["generation"] = {k: v for k, v in gen.items() if k != "examples"}
+    if gen.get("n"):
+        tol = arena.generation_tolerance
+        em_c, em_k = gen["candidate_exact_match"], gen["champion_exact_match"]
+        chrf_c, chrf_k = gen["candidate_chrf"] / 100.0, gen["champion_chrf"] / 100.0
+        ok_em = em_c >= em_k - tol
+        ok_chrf = chrf_c >= chrf_k - tol
+        rules["exact_match"], rules["chrf"] = ok_em, ok_chrf
+        reasons.append(f"exact match {em_c:.3f} vs {em_k:.3f} on {gen['n']} generations: "
+                       + ("within tolerance" if ok_em else f"regressed by more than {tol}"))
+        reasons.append(f"chrF {chrf_c * 100:.1f} vs {chrf_k * 100:.1f}: "
+                       + ("within tolerance" if ok_chrf else f"regressed by more than {tol * 100:.1f}"))
+    else:
+        reasons.append("generation not measured (generation_sample is 0)")
+
+    # 3. forgetting on the general set
+    general = measurement.get("general") or {}
+    if general.get("candidate") and general.get("champion"):
+        g_c, g_k = _weighted_loss(general["candidate"]), _weighted_loss(general["champion"])
+        rel = (g_c - g_k) / g_k if g_k > 0 else float("inf")
+        ok = math.isfinite(g_c) and rel <= arena.forgetting_tolerance
+        metrics["forgetting"] = {"candidate_loss": g_c, "champion_loss": g_k, "relative_change": rel,
+                                 "examples": len(general["candidate"])}
+        if general.get("base"):
+            metrics["forgetting"]["base_loss"] = _weighted_loss(general["base"])
+        rules["forgetting"] = ok
+        reasons.append(f"general-set loss {g_c:.4f} vs {g_k:.4f} ({rel:+.1%}): "
+                       + ("no forgetting beyond tolerance" if ok
+                          else f"forgets: worse by more than {arena.forgetting_tolerance:.0%}"))
+    else:
+        rules["forgetting"] = False
+        reasons.append("the forgetting check did not run: the general set was not measured")
+
+    # 4. judge
+    judge = measurement.get("judge")
+    if judge and judge.get("n"):
+        margin = judge["champion_wins"] - judge["candidate_wins"]
+        ok = margin <= arena.generation_tolerance * judge["n"]
+        metrics["judge"] = dict(judge)
+        rules["judge"] = ok
+        reasons.append(f"judge: candidate {judge['candidate_wins']} consistent wins, {name} {judge['champion_wins']}, "
+                       f"{judge.get('ties', 0)} ties or inconsistent: " + ("ok" if ok else "the champion is preferred"))
+    elif judge is not None:
+        metrics["judge"] = dict(judge)
+
+    return Verdict(promote=all(rules.values()) and bool(rules), reasons=reasons, metrics=metrics,
+                   champion=champion, rules=rules)

@@ -1,0 +1,180 @@
+"""The arena's measurements, run in the trainer's environment (torch, transformers, peft, sacrebleu).
+
+    python -m academyd.arena.measure --base MODEL --candidate DIR [--champion DIR] --heldout FILE
+        --general FILE [--format alpaca|sharegpt] [--generation-sample N] [--max-new-tokens N]
+        [--seed N] [--cpu-threads N] [--device D]
+
+Loads the base model once, the candidate (and the champion) as named LoRA adapters on it, and prints one
+JSON object on stdout:
+    {"heldout": {"candidate": [{index, loss, tokens}], "champion": [...]},       champion = base if none
+     "general": {"candidate": [...], "champion": [...], "base": [...]},
+     "generation": {"n", "candidate_exact_match", "champion_exact_match", "candidate_chrf",
+                    "champion_chrf", "examples": [{index, prompt, reference, candidate, champion}]},
+     "skipped": {...}, "device": ...}
+Exit codes as the trainer's: 0 ok, 2 bad input, 4 unexpected. The gate itself is `academyd.arena.gate`,
+in the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from academyd.trainer import spec as S
+from academyd.trainer.data import DataError, prompt_ids, read_examples, sharegpt_messages
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split()).strip().lower()
+
+
+def reference_of(ex: dict[str, Any], fmt: str) -> str:
+    """The answer the prompt (`prompt_ids`: everything before the first reply) asks for."""
+    if fmt == "alpaca":
+        return str(ex["output"])
+    return next(m["content"] for m in sharegpt_messages(ex) if m["role"] == "assistant")
+
+
+def question_of(ex: dict[str, Any], fmt: str) -> str:
+    """The request as a person would read it (for the judge)."""
+    if fmt == "alpaca":
+        return str(ex["instruction"]) + (f"\n\n{ex['input']}" if str(ex.get("input", "")).strip() else "")
+    msgs = sharegpt_messages(ex)
+    first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs[:first])
+
+
+def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return str(text).strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from academyd.trainer import _process
+
+    out = _process.prepare()
+    p = argparse.ArgumentParser(prog="python -m academyd.arena.measure", description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--candidate", required=True, type=Path)
+    p.add_argument("--champion", type=Path)
+    p.add_argument("--heldout", required=True, type=Path)
+    p.add_argument("--general", required=True, type=Path)
+    p.add_argument("--format", default="alpaca", choices=S.FORMATS)
+    p.add_argument("--generation-sample", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-threads", type=int)
+    p.add_argument("--device")
+    a = p.parse_args(argv)
+    try:
+        heldout = read_examples(a.heldout, a.format, what="held-out set")
+        general = read_examples(a.general, "alpaca", what="general set")
+        for label, adapter in (("candidate", a.candidate), ("champion", a.champion)):
+            if adapter is not None and not (adapter / "adapter_config.json").is_file():
+                raise DataError(f"{label} adapter {adapter} has no adapter_config.json")
+        if Path(a.base).exists() and not (Path(a.base) / "config.json").is_file():
+            raise DataError(f"base model {a.base} has no config.json")
+    except DataError as exc:
+        out.write(json.dumps({"error": "bad_input", "reason": str(exc)}) + "\n")
+        return S.EXIT_BAD_INPUT
+    try:
+        result = measure(a, heldout, general)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into the protocol
+        traceback.print_exc()
+        out.write(json.dumps({"error": "unexpected", "reason": f"{type(exc).__name__}: {exc}"}) + "\n")
+        return S.EXIT_UNEXPECTED
+    out.write(json.dumps(result) + "\n")
+    return S.EXIT_OK
+
+
+def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+    from sacrebleu.metrics import CHRF
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from academyd.trainer.evaluate import encode_all, heldout_loss
+
+    if a.cpu_threads:
+        torch.set_num_threads(a.cpu_threads)
+    torch.manual_seed(a.seed)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    # Both adapters are trained on the same base; the candidate's saved tokenizer is the one it learnt with.
+    tokenizer = AutoTokenizer.from_pretrained(str(a.candidate))
+    base = AutoModelForCausalLM.from_pretrained(a.base, dtype=dtype).to(device)
+    model = PeftModel.from_pretrained(base, str(a.candidate), adapter_name="candidate")
+    if a.champion is not None:
+        model.load_adapter(str(a.champion), adapter_name="champion")
+    model.eval()
+
+    @contextlib.contextmanager
+    def using(side: str) -> Iterator[None]:
+        if side == "base" or (side == "champion" and a.champion is None):
+            with model.disable_adapter():
+                yield
+        else:
+            model.set_adapter(side)
+            yield
+
+    pad_id = tokenizer.pad_token_id or 0
+    enc_held, skipped_held = encode_all(heldout, a.format, tokenizer, a.max_length)
+    enc_gen, skipped_gen = encode_all(general, "alpaca", tokenizer, a.max_length)
+    result: dict[str, Any] = {"device": device, "format": a.format, "champion_is_base": a.champion is None,
+                              "skipped": {"heldout": skipped_held, "general": skipped_gen},
+                              "heldout": {}, "general": {}}
+    for side in ("candidate", "champion"):
+        with using(side):
+            result["heldout"][side] = heldout_loss(model, enc_held, pad_id, batch_size=a.batch_size)["examples"]
+            result["general"][side] = heldout_loss(model, enc_gen, pad_id, batch_size=a.batch_size)["examples"]
+    if a.champion is None:
+        result["general"]["base"] = result["general"]["champion"]
+    else:
+        with using("base"):
+            result["general"]["base"] = heldout_loss(model, enc_gen, pad_id, batch_size=a.batch_size)["examples"]
+
+    rng = random.Random(a.seed)
+    picks = sorted(rng.sample(range(len(heldout)), min(a.generation_sample, len(heldout))))
+    examples = []
+    for i in picks:
+        ex = heldout[i]
+        ids = prompt_ids(ex, a.format, tokenizer)[-a.max_length:]
+        row: dict[str, Any] = {"index": i, "question": question_of(ex, a.format), "reference": reference_of(ex, a.format)}
+        for side in ("candidate", "champion"):
+            with using(side):
+                row[side] = generate(model, tokenizer, ids, a.max_new_tokens)
+        examples.append(row)
+    gen: dict[str, Any] = {"n": len(examples), "examples": examples}
+    if examples:
+        refs = [e["reference"] for e in examples]
+        for side in ("candidate", "champion"):
+            hyps = [e[side] for e in examples]
+            gen[f"{side}_exact_match"] = sum(normalize(h) == normalize(r) for h, r in zip(hyps, refs, strict=True)) / len(refs)
+            gen[f"{side}_chrf"] = CHRF().corpus_score(hyps, [refs]).score
+    result["generation"] = gen
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
