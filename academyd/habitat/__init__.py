@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import structlog
+
 from academyd.habitat.base import Habitat, HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
 
 if TYPE_CHECKING:
     from academyd.settings import Settings
+
+log = structlog.get_logger("academyd.habitat")
 
 __all__ = ["Habitat", "HabitatError", "JobHandle", "JobResult", "JobStatus", "TrainingJob", "habitat_for"]
 
@@ -16,12 +20,30 @@ def habitat_for(settings: Settings) -> Habitat:
     """The habitat `settings.training.habitat` names; `auto` decides between process and Docker."""
     kind = settings.training.habitat
     if kind == "auto":
-        # The auto rule belongs here. Until the Docker habitat says when it is usable, auto means process.
-        kind = "process"
+        kind = _auto_kind(settings)
     if kind == "docker":
-        from academyd.habitat.docker import DockerHabitat  # the Docker engineer's module, same interface
+        from academyd.habitat.docker import DockerHabitat
 
-        return DockerHabitat.from_settings(settings)  # type: ignore[no-any-return]
+        return DockerHabitat.from_settings(settings)
     from academyd.habitat.process import ProcessHabitat
 
     return ProcessHabitat(trainer_python=settings.training.trainer_python)
+
+
+def _auto_kind(settings: Settings) -> str:
+    """Docker when an engine answers (a quick ping) and holds the configured image; else the process."""
+    from academyd.habitat.docker import engine_answers, image_present
+
+    t = settings.training
+    where = t.docker_url or "DOCKER_HOST/the default socket"
+    if not engine_answers(t.docker_url):
+        log.info("habitat_auto", chosen="process", reason=f"no Docker engine answers at {where}")
+        return "process"
+    if not image_present(t.docker_url, t.docker_image):
+        log.warning("habitat_auto", chosen="process", reason=(
+            f"the Docker engine at {where} answers but has no image {t.docker_image}; build or load it "
+            "there to train in containers"))
+        return "process"
+    log.info("habitat_auto", chosen="docker", reason=f"the Docker engine at {where} answers",
+             image=t.docker_image)
+    return "docker"
