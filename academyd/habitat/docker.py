@@ -35,7 +35,7 @@ import posixpath
 import re
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,19 +134,22 @@ def container_name(run_id: str, output_dir: str) -> str:
     return f"academyd-{slug}-{hashlib.sha256(output_dir.encode()).hexdigest()[:10]}"
 
 
-def mount_plan(spec: S.TrainSpec, *, source_dir: str, extra: Sequence[Mount] = ()) -> list[Mount]:
+def mount_plan(spec: S.TrainSpec, *, source_dir: str, extra: Sequence[Mount] = (),
+               missing: Collection[str] = ()) -> list[Mount]:
     """Every bind mount the trainer needs, at the host's own paths. Pure.
 
     `spec` has absolute paths. The output directory comes first and is the only writable mount; a target
-    named twice is mounted once (the first wins), as Docker refuses duplicate mount points.
+    named twice is mounted once (the first wins), as Docker refuses duplicate mount points. Inputs named in
+    `missing` (not on the host) are left out: Docker would refuse the container, while the trainer reports
+    them as bad input in its own words, as it does in the process habitat.
     """
     out = posixpath.normpath(spec.output_dir)
     package = posixpath.join(posixpath.normpath(source_dir), "academyd")
     wanted = [Mount(out, out, read_only=False), Mount(package, package)]
     for path in (spec.dataset_path, spec.heldout_path):
-        if path:
+        if path and path not in missing:
             wanted.append(Mount(posixpath.normpath(path), posixpath.normpath(path)))
-    if posixpath.isabs(spec.base_model):  # otherwise a hub name, served from a mounted cache
+    if posixpath.isabs(spec.base_model) and spec.base_model not in missing:  # else a hub name (mounted cache)
         base = posixpath.normpath(spec.base_model)
         wanted.append(Mount(base, base))
     wanted.extend(extra)
@@ -161,7 +164,8 @@ def has_nvidia(engine_info: dict[str, Any]) -> bool:
     return "nvidia" in (engine_info.get("Runtimes") or {})
 
 
-def container_config(job: TrainingJob, options: DockerOptions, *, gpu: bool) -> dict[str, Any]:
+def container_config(job: TrainingJob, options: DockerOptions, *, gpu: bool,
+                     missing: Collection[str] = ()) -> dict[str, Any]:
     """Keyword arguments of `client.containers.create` for `job`. Pure.
 
     `job.spec.output_dir` and the spec's paths are absolute; the spec file is `<output_dir>/spec.json`.
@@ -182,7 +186,7 @@ def container_config(job: TrainingJob, options: DockerOptions, *, gpu: bool) -> 
     }
     mounts = [
         DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
-        for m in mount_plan(spec, source_dir=options.source_dir, extra=options.mounts)
+        for m in mount_plan(spec, source_dir=options.source_dir, extra=options.mounts, missing=missing)
     ]
     config: dict[str, Any] = {
         "image": options.image,
@@ -229,8 +233,8 @@ def connect(url: str | None, *, timeout_s: float = 60.0) -> docker.DockerClient:
         return docker.from_env(timeout=int(math.ceil(timeout_s)))
     except DockerException as exc:
         where = url or os.environ.get("DOCKER_HOST", "the default socket")
-        raise HabitatError(f"the Docker engine at {where} does not answer ({exc}); start dockerd, fix training.docker_url, or set "
-                           "training.habitat=process") from None
+        raise HabitatError(f"the Docker engine at {where} does not answer ({exc}); start dockerd, fix "
+                           "training.docker_url, or set training.habitat=process") from None
 
 
 def engine_answers(url: str | None, *, timeout_s: float = 2.0) -> bool:
@@ -365,7 +369,8 @@ class DockerHabitat(ProcessHabitat):
         self._give_output_dir(out, uid, gid)
         try:
             gpu = has_nvidia(await asyncio.to_thread(self.client.info))
-            config = container_config(job, self.options, gpu=gpu)
+            missing = [p for p in inputs if not os.path.exists(p)]
+            config = container_config(job, self.options, gpu=gpu, missing=missing)
             container = await asyncio.to_thread(lambda: self.client.containers.create(**config))
         except DockerException as exc:
             raise HabitatError(f"the Docker engine refused the trainer container: {exc}") from None

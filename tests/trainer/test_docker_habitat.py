@@ -87,6 +87,9 @@ def test_mount_plan(
 ) -> None:
     plan = mount_plan(_spec(**overrides), source_dir="/src/", extra=extra)
     assert [(m.target, m.read_only) for m in plan] == expected
+    # Inputs missing on the host are not mounted (the trainer reports them, not Docker).
+    missing = mount_plan(_spec(**overrides), source_dir="/src/", extra=extra, missing={"/data/heldout.jsonl"})
+    assert [m.target for m in missing] == [t for t, _ in expected if t != "/data/heldout.jsonl"]
     assert [m for m in plan if not m.read_only] == [Mount("/runs/r1", "/runs/r1", read_only=False)]
     if extra:
         assert extra[0].source in {m.source for m in plan}
@@ -257,7 +260,7 @@ async def test_reattach_by_labels_from_a_second_habitat_and_cancel(
     # A restarted daemon: a new client, a new habitat. It finds the job by the engine's labels alone...
     second = _habitat(docker_url, docker_options)
     found = await second.find_jobs()
-    assert [(h.ref, h.run_id) for h in found] == [(handle.ref, "d-2")]
+    assert (handle.ref, "d-2") in [(h.ref, h.run_id) for h in found]
     # ...or by the ref it stored.
     again = await second.reattach(handle.ref)
     assert again is not None and again.run_id == "d-2" and again.output_dir == str(out)
@@ -321,7 +324,55 @@ async def test_start_refuses_what_cannot_work_and_says_why(
 
 
 @pytest.mark.slow
-def test_auto_picks_docker_when_the_engine_answers(docker_url: str, habitat_image: str, tmp_path: Path) -> None:
+async def test_a_job_that_ended_while_no_daemon_watched(
+    docker_url: str, docker_client: docker.DockerClient, docker_options: DockerOptions,
+    make_spec: Callable[..., S.TrainSpec], docker_base_model: Path, tmp_path: Path,
+) -> None:
+    """The trainer's own bad_input verdict (a missing dataset: not mounted) reaches a later habitat."""
+    out = tmp_path / "bad"
+    spec = make_spec(out, base_model=str(docker_base_model), dataset_path=str(tmp_path / "missing.jsonl"))
+    first = _habitat(docker_url, docker_options)
+    handle = await first.start(TrainingJob(spec=spec, run_id="d-7"))
+    await first.close()
+    (container,) = _containers(docker_client, out)
+    assert container.wait(timeout=120)["StatusCode"] == S.EXIT_BAD_INPUT
+
+    second = _habitat(docker_url, docker_options)
+    again = await second.reattach(handle.ref)
+    assert again is not None
+    assert await second.status(again) is JobStatus.FAILED
+    events = [e async for e in second.progress(again)]
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "bad_input"
+    assert "missing.jsonl" in events[-1]["reason"]
+    result = await second.result(again)
+    assert result.status is JobStatus.FAILED and result.error_code == "bad_input"
+    assert result.exit_code == S.EXIT_BAD_INPUT and "missing.jsonl" in (result.reason or "")
+    assert _containers(docker_client, out) == []
+    await second.close()
+
+
+@pytest.mark.slow
+async def test_time_limit_stops_the_container(
+    docker_url: str, docker_client: docker.DockerClient, docker_options: DockerOptions,
+    make_spec: Callable[..., S.TrainSpec], docker_base_model: Path, tmp_path: Path,
+) -> None:
+    out = tmp_path / "slow"
+    habitat = _habitat(docker_url, docker_options)
+    spec = make_spec(out, base_model=str(docker_base_model), backend="peft", **LONG)
+    handle = await habitat.start(TrainingJob(spec=spec, run_id="d-8", time_limit_s=3))
+    events = [e async for e in habitat.progress(handle)]
+    result = await habitat.result(handle)
+    assert result.status is JobStatus.FAILED and result.error_code == "time_limit", result
+    assert "time limit 3 s" in (result.reason or "")
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "time_limit"
+    assert _containers(docker_client, out) == []
+    await habitat.close()
+
+
+@pytest.mark.slow
+def test_auto_picks_docker_when_the_engine_answers(
+    docker_url: str, habitat_image: str, tmp_path: Path
+) -> None:
     def auto(url: str, image: str) -> Any:
         return habitat_for(Settings(training={"habitat": "auto", "docker_url": url, "docker_image": image}))
 
