@@ -172,6 +172,8 @@ def load_backend(spec: S.TrainSpec, hp: S.Hyperparameters, device: str) -> tuple
         bias="none",
         task_type="CAUSAL_LM",
     )
+    # LoRA's A matrices are drawn from torch's global generator: seed it, or two runs of one spec differ.
+    torch.manual_seed(spec.seed)
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:
