@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("red blue green yellow black white cat dog bird fish horse cow apple pear plum grape lemon "
-         "one two three four five six seven eight nine ten").split()
+WORDS = ["red", "blue", "green", "yellow", "black", "white", "cat", "dog", "bird", "fish", "horse", "cow", "apple", "pear", "plum", "grape", "lemon", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 # ~1B parameters: 20 layers x (4 x 2048^2 attention + 3 x 2048 x 5632 MLP) = 1.03e9.
 GPU_MODEL = ["--hidden", "2048", "--layers", "20", "--heads", "16", "--intermediate", "5632", "--vocab-size", "4096"]
@@ -50,7 +49,7 @@ def env() -> dict[str, str]:
 
 def build_model(out: Path, extra: list[str]) -> dict[str, Any]:
     proc = subprocess.run([str(trainer_python()), "-m", "academyd.trainer.tiny", str(out), *extra],
-                          env=env(), capture_output=True, text=True)
+                          env=env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"building the model failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
@@ -78,7 +77,7 @@ def run_backend(work: Path, tag: str, spec: dict[str, Any]) -> dict[str, Any]:
     spec_path = work / f"{tag}.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([str(trainer_python()), "-m", "academyd.trainer", str(spec_path)], env=env(),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     if proc.returncode != 0:
         sys.exit(f"{tag} failed ({proc.returncode}): {events[-1] if events else ''}\n{proc.stderr[-3000:]}")

@@ -165,7 +165,9 @@ class ProcessHabitat:
         env = {**os.environ, **job.env, "PYTHONPATH": str(package_root()), "PYTHONUNBUFFERED": "1"}
         env.pop("VIRTUAL_ENV", None)
         with (out / STDOUT_FILE).open("ab") as so, (out / STDERR_FILE).open("ab") as se:
-            proc = subprocess.Popen(
+            # Popen returns at once. Not asyncio's subprocess: its child watcher reaps for the loop, and a
+            # re-attached habitat must find the same files whether or not it is the parent.
+            proc = subprocess.Popen(  # noqa: ASYNC220
                 ["/bin/sh", "-c", _WRAPPER, str(py), str(spec_path), str(out / EXIT_FILE)],
                 stdin=subprocess.DEVNULL,
                 stdout=so,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -485,7 +486,7 @@ class _ProtocolCallback:
                                 allow_nan=True) + "\n")
         loss = float(loss)
         grad = logs.get("grad_norm")
-        if loss != loss or loss in (float("inf"), float("-inf")) or (grad is not None and grad != grad):
+        if not math.isfinite(loss) or (grad is not None and math.isnan(grad)):
             raise TrainingFailure("loss_nan", f"loss became {loss} at step {state.global_step}; lower "
                                   "hyperparameters.learning_rate, or check the dataset and the base model")
         if self.first_loss is None:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.trainer import TrainerRun, trainer_env
 
 from academyd.trainer import spec as S
-from fixtures.trainer import TrainerRun, trainer_env
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ out.write(json.dumps(res) + "\n")
 
 def test_loss_mask_covers_responses_only(trainer_python: Path, tiny_base_model: Path) -> None:
     proc = subprocess.run([str(trainer_python), "-c", CHECK, str(tiny_base_model)], env=trainer_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     assert res["alpaca"]["text"] == (
@@ -89,7 +89,7 @@ def test_evaluate_refuses_a_missing_adapter(trainer_python: Path, tiny_base_mode
     proc = subprocess.run(
         [str(trainer_python), "-m", "academyd.trainer.evaluate", "--base", str(tiny_base_model),
          "--adapter", str(tiny_base_model / "no-adapter"), "--data", str(alpaca_data.heldout)],
-        env=trainer_env(), capture_output=True, text=True, timeout=120,
+        env=trainer_env(), capture_output=True, text=True, check=False, timeout=120,
     )
     assert proc.returncode == S.EXIT_BAD_INPUT
     out = json.loads(proc.stdout)

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.trainer import REPO, Dataset, TrainerRun, evaluate_adapter, parse_events, trainer_env
 
 from academyd.habitat.base import JobStatus, TrainingJob
 from academyd.habitat.process import ProcessHabitat
 from academyd.trainer import spec as S
-from fixtures.trainer import REPO, Dataset, TrainerRun, evaluate_adapter, parse_events, trainer_env
 
 pytestmark = pytest.mark.slow
 
