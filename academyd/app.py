@@ -290,6 +290,8 @@ class App:
         }
         if self.pipeline is not None:
             out.update(self.pipeline.status())
+        if self.web is not None:
+            out["page_url"] = self.web.url
         return out
 
     def _endpoints(self) -> dict[str, Any]:

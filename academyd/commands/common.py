@@ -50,15 +50,27 @@ def daemon_url(settings: Settings) -> str:
     return f"nats://127.0.0.1:{settings.nats.embedded_port or 4222}"
 
 
+def cli_connect_options(settings: Settings) -> dict[str, Any]:
+    """Connection options for a one-shot CLI client: give up fast and quietly when nobody is there.
+
+    (nats-py's `max_reconnect_attempts=0` means "retry forever" during the first connect, and its default
+    error callback prints a traceback per attempt.)
+    """
+    from academyd.bus import connect_options
+
+    async def quiet(exc: Exception) -> None:
+        return None
+
+    opts = connect_options(settings.nats, daemon_url(settings))
+    opts.update(max_reconnect_attempts=1, reconnect_time_wait=0.1, allow_reconnect=False, connect_timeout=2,
+                error_cb=quiet)
+    return opts
+
+
 async def _request(settings: Settings, subject: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     import nats
 
-    from academyd.bus import connect_options
-
-    url = daemon_url(settings)
-    opts = connect_options(settings.nats, url)
-    opts.update(max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
-    nc = await nats.connect(**opts)
+    nc = await nats.connect(**cli_connect_options(settings))
     try:
         msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
     finally:

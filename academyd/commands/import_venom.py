@@ -57,13 +57,12 @@ def _import(args: argparse.Namespace) -> int:
 async def _publish(settings: Any, events: list[tuple[str, Any]]) -> dict[str, int]:
     import nats
 
-    from academyd.bus import connect_options
     from academyd.commands.common import DaemonUnreachable
 
-    opts = connect_options(settings.nats, daemon_url(settings))
-    opts.update(max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
+    from academyd.commands.common import cli_connect_options
+
     try:
-        nc = await nats.connect(**opts)
+        nc = await nats.connect(**cli_connect_options(settings))
     except Exception as exc:
         raise DaemonUnreachable(f"cannot reach NATS at {daemon_url(settings)}: {exc}") from None
     js = nc.jetstream(timeout=10)

@@ -29,6 +29,26 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar(done: float, total: float, width: int = 20) -> str:
+    frac = max(0.0, min(1.0, done / total)) if total else 0.0
+    full = round(frac * width)
+    return "█" * full + "░" * (width - full) + f" {frac:4.0%}"
+
+
+def _until(when: str | None, now: str | None) -> str:
+    """'now' or 'in 3h 12m (2026-11-25 15:12 UTC)' from the daemon's own clock."""
+    from datetime import datetime
+
+    if not when or not now:
+        return "now"
+    delta = (datetime.fromisoformat(when) - datetime.fromisoformat(now)).total_seconds()
+    if delta <= 0:
+        return "now"
+    h, rem = divmod(int(delta), 3600)
+    left = f"{h}h {rem // 60}m" if h else f"{rem // 60}m {rem % 60}s"
+    return f"in {left} ({datetime.fromisoformat(when):%Y-%m-%d %H:%M} UTC)"
+
+
 def render(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -41,29 +61,41 @@ def render(s: dict[str, Any]) -> None:
         t.add_row(subject, str(counts.get(subject, 0)))
     th = s.get("threshold", {})
     new, need = th.get("new_successful_lessons", 0), th.get("min_lessons", 0)
-    t.add_row("new successful lessons", f"{new} / {need}" + ("  (enough)" if need and new >= need else ""))
+    t.add_row("new successful lessons", f"{new} / {need}  {_bar(new, need)}" + ("  (enough)" if need and new >= need else ""))
     t.add_row("last training ended", str(th.get("last_training_ended") or "never"))
     t.add_row("min interval", f"{th.get('min_interval_h')} h")
     if th.get("quiet_hours"):
-        t.add_row("quiet hours", th["quiet_hours"])
-    t.add_row("next eligible", str(s.get("next_eligible")))
+        t.add_row("quiet hours", f"{th['quiet_hours']} UTC")
+    t.add_row("next eligible", _until(s.get("next_eligible"), s.get("now")))
     d = s.get("decision", {})
-    t.add_row("policy says", ("train: " if d.get("train") else "wait: ") + str(d.get("reason")))
+    t.add_row("policy says", ("[green]train[/]: " if d.get("train") else "[yellow]wait[/]: ") + str(d.get("reason")))
     run = s.get("active_run")
-    t.add_row("active run", f"{run['run_id']} ({run['state']})" if run else "none")
+    live = s.get("training") or {}
+    if run and live.get("step") is not None:
+        step, total = live.get("step") or 0, live.get("total_steps")
+        loss = live.get("loss")
+        t.add_row("active run", f"{run['run_id']} ({run['state']})")
+        t.add_row("  progress", (f"step {step}/{total}  {_bar(step, total)}" if total else f"step {step}")
+                  + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+    else:
+        t.add_row("active run", f"{run['run_id']} ({run['state']})" if run else "none")
     last = s.get("last_run")
-    if last:
+    if last and (not run or last["run_id"] != run["run_id"]):
         extra = f": {last['error']}" if last.get("error") else ""
-        t.add_row("last run", f"{last['run_id']} {last['state']}{extra}")
+        colour = "green" if last["state"] == "succeeded" else "red" if last["state"] in ("failed", "refused") else ""
+        state = f"[{colour}]{last['state']}[/]" if colour else last["state"]
+        t.add_row("last run", f"{last['run_id']} {state}{extra}")
     if "champion" in s:
         t.add_row("champion", str(s.get("champion") or "base model"))
     if s.get("last_dataset"):
         ds = s["last_dataset"]
-        t.add_row("last dataset", f"{ds.get('dataset_id')} ({ds.get('examples')} examples)"
+        t.add_row("last dataset", f"{ds.get('dataset_id')} ({ds.get('examples')} examples, {ds.get('heldout')} held out)"
                   + (f", refused: {ds['refused']}" if ds.get("refused") else ""))
     dlq = s.get("dlq", {})
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(dlq.get("by_reason", {}).items()))
     t.add_row("dead-lettered", f"{dlq.get('count', 0)}" + (f" ({reasons})" if reasons else ""))
     t.add_row("outbox pending", str(s.get("outbox_pending", 0)))
     t.add_row("nats", str(s.get("nats_url")))
+    if s.get("page_url"):
+        t.add_row("page", str(s["page_url"]))
     Console().print(t)
