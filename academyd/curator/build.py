@@ -255,8 +255,9 @@ def build_dataset(
         dropped.update(c)
     survivors = len(train_all) + len(heldout)
     created = iso(now) or ""
+    taken = {r[0] for r in store.conn.execute("SELECT dataset_id FROM datasets WHERE dataset_id LIKE ?", (f"ds-{stamp}%",))}
     result = BuildResult(
-        dataset_id=f"ds-{stamp}",
+        dataset_id=next(i for i in (f"ds-{stamp}" + (f"_{n}" if n > 1 else "") for n in range(1, 10**6)) if i not in taken),
         run_id=run_id,
         created_at=created,
         format=cfg.format,
@@ -319,7 +320,7 @@ def build_dataset(
     report("write", 0, 3)
     out_dir = settings.training_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = _names(out_dir, cfg.format, stamp)
+    names = _names(out_dir, cfg.format, stamp, taken)
     result.dataset_id = names["id"]
     manifest["dataset_id"] = result.dataset_id
     train_lines = [ex.line(cfg.format) for ex in train_all]
@@ -383,10 +384,10 @@ def _hash_split(key: str, cfg: Any) -> str:
     return "heldout" if is_heldout_by_hash(key, cfg.heldout_fraction) else "train"
 
 
-def _names(out_dir: Path, fmt: str, stamp: str) -> dict[str, Any]:
+def _names(out_dir: Path, fmt: str, stamp: str, taken: set[str]) -> dict[str, Any]:
     """Venom's names; a second build in the same second gets a suffix instead of overwriting."""
     suffix, n = "", 1
-    while (out_dir / f"dataset_{fmt}_{stamp}{suffix}.jsonl").exists():
+    while (out_dir / f"dataset_{fmt}_{stamp}{suffix}.jsonl").exists() or f"ds-{stamp}{suffix}" in taken:
         n += 1
         suffix = f"_{n}"
     tag = f"{fmt}_{stamp}{suffix}"
@@ -443,8 +444,7 @@ def _record(
         store.conn.execute(
             "INSERT INTO datasets(dataset_id, run_id, created_at, format, path, heldout_path, manifest_path,"
             " content_hash, examples, heldout, counts, dropped, refused, manifest)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(dataset_id) DO UPDATE SET refused=excluded.refused, manifest=excluded.manifest",
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 result.dataset_id,
                 result.run_id,

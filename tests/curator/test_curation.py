@@ -178,3 +178,15 @@ def test_both_formats_load_with_datasets_and_pass_trl_sft_preparation(tmp_path: 
         assert "input_ids" in rep["columns"] and rep["chat_template_used"] and rep["min_tokens"] > 20
     assert sys.executable  # the daemon interpreter never imported torch for this
     assert "torch" not in sys.modules
+
+
+def test_builds_in_the_same_second_never_overwrite_each_other(planted: Planted) -> None:
+    a = build_dataset(planted.settings, planted.store, now=T0)
+    planted.settings.curator.min_examples = 10_000
+    refused = build_dataset(planted.settings, planted.store, now=T0)
+    planted.settings.curator.min_examples = 50
+    b = build_dataset(planted.settings, planted.store, now=T0)
+    assert len({a.dataset_id, refused.dataset_id, b.dataset_id}) == 3 and a.path != b.path
+    assert a.content_hash == b.content_hash and refused.refused
+    rows = planted.store.conn.execute("SELECT dataset_id, refused FROM datasets ORDER BY rowid").fetchall()
+    assert [r[1] is None for r in rows] == [True, False, True]
