@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from fixtures.nats import lesson, publish, wait_for
-from fixtures.web import TOKEN, artifact_path
+from fixtures.web import TOKEN, artifact_path, register_version
 
 
 async def progress_event(js: Any, run_id: str, step: int, total: int, loss: float, **extra: Any) -> None:
@@ -70,7 +70,46 @@ async def test_page_live_loss_chart_and_token_rule(web_daemon, nc, browser) -> N
     # Reload: the ring of recent progress redraws the live chart.
     await page.reload()
     await page.wait_for_selector("#chart[data-points='24']", timeout=10_000)
+
+    # The run ends: its adapter is registered as v1 with the arena's verdict; the user promotes it from
+    # the genealogy (with confirmation), and it shows as the champion.
+    v1 = register_version(app, run_id, heldout_loss=1.92)
+    with app.store.transaction():
+        app.store.set_run_state(run_id, "succeeded", app.clock(), version=v1["version"])
+    await publish(js, "academy.training.finished", {"schema_version": 1, "event_id": f"{run_id}-done",
+                                                    "at": "2026-11-25T12:10:00+00:00", "run_id": run_id,
+                                                    "version": "v1", "final_loss": 0.56}, f"{run_id}-done")
+    await page.wait_for_selector("#genealogy li[data-version='v1'] .state.candidate")
+    await page.click("#models-body button[data-version='v1']")
+    await page.wait_for_selector("#confirm[open]")
+    await page.fill("#confirm-reason", "looks better")
+    await page.click("#confirm-ok")
+    await page.wait_for_selector("#genealogy li[data-version='v1'] > .node.champion", timeout=10_000)
+    await page.wait_for_selector("#champion-pill:has-text('champion: v1')")
+    assert app.pipeline.status()["champion"] == "v1"
+    history = [h["reason"] for h in v1_history(app)]
+    assert "looks better" in history[-1]
+
+    # A later candidate the arena rejected hangs under its parent; the dataset view fills in.
+    register_version(app, "run-later", heldout_loss=2.4, promote=False)
+    app.relay.kick()
+    await page.wait_for_selector("#genealogy li[data-version='v1'] li[data-version='v2'] .state.reject")
+    built = await app.pipeline.build_dataset(reason="page test")
+    assert built.get("ok", True), built
+    app.relay.kick()
+    await page.wait_for_selector("#dataset-body .hist")
+
+    await page.reload()
+    await page.wait_for_selector("#genealogy li[data-version='v2']")
+    await page.wait_for_selector(f"#runs-table tr[data-run='{run_id}'] svg.spark path")
+    await page.wait_for_selector("#chart[data-points='24']")
     shot = artifact_path("academy-page.png")
     await page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
     assert problems == [], problems
+
+
+def v1_history(app: Any) -> list[dict[str, Any]]:
+    from academyd.registry import Registry
+
+    return Registry(app.store, app.settings).get("v1")["history"]

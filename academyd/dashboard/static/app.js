@@ -484,8 +484,8 @@ function renderModels(res) {
         h("div", {},
           h("span", { class: "v" }, m.version), " ",
           isChamp ? h("span", { class: "crown" }, "★ champion") : null, " ",
-          verdict ? h("span", { class: "state " + verdict }, verdict) : null, " ",
-          st && !isChamp ? h("span", { class: "state " + st }, st) : null,
+          verdict ? h("span", { class: "state " + verdict, title: reasons || null }, "arena: " + verdict) : null, " ",
+          st && !isChamp && !(st === "rejected" && verdict === "reject") ? h("span", { class: "state " + st }, st) : null,
           h("div", { class: "meta" }, [m.created_at ? fmtTime(m.created_at) : null, m.run_id, m.dataset_id]
             .filter(Boolean).join(" · ")),
           h("div", { class: "metrics" }, metricLine(m))),
