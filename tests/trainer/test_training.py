@@ -61,7 +61,7 @@ async def test_unsloth_cpu_run_in_process_habitat(
     tmp_path: Path, make_spec: Callable[..., S.TrainSpec], trainer_python: Path, tiny_base_model: Path,
     alpaca_data: Dataset,
 ) -> None:
-    spec = make_spec(tmp_path / "run", backend="unsloth", run_id="r-unsloth")
+    spec = make_spec(tmp_path / "run", backend="unsloth", run_id="r-unsloth", hyperparameters={"eval_steps": 25})
     habitat = ProcessHabitat(trainer_python, poll_s=0.1)
     handle = await habitat.start(TrainingJob(spec=spec, run_id="r-unsloth", time_limit_s=600))
     assert await habitat.status(handle) is JobStatus.RUNNING
@@ -81,6 +81,8 @@ async def test_unsloth_cpu_run_in_process_habitat(
     assert progress[-1]["step"] == start["total_steps"] == 75
     for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"):
         assert key in progress[0], key
+    evals = [e for e in progress if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [25, 50, 75] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     # The stream the habitat gives is the trainer's events.jsonl, and stdout carried only protocol lines.
     assert read_jsonl(tmp_path / "run" / S.EVENTS_FILE) == events
     assert parse_events((tmp_path / "run" / "trainer.stdout").read_text()) == events
@@ -127,7 +129,7 @@ def test_killed_mid_run_resumes_from_checkpoint(
     trainer_python: Path,
 ) -> None:
     out = tmp_path / "run"
-    spec = make_spec(out, backend="peft", hyperparameters={"epochs": 4, "save_steps": 10, "logging_steps": 1})
+    spec = make_spec(out, backend="peft", hyperparameters={"epochs": 2, "save_steps": 10, "logging_steps": 1})
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec.to_dict()))
     proc = subprocess.Popen(
@@ -145,7 +147,7 @@ def test_killed_mid_run_resumes_from_checkpoint(
     assert proc.returncode == -signal.SIGKILL, first
     assert not (out / S.ADAPTER_DIR).exists() and not (out / S.SUMMARY_FILE).exists()
     total = first[0]["total_steps"]
-    assert total == 100
+    assert total == 50
 
     run = run_trainer(spec_path)
     assert run.returncode == S.EXIT_OK, run.stderr[-3000:]
