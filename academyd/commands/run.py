@@ -27,6 +27,7 @@ def _run(args: argparse.Namespace) -> int:
     from academyd import logs
     from academyd.app import App
     from academyd.bus import BusError
+    from academyd.dashboard.server import PageUnavailable
     from academyd.embedded import EmbeddedServerError
 
     settings = settings_from(args)
@@ -36,6 +37,6 @@ def _run(args: argparse.Namespace) -> int:
     app = App(settings)
     try:
         asyncio.run(app.run_once() if args.once else app.run())
-    except (BusError, EmbeddedServerError) as exc:
+    except (BusError, EmbeddedServerError, PageUnavailable) as exc:
         return fail(str(exc), EXIT_FAILED)
     return 0

@@ -46,6 +46,10 @@ SECURITY_HEADERS = {
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
+class PageUnavailable(OSError):
+    """The page cannot be served (its port is taken, the address does not exist); the message says what to do."""
+
+
 def _is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
@@ -109,7 +113,7 @@ class WebServer:
             await self._runner.cleanup()
             self._runner = None
             self.app.remove_listener(self.feed.on_event)
-            raise OSError(
+            raise PageUnavailable(
                 exc.errno, f"cannot serve the Academy page on {self.settings.host}:{self.settings.port}: "
                 f"{exc.strerror}. Pick another port (ACADEMY_HTTP__PORT, 0 = any free port) or disable the page "
                 "(ACADEMY_HTTP__ENABLED=false)"

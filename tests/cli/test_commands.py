@@ -227,3 +227,15 @@ async def test_run_once_with_the_embedded_server(cli, tmp_path) -> None:
 
     r = await cli("run", "--once", "--data-dir", str(data), "--config", str(tmp_path / "nope.toml"))
     assert r.code == EXIT_USAGE and "does not exist" in r.err
+
+    # The page's port is taken: one line that says which setting to change, no traceback.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = await cli("run", "--once", "--port", "0", "--data-dir", str(data),
+                      env={"ACADEMY_HTTP__PORT": str(port), "ACADEMY_LOG_LEVEL": "warning"}, timeout=60)
+    assert r.code == EXIT_FAILED, (r.out, r.err)
+    assert "ACADEMY_HTTP__PORT" in r.err and "Traceback" not in r.err
