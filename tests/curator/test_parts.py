@@ -187,3 +187,23 @@ def test_detect_secrets_verification_is_off_inside_a_session() -> None:
         assert "detect_secrets.filters.common.is_ignored_due_to_verification_policies" not in get_settings().filters
     with default_settings():
         pass
+
+
+def test_near_duplicates_just_over_the_threshold_are_all_caught() -> None:
+    from academyd.curator.dedup import jaccard, shingle_set
+
+    w = Words(4)
+    pairs = []
+    while len(pairs) < 40:
+        words = w.sentence(60).split()
+        copy = list(words)
+        for _ in range(3):
+            copy[w.rng.randrange(len(copy))] = w.rng.choice(w.vocab)
+        a, b = " ".join(words), " ".join(copy)
+        j = jaccard(shingle_set(normalize(a), 5), shingle_set(normalize(b), 5))
+        if 0.8 <= j < 0.86:
+            pairs.append((a, b))
+    d = Deduper(threshold=0.8, num_perm=64, k=5)
+    keys = [f"{side}{i}" for i in range(len(pairs)) for side in "ab"]
+    verdicts = d.run(keys, [t for pair in pairs for t in pair])
+    assert [v.duplicate_of for v in verdicts[1::2]] == [f"a{i}" for i in range(len(pairs))]
