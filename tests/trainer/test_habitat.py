@@ -154,5 +154,6 @@ async def test_bad_spec_result_through_the_habitat(
 def test_habitat_for_settings(tmp_path: Path) -> None:
     explicit = habitat_for(Settings(training={"habitat": "process", "trainer_python": tmp_path / "py"}))
     assert isinstance(explicit, ProcessHabitat) and explicit.trainer_python == tmp_path / "py"
-    auto = habitat_for(Settings())
-    assert isinstance(auto, ProcessHabitat) and auto.trainer_python == default_trainer_python()
+    default = habitat_for(Settings(training={"habitat": "process"}))
+    assert isinstance(default, ProcessHabitat) and default.trainer_python == default_trainer_python()
+    # `auto` belongs to the Docker habitat's tests (it depends on whether an engine answers).
