@@ -109,3 +109,41 @@ def test_examples_are_paired_by_index() -> None:
     m["heldout"]["candidate"] = m["heldout"]["candidate"][5:]
     verdict = decide(m, ARENA)
     assert verdict.metrics["heldout"]["examples"] == 35
+
+
+async def test_judge_counts_only_consistent_wins() -> None:
+    """A real HTTP judge (OpenAI-compatible) with a position bias: it always says A unless one answer is empty."""
+    from aiohttp import web
+
+    from academyd.arena.judge import judge, parse_choice
+
+    seen: list[str] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        prompt = body["messages"][0]["content"]
+        seen.append(body["model"])
+        a = prompt.split("Answer A:\n", 1)[1].split("\n\nAnswer B:", 1)[0]
+        b = prompt.split("Answer B:\n", 1)[1].split("\n\nWhich", 1)[0]
+        choice = "B" if not a.strip() else "A" if b.strip() else "A"
+        return web.json_response({"choices": [{"message": {"role": "assistant", "content": f"{choice}."}}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        examples = [
+            {"question": "q1", "candidate": "good", "champion": ""},   # candidate wins in both orders
+            {"question": "q2", "candidate": "", "champion": "good"},   # champion wins in both orders
+            {"question": "q3", "candidate": "x", "champion": "y"},     # position bias: A both times
+        ]
+        result = await judge(examples, url=url, model="judge-1", timeout_s=10)
+    finally:
+        await runner.cleanup()
+    assert (result["candidate_wins"], result["champion_wins"], result["ties"]) == (1, 1, 1)
+    assert result["decisions"][2] == ["A", "A"] and len(seen) == 6
+    assert [parse_choice(t) for t in ("B", "answer: a", "Tie", "no idea")] == ["B", "A", "TIE", "TIE"]
