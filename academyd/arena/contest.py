@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,15 @@ async def evaluate(
     Runs `academyd.arena.measure` in the trainer's environment (held-out loss per example, the general set,
     generation on a sample), asks the judge when `arena.judge_url` and `arena.judge_model` are set, and
     applies the gate (`academyd.arena.gate.decide`). Writes `measure.json` and `verdict.json` into
-    `out_dir`. `champion` is the champion's version name, for the reasons. Raises ArenaError when the
+    `out_dir`. `champion` is the champion's version name, for the reasons and the event (default: the
+    `vN` of a registry path `models/<vN>/adapter`, else the path). Raises ArenaError when the
     measurement cannot be made (the verdict is then unknown, not a rejection).
     """
     arena = settings.arena
+    if champion is None and champion_adapter is not None:
+        # The registry keeps adapters at models/<vN>/adapter: name the champion by its version.
+        name = champion_adapter.parent.name
+        champion = name if re.fullmatch(r"v\d+", name) else str(champion_adapter)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = ["--base", base_model, "--candidate", str(candidate_adapter), "--heldout", str(heldout_path),
             "--general", str(GENERAL_SET), "--format", format, "--generation-sample", str(arena.generation_sample),

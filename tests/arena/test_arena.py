@@ -49,9 +49,9 @@ async def test_a_noise_candidate_is_rejected_and_the_champion_stays(
                               run_summary=json.loads((trained_noise / "summary.json").read_text()), now=NOW)
     assert noise["parent"] == "v1"
     v2 = await evaluate(s, candidate_adapter=Path(noise["adapter_path"]), champion_adapter=Path(good["adapter_path"]),
-                        base_model=base, heldout_path=alpaca_data.heldout, format="alpaca", out_dir=tmp_path / "e2",
-                        champion="v1")
+                        base_model=base, heldout_path=alpaca_data.heldout, format="alpaca", out_dir=tmp_path / "e2")
     assert not v2.promote
+    assert v2.champion == "v1"  # named from the registry path models/v1/adapter
     assert v2.rules["heldout"] is False and v2.metrics["heldout"]["ci_high"] < 0, v2.reasons
     assert "does not lie above zero" in v2.reasons[0] and "(v1)" in v2.reasons[0]
     reg.record_verdict("v2", v2, NOW)
