@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from academyd.curator.build import BuildResult, build_dataset, latest_dataset
+    from academyd.curator.build import BuildResult, build_dataset, get_dataset, latest_dataset
 
-__all__ = ["BuildResult", "build_dataset", "latest_dataset"]
+__all__ = ["BuildResult", "build_dataset", "get_dataset", "latest_dataset"]
 
 
 def __getattr__(name: str) -> Any:

@@ -470,15 +470,30 @@ def _record(
             store.outbox_add("academy.dataset.built", payload, f"academy.dataset.built:{result.dataset_id}", now)
 
 
-def latest_dataset(store: Store) -> dict[str, Any] | None:
-    """The latest build (refused ones included) for `academy.status` and the page."""
-    row = store.conn.execute(
-        "SELECT dataset_id, run_id, created_at, format, path, heldout_path, manifest_path, content_hash,"
-        " examples, heldout, counts, dropped, refused FROM datasets ORDER BY created_at DESC, rowid DESC LIMIT 1"
-    ).fetchone()
+_DATASET_COLUMNS = (
+    "dataset_id, run_id, created_at, format, path, heldout_path, manifest_path, content_hash,"
+    " examples, heldout, counts, dropped, refused"
+)
+
+
+def _dataset_row(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
     out = dict(row)
     out["counts"] = json.loads(out["counts"])
     out["dropped"] = json.loads(out["dropped"])
     return out
+
+
+def latest_dataset(store: Store) -> dict[str, Any] | None:
+    """The latest build (refused ones included) for `academy.status` and the page."""
+    return _dataset_row(store.conn.execute(
+        f"SELECT {_DATASET_COLUMNS} FROM datasets ORDER BY created_at DESC, rowid DESC LIMIT 1"
+    ).fetchone())
+
+
+def get_dataset(store: Store, dataset_id: str) -> dict[str, Any] | None:
+    """One recorded build by id (the pipeline reads a run's dataset paths from here after a restart)."""
+    return _dataset_row(store.conn.execute(
+        f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE dataset_id=?", (dataset_id,)
+    ).fetchone())
