@@ -104,24 +104,16 @@ class App:
         self.evaluate("startup")
 
     async def _start_extensions(self) -> None:
-        """The training pipeline and the page, when their modules are present."""
-        try:
-            from academyd.pipeline import Pipeline
-        except ModuleNotFoundError as exc:
-            if exc.name != "academyd.pipeline":
-                raise
-        else:
-            self.pipeline = Pipeline(self)
-            await self.pipeline.start()
+        """The training pipeline and the page."""
+        from academyd.pipeline import Pipeline
+
+        self.pipeline = Pipeline(self)
+        await self.pipeline.start()
         if self.settings.http.enabled:
-            try:
-                from academyd.dashboard import WebServer
-            except ModuleNotFoundError as exc:
-                if exc.name != "academyd.dashboard":
-                    raise
-            else:
-                self.web = WebServer(self)
-                await self.web.start()
+            from academyd.dashboard import WebServer
+
+            self.web = WebServer(self)
+            await self.web.start()
 
     def _start_scheduler(self) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -305,20 +297,17 @@ class App:
 
         async def dataset(body: dict[str, Any]) -> dict[str, Any]:
             cmd = _validated("academy.cmd.dataset", body)
-            if self.pipeline is None:
-                return {"ok": False, "error": "the curator is not available in this build"}
+            assert self.pipeline is not None
             return await self.pipeline.build_dataset(reason=cmd.reason)
 
         async def promote(body: dict[str, Any]) -> dict[str, Any]:
             cmd = _validated("academy.cmd.promote", body)
-            if self.pipeline is None:
-                return {"ok": False, "error": "the registry is not available in this build"}
+            assert self.pipeline is not None
             return await self.pipeline.promote(cmd.version, reason=cmd.reason)
 
         async def rollback(body: dict[str, Any]) -> dict[str, Any]:
             cmd = _validated("academy.cmd.rollback", body)
-            if self.pipeline is None:
-                return {"ok": False, "error": "the registry is not available in this build"}
+            assert self.pipeline is not None
             return await self.pipeline.rollback(reason=cmd.reason)
 
         return {

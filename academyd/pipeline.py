@@ -62,6 +62,11 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        from academyd.promotion import sync_active_adapter
+
+        # active_adapter.json is written after the promotion commits: repair a crash in between.
+        if sync_active_adapter(self.store, self.settings, self.now()):
+            log.warning("active_adapter_resynchronised")
         if self.settings.training.autorun:
             self._task = asyncio.create_task(self._loop(), name="pipeline")
 
@@ -105,7 +110,8 @@ class Pipeline:
         log.info("run_started", run_id=run_id, state=run["state"])
         try:
             if run["state"] in ("requested", "curating"):
-                self._set(run_id, "curating")
+                # Lessons up to here are in the dataset about to be read: they stop counting as new.
+                self._set(run_id, "curating", lesson_watermark=self.store.max_lesson_seq())
                 dataset = await self._curate(run_id)
                 self._set(run_id, "training", dataset_id=dataset["dataset_id"])
             run = self.store.get_run(run_id) or run
@@ -170,16 +176,15 @@ class Pipeline:
 
         def work() -> Any:
             # Curation is CPU-bound: a worker thread with its own connection keeps the loop responsive.
+            # `announce` queues academy.dataset.built in the transaction that records the dataset.
             store = Store(settings.db_path)
             try:
-                return build_dataset(settings, store, now=now, run_id=run_id)
+                return build_dataset(settings, store, now=now, run_id=run_id, announce=True)
             finally:
                 store.close()
 
         result = await asyncio.to_thread(work)
-        if not result.refused:
-            self._publish("academy.dataset.built", f"dataset-{result.dataset_id}",
-                          {**result.event_payload(), "run_id": run_id})
+        self._kick()
         log.info("dataset_built", run_id=run_id, dataset_id=result.dataset_id, examples=result.examples,
                  refused=result.refused)
         return result
@@ -187,10 +192,10 @@ class Pipeline:
     async def build_dataset(self, reason: str = "manual") -> dict[str, Any]:
         """`academy.cmd.dataset`: build a dataset now, outside any run."""
         result = await self._build(None)
-        out = {"ok": not result.refused, "reason": reason, **result.event_payload()}
         if result.refused:
-            out["refused"] = result.refused
-        return out
+            return {"ok": False, "reason": reason, "dataset_id": result.dataset_id, "refused": result.refused,
+                    "error": f"dataset refused: {result.refused}", "dropped": result.dropped}
+        return {"ok": True, "reason": reason, **result.event_payload()}
 
     # ------------------------------------------------------------ training
 
@@ -329,11 +334,12 @@ class Pipeline:
                 heldout_path=Path(ds["heldout_path"]),
                 format=ds["format"],
                 out_dir=self.settings.models_dir / version / "arena",
+                champion=champion["version"] if champion else None,
             )
         except Exception as exc:
             raise RunFailed(f"evaluation failed: {exc}") from None
         with self.store.transaction():
-            registry.record_verdict(version, verdict, self.now())
+            registry.record_verdict(version, verdict, self.now(), run_id=run["run_id"])
         self._kick()
         log.info("evaluation_finished", run_id=run["run_id"], version=version, promote=verdict.promote,
                  reasons=verdict.reasons)
@@ -370,16 +376,18 @@ class Pipeline:
 
     async def watch(self) -> None:
         """After task.completed batches and on every tick: roll the champion back if it got worse."""
-        try:  # TRANSITIONAL until the registry lands
-            from academyd.registry import Registry
-            from academyd.watch import check_champion
-        except ModuleNotFoundError:
-            return
+        from academyd.promotion import rollback_target
+        from academyd.registry import Registry
+        from academyd.watch import check_champion
+
         registry = Registry(self.store, self.settings)
         champion = registry.champion()
-        if champion is None or not champion.get("parent"):
+        if champion is None:
             return
-        decision = check_champion(self.store, self.settings, champion, registry.get(champion["parent"]))
+        parent = rollback_target(registry, champion)  # what a rollback would actually restore
+        if parent is None:
+            return
+        decision = check_champion(self.store, self.settings, champion, parent)
         if decision.rollback:
             log.warning("champion_regressed", version=champion["version"], reason=decision.reason,
                         **decision.stats)
@@ -388,20 +396,12 @@ class Pipeline:
     # ------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"training": None, "champion": None, "last_dataset": None}
-        try:
-            from academyd.registry import Registry
+        from academyd.curator import latest_dataset
+        from academyd.registry import Registry
 
-            champ = Registry(self.store, self.settings).champion()
-            out["champion"] = champ["version"] if champ else None
-        except ModuleNotFoundError:
-            pass
-        try:
-            from academyd.curator import latest_dataset
-
-            out["last_dataset"] = latest_dataset(self.store)
-        except ModuleNotFoundError:
-            pass
+        champ = Registry(self.store, self.settings).champion()
+        out: dict[str, Any] = {"training": None, "champion": champ["version"] if champ else None,
+                               "last_dataset": latest_dataset(self.store)}
         run = self.store.active_run()
         if run is not None and run["run_id"] in self._live:
             out["training"] = self._live[run["run_id"]]
