@@ -37,7 +37,9 @@ schemas: $(VENV)/.installed
 	$(VENV)/bin/academyd schemas export
 
 bench: $(VENV)/.installed $(TVENV)/.installed
-	$(VENV)/bin/python bench/run_all.py
+	$(VENV)/bin/python bench/bench_ingest.py
+	$(VENV)/bin/python bench/curator_bench.py
+	$(VENV)/bin/python bench/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) $(TVENV) .pytest_cache
