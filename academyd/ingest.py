@@ -65,6 +65,21 @@ def _explain(data: bytes, exc: ValidationError) -> Reject:
     return Reject("schema_violation", errors)
 
 
+def safe_excerpt(data: bytes) -> str:
+    """The start of a rejected payload for the DLQ table and the page, with secrets redacted.
+
+    The scan covers more than the excerpt so that a secret is not cut in half at the edge and missed.
+    (The DLQ stream keeps the raw message for replay; it is the copy of what was already on the bus.)
+    """
+    from academyd.curator.secrets import SecretScanner
+
+    text = data[: EXCERPT_CHARS * 8].decode("utf-8", "replace")
+    scanner = SecretScanner()
+    with scanner.session():
+        cleaned, _, ok = scanner.clean(text)
+    return cleaned[:EXCERPT_CHARS] if ok else "(withheld: the payload holds a secret that could not be redacted)"
+
+
 def event_id_hint(item: Inbound) -> str | None:
     """The event id of a rejected message when one can be read, for logs and the DLQ table."""
     if item.msg_id:
@@ -112,7 +127,7 @@ class Ingestor:
                         outcome.detail,
                         event_id=event_id_hint(item),
                         stream_seq=item.stream_seq,
-                        excerpt=item.data[:EXCERPT_CHARS].decode("utf-8", "replace"),
+                        excerpt=safe_excerpt(item.data),
                         now=now,
                     )
                 elif isinstance(outcome, Ack):

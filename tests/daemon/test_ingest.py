@@ -86,3 +86,17 @@ async def test_lesson_resent_under_a_new_event_id_is_kept_once(make_settings, st
     await publish(js, "lesson.created", lesson(2))
     await wait_for(lambda: d.app.store.scalar("SELECT COUNT(*) FROM inbox") == 3)
     assert d.app.store.counts()["lesson.created"] == 2
+
+
+async def test_dead_letter_excerpts_hold_no_secret(make_settings, start_daemon, nc) -> None:
+    d = await start_daemon(make_settings())
+    aws = "AKIAIOSFODNN7EXAMPLE"
+    token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+    body = lesson(1, situation=f"deploy with {aws} and {token}")
+    del body["action"]  # a schema violation: dead-lettered
+    await publish(nc.jetstream(), "lesson.created", body)
+    await wait_for(lambda: d.app.store.dlq_count() == 1)
+    row = d.app.store.recent_dlq(1)[0]
+    assert row["reason"] == "schema_violation"
+    assert aws not in row["excerpt"] and token not in row["excerpt"]
+    assert "deploy with" in row["excerpt"]
