@@ -58,7 +58,12 @@ async def run_trainer_module(
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=time_limit_s)
-    except (TimeoutError, asyncio.CancelledError):
+    except asyncio.CancelledError:
+        # The daemon is stopping: the measurement goes with it and is redone at the next start.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
