@@ -13,6 +13,7 @@ environment (a process or a container).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from datetime import datetime
 from pathlib import Path
@@ -252,7 +253,8 @@ class Pipeline:
                 raise RunFailed(f"habitat {habitat.name}: {exc}") from None
             with self.store.transaction():
                 self.store.set_run_state(run_id, "training", self.now(), job_ref=handle.ref, habitat=habitat.name)
-                self._outbox("academy.training.started", f"{run_id}-started-{handle.ref[-40:]}",
+                attempt = hashlib.sha256(handle.ref.encode()).hexdigest()[:12]
+                self._outbox("academy.training.started", f"{run_id}-started-{attempt}",
                              {"run_id": run_id, "habitat": habitat.name, "dataset_id": run["dataset_id"],
                               "spec_hash": spec_hash(spec)}, self.now())
             self._kick()

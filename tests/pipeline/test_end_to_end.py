@@ -110,6 +110,12 @@ async def test_120_lessons_become_a_promoted_adapter(
     active = json.loads((settings.data_dir / "active_adapter.json").read_text())
     assert active["version"] == "v1"
 
+    # Every event the daemon published fits the contract agents validate against.
+    from schemas.models import OUTBOUND
+
+    for subject, payload in seen:
+        OUTBOUND[subject].model_validate(payload)
+
     # The run is over and recorded; the policy's clock restarts from it.
     await wait_for(lambda: store.get_run(run_id)["state"] == "succeeded", timeout=10)
     status = d.app.status()
@@ -200,3 +206,4 @@ async def test_promote_rollback_and_automatic_rollback_on_the_bus(
     auto = of(seen, "model.rolled_back")[-1]
     assert auto["from_version"] == v3["version"] and auto["to_version"] == "v1"
     assert auto["reason"].startswith("automatic")
+
