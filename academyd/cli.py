@@ -1,8 +1,8 @@
 """`academyd`: one command line for the daemon and its operators.
 
 Each subcommand lives in `academyd.commands.<name>` and exposes `register(subparsers)`, which adds its
-parser and sets `func(args) -> int` (the exit code). Exit codes: 0 ok, 1 failed, 2 bad input/usage,
-3 the daemon could not be reached.
+parser and sets `func(args) -> int` (the exit code; see `academyd.commands.common.EXIT_*`: 0 ok,
+1 refused or failed, 2 bad input or settings, 3 the daemon could not be reached).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ COMMAND_MODULES = [
     "academyd.commands.import_venom",
     "academyd.commands.schemas",
 ]
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
