@@ -40,6 +40,11 @@ def shingle_hashes(norm: str, k: int) -> np.ndarray:
     if len(norm) < k:
         norm = norm.ljust(k)
     cp = np.frombuffer(norm.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    return _window_hashes(cp, k) & _MAX32
+
+
+def _window_hashes(cp: np.ndarray, k: int) -> np.ndarray:
+    """A mixed 64-bit hash of every window of k code points (one vectorized pass per position)."""
     n = len(cp) - k + 1
     h = np.zeros(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -48,7 +53,7 @@ def shingle_hashes(norm: str, k: int) -> np.ndarray:
         h ^= h >> np.uint64(29)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(32)
-    return h & _MAX32
+    return h
 
 
 def batch_shingle_hashes(norms: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,13 +61,7 @@ def batch_shingle_hashes(norms: list[str], k: int) -> tuple[np.ndarray, np.ndarr
     padded = [t.replace("\x00", " ").ljust(k) for t in norms]
     cp = np.frombuffer("\x00".join(padded).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     n = len(cp) - k + 1
-    h = np.zeros(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(k):
-            h = h * np.uint64(0x100000001B3) + cp[j : j + n]
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(32)
+    h = _window_hashes(cp, k)
     seps = np.concatenate(([0], np.cumsum(cp == 0)))
     valid = seps[k : k + n] == seps[:n]  # the window holds no separator
     lengths = np.fromiter((len(t) - k + 1 for t in padded), dtype=np.int64, count=len(padded))
