@@ -12,7 +12,7 @@ import asyncio
 import json
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -39,11 +39,9 @@ Clock = Callable[[], datetime]
 
 @dataclass
 class Counters:
-    """In-process counters (the page's /metrics reads them; the store is the durable truth)."""
+    """What only this process knows (/metrics reads it); stored and dead-lettered counts come from the store."""
 
-    ingested: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
-    dead_lettered: dict[str, int] = field(default_factory=dict)
     batches: int = 0
 
 
@@ -208,13 +206,6 @@ class App:
         c = self.counters
         c.batches += 1
         c.duplicates += result.duplicates
-        for subject, n in result.stored.items():
-            c.ingested[subject] = c.ingested.get(subject, 0) + n
-        from handlers import Reject
-
-        for outcome in result.outcomes:
-            if isinstance(outcome, Reject):
-                c.dead_lettered[outcome.reason] = c.dead_lettered.get(outcome.reason, 0) + 1
         if result.stored.get("lesson.created"):
             self.evaluate("ingest")
         if result.stored.get("task.completed") and self.pipeline is not None:
