@@ -23,6 +23,12 @@ from academyd.trainer import spec as S
 
 pytestmark = pytest.mark.slow
 
+# The trainer's backend (Unsloth's CPU kernels or peft) and a plain transformers + peft reload run different
+# kernels, whose float results differ by CPU: measured 4e-4 relative on a held-out loss on an AMD EPYC
+# (1.574275 vs 1.573647), under 1e-5 on the Intel Xeon of these machines. 5e-3 is ten times the worst seen
+# and still a hundred times smaller than the gap between the adapter and the base (the adapter halves the loss).
+KERNEL_REL_TOL = 5e-3
+
 
 def assert_learned(summary: dict[str, Any], loss_lines: list[dict[str, Any]]) -> None:
     """The loss fell clearly and the adapter beats the base model on held-out data."""
@@ -45,12 +51,14 @@ def assert_adapter_reloads(trainer_python: Path, base: Path, out: Path, data: Da
     assert cfg["r"] == 16 and cfg["lora_alpha"] == 32
     assert not [p.name for p in out.iterdir() if p.name.startswith(".adapter")]
     reloaded = evaluate_adapter(trainer_python, base, adapter, data.heldout)
-    assert reloaded["loss"] == pytest.approx(summary["adapter_heldout_loss"], rel=1e-4)
-    assert reloaded["probe"]["top_ids"][:5] == summary["probe"]["top_ids"][:5]
-    assert reloaded["probe"]["top_logits"] == pytest.approx(summary["probe"]["top_logits"], abs=1e-3)
+    assert reloaded["loss"] == pytest.approx(summary["adapter_heldout_loss"], rel=KERNEL_REL_TOL)
+    assert reloaded["probe"]["top_ids"][:3] == summary["probe"]["top_ids"][:3]
+    assert reloaded["probe"]["top_logits"] == pytest.approx(summary["probe"]["top_logits"], rel=KERNEL_REL_TOL, abs=1e-2)
     base_only = reloaded["base_result"]
-    assert base_only["loss"] == pytest.approx(summary["base_heldout_loss"], rel=1e-4)
-    assert base_only["probe"]["top_logits"] != pytest.approx(summary["probe"]["top_logits"], abs=1e-3)
+    assert base_only["loss"] == pytest.approx(summary["base_heldout_loss"], rel=KERNEL_REL_TOL)
+    # The base alone answers differently from the adapter, by far more than the kernels' tolerance.
+    gap = max(abs(a - b) for a, b in zip(base_only["probe"]["top_logits"], summary["probe"]["top_logits"], strict=True))
+    assert gap > 0.1, gap
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
