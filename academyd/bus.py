@@ -63,7 +63,7 @@ class ConsumeStats:
 
 def connect_options(cfg: NatsSettings, url: str) -> dict[str, Any]:
     opts: dict[str, Any] = {
-        "servers": [url],
+        "servers": [u.strip() for u in url.split(",") if u.strip()],  # one URL or a cluster's, comma-separated
         "name": "academyd",
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
@@ -166,6 +166,7 @@ class Bus:
                 subjects=INBOUND_SUBJECTS,
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
+                num_replicas=self.cfg.replicas,
                 discard=DiscardPolicy.OLD,
                 max_age=90 * 24 * 3600,
                 duplicate_window=window,
@@ -179,6 +180,7 @@ class Bus:
                 subjects=OUTBOUND_SUBJECTS,
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
+                num_replicas=self.cfg.replicas,
                 max_age=90 * 24 * 3600,
                 duplicate_window=window,
             )
@@ -190,6 +192,7 @@ class Bus:
                 subjects=DLQ_SUBJECTS,
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
+                num_replicas=self.cfg.replicas,
                 max_age=30 * 24 * 3600,
                 duplicate_window=window,
             )

@@ -43,7 +43,9 @@ class QuietHours(BaseModel):
 
 class NatsSettings(BaseModel):
     url: str | None = Field(
-        default=None, description="Join this NATS server; unset: start the bundled nats-server (embedded)."
+        default=None,
+        description="Join this NATS server, or a cluster: several URLs separated by commas; unset: start the "
+        "bundled nats-server (embedded).",
     )
     user: str | None = None
     password: str | None = None
@@ -65,6 +67,14 @@ class NatsSettings(BaseModel):
     fetch_timeout_s: float = Field(default=0.5, gt=0)
     max_payload_bytes: int = Field(default=1024 * 1024, ge=1024)
     duplicate_window_s: float = Field(default=120.0, gt=0)
+    replicas: int = Field(
+        default=1, ge=1, le=5, description="Replicas of every stream and bucket the Academy creates (3 on a cluster)."
+    )
+
+    @property
+    def servers(self) -> list[str]:
+        """`url` as the list of server URLs it names (one, or a cluster's, comma-separated)."""
+        return [u.strip() for u in (self.url or "").split(",") if u.strip()]
 
     @field_validator("backoff_s")
     @classmethod
@@ -134,7 +144,11 @@ class TrainingSettings(BaseModel):
         description="Run requested trainings in this daemon; false: only record and publish "
         "academy.training.requested (for an external worker).",
     )
-    habitat: Literal["auto", "process", "docker"] = "auto"
+    habitat: Literal["auto", "process", "docker", "nats"] = Field(
+        default="auto",
+        description="auto: `academyd worker` processes when any is connected, else Docker when its engine "
+        "answers, else a local process; nats: only workers.",
+    )
     trainer_python: Path | None = Field(
         default=None, description="Interpreter of the trainer environment (default: .venv-trainer/bin/python)."
     )
@@ -169,6 +183,27 @@ class TrainingSettings(BaseModel):
     seed: int = 3407
     backend: Literal["auto", "unsloth", "peft"] = "auto"
     progress_per_s: float = Field(default=2.0, gt=0, description="Throttle of academy.training.progress.")
+
+
+class WorkersSettings(BaseModel):
+    """Training on `academyd worker` processes over NATS (see academyd.habitat.nats, academyd.worker)."""
+
+    jobs_stream: str = "ACADEMY_JOBS"
+    events_stream: str = "ACADEMY_JOB_EVENTS"
+    artifacts_bucket: str = "academy_artifacts"
+    registry_bucket: str = Field(default="academy_workers", description="KV: what each connected worker has.")
+    leases_bucket: str = Field(default="academy_leases", description="KV: which worker holds which job.")
+    ack_wait_s: float = Field(
+        default=60.0, ge=2.0,
+        description="A job whose worker stops heartbeating goes to another worker after this long.",
+    )
+    require_gpu: bool = Field(default=False, description="Jobs wait for a worker with a GPU.")
+    artifacts_ttl_h: float = Field(default=7 * 24.0, gt=0, description="Objects older than this are dropped.")
+
+    @property
+    def heartbeat_s(self) -> float:
+        """In-progress acks, lease refreshes and advertisements: four per ack wait."""
+        return self.ack_wait_s / 4
 
 
 class ArenaSettings(BaseModel):
@@ -229,6 +264,7 @@ class Settings(BaseSettings):
     curator: CuratorSettings = Field(default_factory=CuratorSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     arena: ArenaSettings = Field(default_factory=ArenaSettings)
+    workers: WorkersSettings = Field(default_factory=WorkersSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
 
     @classmethod

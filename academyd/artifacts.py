@@ -1,0 +1,278 @@
+"""Artifacts through the JetStream Object Store: files and directories, sha256-checked, memory bounded.
+
+Between the daemon and `academyd worker` processes nothing is shared but NATS: the dataset and the
+held-out file go out, checkpoints, the adapter and the metrics come back. Every transfer here
+
+- streams: `put` reads the file in the store's chunks (128 KiB) through a thread, `get` writes each chunk
+  to a file as it arrives (`writeinto`; nats-py's in-memory `get()` concatenates with `bytes +=` and is
+  quadratic, nats-io/nats.py#703), so memory stays at a few chunks whatever the size;
+- is checked on arrival: the receiver hashes what it wrote and compares with the sha256 the sender
+  computed from its file before sending (carried beside the object's name, e.g. in the job or the lease);
+  a mismatch deletes the partial file and raises `ArtifactError`;
+- lands atomically: into `<dest>.part`, fsynced, then renamed.
+
+A directory travels as one uncompressed tar (deterministic member order, no owners), extracted with
+the `data` filter (no absolute paths, no links out, no devices).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectMeta, ObjectStoreConfig, StorageType
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+CHUNK = 1024 * 1024
+
+
+class ArtifactError(Exception):
+    """An artifact is missing or arrived damaged; the message names it and what to do."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An object in the store: its name, the sha256 (hex) of its bytes and its size."""
+
+    name: str
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Artifact:
+        return cls(name=str(d["name"]), sha256=str(d["sha256"]), size=int(d["size"]))
+
+
+@dataclass(frozen=True)
+class ArtifactStore:
+    """A bucket of the Object Store and the JetStream context it lives in."""
+
+    js: Any
+    bucket: str
+    obj: Any  # nats.js.object_store.ObjectStore
+
+    async def put(self, name: str, data: Any, meta: ObjectMeta) -> Any:
+        return await self.obj.put(name, data, meta=meta)
+
+    async def get_info(self, name: str) -> Any:
+        return await self.obj.get_info(name)
+
+
+async def ensure_bucket(js: Any, bucket: str, *, replicas: int = 1, ttl_s: float | None = None) -> ArtifactStore:
+    """The object store `bucket`, created (file storage, `replicas`, objects expire after `ttl_s`) if missing."""
+    try:
+        obj = await js.object_store(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        obj = await js.create_object_store(bucket, config=ObjectStoreConfig(
+            description="The Academy's artifacts: datasets out to workers, checkpoints and adapters back",
+            storage=StorageType.FILE, replicas=replicas, ttl=ttl_s,
+        ))
+    return ArtifactStore(js=js, bucket=bucket, obj=obj)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest_hex(info: Any) -> str:
+    """The store's own SHA-256 of an object (`SHA-256=<base64url>`) as hex."""
+    raw = (info.digest or "").split("=", 1)[-1]
+    return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).hex()
+
+
+class _HashingReader:
+    """A file reader that hashes what it hands out (the store's put reads it with readinto)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def readinto(self, buf: Any) -> int:
+        n = self.fh.readinto(buf)
+        if n:
+            self.h.update(memoryview(buf)[:n])
+            self.size += n
+        return int(n or 0)
+
+
+class _HashingWriter:
+    """A file writer that hashes what it writes (the store's get calls write once per chunk, in order)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        self.size += len(data)
+        return int(self.fh.write(data))
+
+
+async def put_file(store: ArtifactStore, name: str, path: Path, *, description: str | None = None) -> Artifact:
+    """Upload `path` as `name`; returns the sha256 computed from the bytes read (and checked by the store)."""
+    def opener() -> Any:
+        return path.open("rb")
+
+    fh = await asyncio.to_thread(opener)
+    try:
+        reader = _HashingReader(fh)
+        info = await store.put(name, reader, meta=ObjectMeta(name=name, description=description))
+    finally:
+        await asyncio.to_thread(fh.close)
+    sha = reader.h.hexdigest()
+    if _digest_hex(info) != sha or int(info.size or 0) != reader.size:
+        raise ArtifactError(f"object {name}: the store recorded another digest than the bytes sent; upload again")
+    return Artifact(name=name, sha256=sha, size=reader.size)
+
+
+async def get_file(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None) -> Artifact:
+    """Download `name` into `dest` (atomically); raise ArtifactError unless its sha256 is `sha256`.
+
+    The chunks are pulled a few at a time from the bucket's stream (the object store's layout, ADR-20:
+    `$O.<bucket>.C.<nuid>`), not pushed: nats-py's `get(writeinto=)` lets the server push as fast as it
+    can, and the client's buffer grew with the object (28 MB heap for 96 MB here).
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        info = await store.get_info(name)
+    except NotFoundError:
+        raise ArtifactError(f"object {name} is not in the artifact store (expired or never uploaded)") from None
+    fh = await asyncio.to_thread(part.open, "wb")
+    writer = _HashingWriter(fh)
+    try:
+        try:
+            await _pull_chunks(store, info, writer)
+        except ArtifactError:
+            raise
+        except Exception as exc:
+            raise ArtifactError(f"object {name} could not be read: {type(exc).__name__}: {exc}") from None
+        await asyncio.to_thread(_sync_close, fh)
+    except BaseException:
+        await asyncio.to_thread(fh.close)
+        part.unlink(missing_ok=True)
+        raise
+    got = writer.h.hexdigest()
+    if got != _digest_hex(info) or writer.size != int(info.size or 0):
+        part.unlink(missing_ok=True)
+        raise ArtifactError(f"object {name} arrived incomplete or damaged (sha256 {got}); download it again")
+    if sha256 is not None and got != sha256:
+        part.unlink(missing_ok=True)
+        raise ArtifactError(f"object {name} arrived with sha256 {got}, expected {sha256}: damaged or replaced; "
+                            "it was not used")
+    os.replace(part, dest)
+    return Artifact(name=name, sha256=got, size=writer.size)
+
+
+PULL_BATCH = 8  # chunks in flight: 8 x 128 KiB
+
+
+async def _pull_chunks(store: ArtifactStore, info: Any, writer: _HashingWriter) -> None:
+    chunks = int(info.chunks or 0)
+    if chunks == 0:
+        return
+    bucket = store.bucket
+    psub = await store.js.pull_subscribe(
+        f"$O.{bucket}.C.{info.nuid}", stream=f"OBJ_{bucket}",
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                              inactive_threshold=60.0, max_waiting=1),
+        pending_msgs_limit=PULL_BATCH * 2,
+    )
+    try:
+        seen = 0
+        while seen < chunks:
+            msgs = await psub.fetch(min(PULL_BATCH, chunks - seen), timeout=10)
+            for msg in msgs:
+                await asyncio.to_thread(writer.write, msg.data)
+                seen += 1
+    finally:
+        try:
+            await psub.unsubscribe()
+        except Exception:
+            pass
+
+
+def _sync_close(fh: Any) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+
+
+def _tar_dir(src: Path, out: Path) -> None:
+    def clean(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        ti.mtime = 0
+        return ti
+
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(src.rglob("*")):
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                continue  # only plain files and folders travel
+            tar.add(path, arcname=path.relative_to(src).as_posix(), recursive=False, filter=clean)
+
+
+def _untar(archive: Path, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(archive, "r") as tar:
+        tar.extractall(tmp, filter="data")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+async def put_dir(store: ArtifactStore, name: str, src: Path, *, scratch: Path | None = None) -> Artifact:
+    """Upload the directory `src` as one tar object `name` (spooled through a temporary file, not memory)."""
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".artifact-") as tmp:
+        archive = Path(tmp) / "dir.tar"
+        await asyncio.to_thread(_tar_dir, src, archive)
+        return await put_file(store, name, archive)
+
+
+async def get_dir(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None) -> Artifact:
+    """Download the tar object `name`, check its sha256, and extract it to `dest` (replacing it)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".artifact-") as tmp:
+        archive = Path(tmp) / "dir.tar"
+        art = await get_file(store, name, archive, sha256=sha256)
+        try:
+            await asyncio.to_thread(_untar, archive, dest)
+        except (tarfile.TarError, OSError) as exc:
+            raise ArtifactError(f"object {name} is not a readable directory archive: {exc}") from None
+        return art
+
+
+async def delete_prefix(store: ArtifactStore, prefix: str) -> int:
+    """Delete every object whose name starts with `prefix`; how many were deleted."""
+    try:
+        infos = await store.obj.list(ignore_deletes=True)
+    except NotFoundError:
+        return 0
+    n = 0
+    for info in infos:
+        if info.name.startswith(prefix) and not info.deleted:
+            try:
+                await store.obj.delete(info.name)
+                n += 1
+            except NotFoundError:
+                pass
+    return n
