@@ -7,4 +7,5 @@ pytest_plugins = [
     "fixtures.curator",
     "fixtures.arena",
     "fixtures.web",
+    "fixtures.scale",
 ]
