@@ -281,6 +281,23 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls))
         return tuple(sources)
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> Settings:
+        # Resolved once, here, against the working directory the daemon was started in: a relative path
+        # handed on (to the trainer, which runs in its own directory; into model.promoted) means nothing.
+        self.data_dir = absolute(self.data_dir)
+        self.repos = {name: absolute(p) for name, p in self.repos.items()}
+        n = self.nats
+        for key in ("creds_file", "tls_ca", "tls_cert", "tls_key"):
+            if getattr(n, key) is not None:
+                setattr(n, key, absolute(getattr(n, key)))
+        t = self.training
+        if t.trainer_python is not None:
+            t.trainer_python = absolute(t.trainer_python)
+        t.base_model = local_or_name(t.base_model)
+        t.docker_mounts = [_absolute_mount(m) for m in t.docker_mounts]
+        return self
+
     # Derived paths: one place decides the data layout.
     @property
     def db_path(self) -> Path:
@@ -305,6 +322,29 @@ class Settings(BaseSettings):
     @property
     def active_adapter_path(self) -> Path:
         return self.data_dir / "active_adapter.json"
+
+
+def absolute(path: Path) -> Path:
+    """`path` made absolute against the working directory, `~` expanded, `..` folded; symlinks are kept
+    (a virtual environment's `bin/python` is a symlink whose target is not that environment)."""
+    return Path(os.path.abspath(path.expanduser()))
+
+
+def local_or_name(model: str) -> str:
+    """A base model given as a relative path that exists becomes absolute; a hub name stays as it is."""
+    if not model:
+        return model
+    p = Path(model).expanduser()
+    if p.is_absolute():
+        return str(absolute(p))
+    if model.startswith((".", "~")) or p.exists():
+        return str(absolute(p))
+    return model
+
+
+def _absolute_mount(spec: str) -> str:
+    host, sep, rest = spec.partition(":")
+    return str(absolute(Path(host))) + sep + rest if host else spec
 
 
 def _describe(err: dict[str, Any]) -> str:

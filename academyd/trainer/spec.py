@@ -124,6 +124,15 @@ class TrainSpec:
                 problems.append(f"{key} is required and must be a non-empty string")
         if data.get("heldout_path") is not None and not isinstance(data["heldout_path"], str):
             problems.append("heldout_path must be a string path or null")
+        # The trainer runs in its own working directory (a container, a run directory): a relative path
+        # would name another file there, or none.
+        for key in ("dataset_path", "heldout_path", "output_dir"):
+            value = data.get(key)
+            if isinstance(value, str) and value.strip() and not Path(value).is_absolute():
+                problems.append(f"{key} must be an absolute path, got {value!r}")
+        base = data.get("base_model")
+        if isinstance(base, str) and base.startswith((".", "~")):
+            problems.append(f"base_model must be an absolute path or a hub name, got the relative path {base!r}")
         if data.get("format", "alpaca") not in FORMATS:
             problems.append(f"format must be one of {FORMATS}, got {data.get('format')!r}")
         if data.get("backend", "auto") not in BACKENDS:

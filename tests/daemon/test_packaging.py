@@ -50,6 +50,34 @@ def test_settings_precedence_flags_env_toml(tmp_path: Path, monkeypatch: pytest.
     assert str(s.data_dir) == "/from/flag"
 
 
+def test_every_path_setting_is_absolute_once_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults as `make run` has them: a relative data directory, resolved against the working
+    directory at load, so that nothing handed on (the trainer's spec, model.promoted) is relative."""
+    (tmp_path / "base").mkdir()
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(repos={"venom": Path("src/venom")}, nats={"creds_file": "academy.creds"},
+                      training={"trainer_python": "venv/bin/python", "base_model": "base",
+                                "docker_mounts": ["hf-cache:/hf"]})
+    assert s.data_dir == tmp_path / "data" and s.data_dir.is_absolute()
+    assert s.db_path == tmp_path / "data" / "academy.db"
+    for derived in (s.training_dir, s.models_dir, s.runs_dir, s.nats_dir, s.active_adapter_path):
+        assert derived.is_absolute()
+    assert s.repos["venom"] == tmp_path / "src" / "venom"
+    assert s.nats.creds_file == tmp_path / "academy.creds"
+    # A virtual environment's python is a symlink out of the environment: made absolute, not resolved.
+    assert s.training.trainer_python == tmp_path / "venv" / "bin" / "python"
+    assert s.training.base_model == str(tmp_path / "base")
+    assert s.training.docker_mounts == [f"{tmp_path / 'hf-cache'}:/hf"]
+    # A hub name is not a path.
+    assert load_settings(training={"base_model": "HuggingFaceTB/SmolLM2-135M"}).training.base_model == (
+        "HuggingFaceTB/SmolLM2-135M")
+    monkeypatch.setenv("ACADEMY_DATA_DIR", "../elsewhere")
+    assert load_settings().data_dir == tmp_path.parent / "elsewhere"
+
+
 def test_settings_errors_say_what_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACADEMY_POLICY__MIN_LESSONS", "zero")
     with pytest.raises(SettingsError) as err:

@@ -55,6 +55,11 @@ def test_round_trip() -> None:
         ({"hyperparameters": {"target_modules": []}}, "target_modules must be a non-empty list"),
         ({"hyperparameters": {"adjust": 1}}, "adjust must be true or false"),
         ({"cpu_threads": 0}, "cpu_threads must be a positive integer"),
+        # The trainer runs in its own directory: relative paths are refused, not guessed at.
+        ({"dataset_path": "data/training/train.jsonl"}, "dataset_path must be an absolute path"),
+        ({"heldout_path": "heldout.jsonl"}, "heldout_path must be an absolute path"),
+        ({"output_dir": "data/runs/r1"}, "output_dir must be an absolute path"),
+        ({"base_model": "./models/base"}, "base_model must be an absolute path or a hub name"),
     ],
 )
 def test_invalid_specs_name_the_field(changes: dict[str, object], message: str) -> None:
