@@ -71,12 +71,10 @@ def safe_excerpt(data: bytes) -> str:
     The scan covers more than the excerpt so that a secret is not cut in half at the edge and missed.
     (The DLQ stream keeps the raw message for replay; it is the copy of what was already on the bus.)
     """
-    from academyd.curator.secrets import SecretScanner
+    from academyd.secrets import scanner
 
     text = data[: EXCERPT_CHARS * 8].decode("utf-8", "replace")
-    scanner = SecretScanner()
-    with scanner.session():
-        cleaned, _, ok = scanner.clean(text)
+    cleaned, _, ok = scanner().clean(text)  # the process's one scanner: safe beside the curator's thread
     return cleaned[:EXCERPT_CHARS] if ok else "(withheld: the payload holds a secret that could not be redacted)"
 
 

@@ -7,14 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasketch import MinHash
-from detect_secrets.core.scan import _process_line_based_plugins
-from detect_secrets.settings import default_settings
 
 from academyd.curator import git as gitsrc
 from academyd.curator.dedup import Deduper, Signer, normalize, shingle_hashes
 from academyd.curator.rules import commit_message_reason, is_successful_lesson, is_successful_task, trivial_reason
-from academyd.curator.secrets import SecretScanner
 from academyd.curator.split import assign
+from academyd.secrets import scanner as secret_scanner
 from fixtures.curator import PRIVATE_KEY, SECRETS, GitRepo, Words, secret_texts
 
 
@@ -85,38 +83,43 @@ def test_trivial_content(fields: dict, reason: str | None) -> None:
 
 
 def test_every_planted_secret_kind_is_found_and_redacted() -> None:
-    scanner = SecretScanner()
-    with scanner.session():
-        for kind, text in secret_texts().items():
-            cleaned, types, ok = scanner.clean(text)
-            assert ok and types, kind
-            for value in [*SECRETS.values(), *PRIVATE_KEY.splitlines()[1:-1]]:
-                assert value not in cleaned, (kind, value)
-        assert scanner.clean("Refactored the planner loop and added tests")[1] == {}
+    scanner = secret_scanner()
+    for kind, text in secret_texts().items():
+        cleaned, types, ok = scanner.clean(text)
+        assert ok and types, kind
+        for value in [*SECRETS.values(), *PRIVATE_KEY.splitlines()[1:-1]]:
+            assert value not in cleaned, (kind, value)
+    assert scanner.clean("Refactored the planner loop and added tests")[1] == {}
 
 
-def test_prefilter_never_hides_a_line_detect_secrets_flags() -> None:
-    """Every line detect-secrets flags when it scans *all* lines is also a line the prefilter passes."""
+def test_prefilter_never_hides_a_line_the_rules_flag() -> None:
+    """The Hyperscan prefilter finds exactly what every rule run on every line finds, and every line
+    detect-secrets' own token plugins flag is flagged too (its keyword, entropy and public-IP plugins
+    are replaced by rules measured on tests/secrets/corpus.jsonl)."""
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+
     w = Words(1)
     lines = [*(t for v in secret_texts().values() for t in v.splitlines())]
     lines += [
         'db_password = "Xk29fLq0pZ"', "api_key: 9f8e7d6c5b4a39281706", "sk_live_" + "a1B2c3D4e5F6g7H8i9J0k1L2",
         "xoxb-123456789012-123456789012-abcdefghijklmnopqrstuvwx", 'secret = "c2VjcmV0LXZhbHVlLWZvci10ZXN0aW5n"',
-        "hash = 'deadbeefcafebabe0123456789abcdef'", "npm_token=npm_" + "a" * 36, "server at 8.8.8.8 port 53",
-        "PASSWORD=hunter2hunter2", "contraseña = Lima2024!", "SG." + "a" * 22 + "." + "b" * 43,
-        'ibm_cloud_iam_api_key = "' + "A1b2" * 11 + '"', "softlayer_api_key: " + "a1" * 32,
-        "cloudant_password='" + "x1" * 12 + "'", "https://u:" + "ab" * 12 + "@acct.cloudant.com",
+        "npm_token=npm_" + "a1" * 18, "PASSWORD=hunter2hunter2", "contraseña = Lima2024!",
+        "SG." + "a" * 22 + "." + "b" * 43, 'ibm_cloud_iam_api_key = "' + "A1b2" * 11 + '"',
+        "softlayer_api_key: " + "a1" * 32, "cloudant_password='" + "x1" * 12 + "'",
+        "https://u:" + "ab" * 12 + "@acct.cloudant.com", "Straße mit hasło: Zażółć2024!",
     ]
     lines += [w.sentence(12) for _ in range(200)]
-    scanner = SecretScanner()
-    with scanner.session():
-        flagged_all = {s.line_number - 1 for s in _process_line_based_plugins(list(enumerate(lines, 1)), "example.yaml")}
-        suspects = set(scanner.suspect_lines(["\n".join(lines)])[0])
-        # "Straße" folds to a longer string: the batch takes the position-free path, as sound
-        unaligned = set(scanner.suspect_lines(["\n".join([*lines, "Straße"])])[0])
-    assert len(flagged_all) >= 15
-    assert flagged_all <= suspects and flagged_all <= unaligned
-    assert len(suspects) < len(lines) // 2  # and it does skip the harmless prose
+    scanner = secret_scanner()
+    texts = ["\n".join(lines), "\n".join([*lines, "Straße"])]
+    prefiltered = [sorted((f.type, f.value) for f in x) for x in scanner.find_many(texts)]
+    assert prefiltered == [sorted((f.type, f.value) for f in x) for x in scanner.full_scan(texts)]
+    flagged = {f.line for f in scanner.find_many(lines) for f in f}
+    assert len(flagged) >= 15
+    replaced = {"KeywordDetector", "Base64HighEntropyString", "HexHighEntropyString", "IPPublicDetector"}
+    plugins = [c() for c in get_mapping_from_secret_type_to_class().values() if c.__name__ not in replaced]
+    stock = {line for line in lines for p in plugins if list(p.analyze_string(line))}
+    assert stock and stock <= flagged
+    assert len(flagged) < len(lines) // 2  # and the harmless prose is left alone
 
 
 def test_our_signatures_are_datasketch_minhashes() -> None:
@@ -179,14 +182,21 @@ def test_git_reads_in_batches_and_knows_what_exists(tmp_path: Path) -> None:
         gitsrc.resolve_repo({"venom": repo.path}, "other")
 
 
-def test_detect_secrets_verification_is_off_inside_a_session() -> None:
-    """Verifying a secret would send it to its provider: never from the curator."""
+def test_the_scanner_never_verifies_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verifying a secret would send it to its provider: never from the curator. Nor may the scanner
+    depend on detect-secrets' process-wide settings (entered and left by other threads)."""
+    from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
     from detect_secrets.settings import get_settings
 
-    with SecretScanner().session():
-        assert "detect_secrets.filters.common.is_ignored_due_to_verification_policies" not in get_settings().filters
-    with default_settings():
-        pass
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("a secret was sent for verification")
+
+    for cls in get_mapping_from_secret_type_to_class().values():
+        monkeypatch.setattr(cls, "verify", refuse)
+    monkeypatch.setattr("detect_secrets.settings.get_settings", refuse)
+    for text in secret_texts().values():
+        assert secret_scanner().clean(text)[1]
+    assert get_settings is not None
 
 
 def test_near_duplicates_just_over_the_threshold_are_all_caught() -> None:
