@@ -13,7 +13,7 @@ import json
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -84,7 +84,11 @@ class App:
         await self.bus.connect(self.nats_url)
         await self.bus.ensure_streams()
         await self.bus.bind_consumer()
-        self.relay = OutboxRelay(self.store, self.bus.publish, self.clock)
+        self.relay = OutboxRelay(
+            self.store, self.bus.publish, self.clock,
+            connected=lambda: self.bus.nc is not None and self.bus.nc.is_connected,
+            max_attempts=s.outbox.max_attempts, retention=timedelta(hours=s.outbox.retention_h),
+        )
         await self.bus.serve("academy", __version__, self._endpoints())
         await self.bus.watch(LIVE_SUBJECTS, self._on_live)
         self._start_scheduler()
@@ -266,7 +270,8 @@ class App:
             "active_run": self.store.active_run(),
             "last_run": next(iter(self.store.recent_runs(1)), None),
             "dlq": {"count": self.store.dlq_count(), "by_reason": self.store.dlq_by_reason()},
-            "outbox_pending": int(self.store.scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")),
+            "outbox_pending": self.store.outbox_counts()["pending"],
+            "outbox_parked": self.store.outbox_parked(20),
         }
         if self.pipeline is not None:
             out.update(self.pipeline.status())

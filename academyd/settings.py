@@ -236,6 +236,15 @@ class ArenaSettings(BaseModel):
     )
 
 
+class OutboxSettings(BaseModel):
+    """The outbox relay (see academyd.outbox)."""
+
+    max_attempts: int = Field(
+        default=10, ge=1, description="Failed publishes (while connected) before a row is parked, with its error."
+    )
+    retention_h: float = Field(default=168.0, gt=0, description="Published rows are deleted after this many hours.")
+
+
 class HttpSettings(BaseModel):
     """The Academy page and /metrics."""
 
@@ -266,6 +275,7 @@ class Settings(BaseSettings):
     arena: ArenaSettings = Field(default_factory=ArenaSettings)
     workers: WorkersSettings = Field(default_factory=WorkersSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -95,6 +95,9 @@ def render(s: dict[str, Any]) -> None:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(dlq.get("by_reason", {}).items()))
     t.add_row("dead-lettered", f"{dlq.get('count', 0)}" + (f" ({reasons})" if reasons else ""))
     t.add_row("outbox pending", str(s.get("outbox_pending", 0)))
+    for row in s.get("outbox_parked") or []:
+        t.add_row("[red]outbox parked[/]", f"#{row['id']} {row['subject']} {row['msg_id']} after {row['attempts']} "
+                  f"attempts: {row.get('last_error')}")
     t.add_row("nats", str(s.get("nats_url")))
     if s.get("page_url"):
         t.add_row("page", str(s["page_url"]))

@@ -151,8 +151,12 @@ class AcademyCollector:
         t.add_metric([], self.app.settings.policy.min_lessons)
         yield t
         o = GaugeMetricFamily("academy_outbox_pending", "Outbound events not yet published")
-        o.add_metric([], int(store.scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")))
+        counts = store.outbox_counts()
+        o.add_metric([], counts["pending"])
         yield o
+        parked = GaugeMetricFamily("academy_outbox_parked", "Outbound events parked after failing too often")
+        parked.add_metric([], counts["parked"])
+        yield parked
 
     def _live(self) -> Iterator[Metric]:
         seen = CounterMetricFamily("academy_bus_events_seen", "Academy events heard on the bus since start",

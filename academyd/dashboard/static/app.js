@@ -137,6 +137,7 @@ function renderStatus(st) {
     ...(th.consecutive_failures ? [h("dt", {}, "failures in a row"), h("dd", {}, th.consecutive_failures)] : []),
   );
   tickCountdown();
+  renderParked(st.outbox_parked);
 
   const d = st.decision || {};
   const why = $("policy-why");
@@ -535,6 +536,16 @@ async function train_() {
 function report(r, okText) {
   if (r.ok) toast(okText);
   else toast(r.data.error || r.data.reason || `refused (HTTP ${r.status})`, true);
+}
+
+// ------------------------------------------------------------------ parked outbox rows
+
+function renderParked(rows) {
+  rows = rows || [];
+  $("outbox-card").hidden = rows.length === 0;
+  $("outbox-table").querySelector("tbody").replaceChildren(...rows.map((r) => h("tr", {},
+    h("td", {}, fmtTime(r.parked_at)), h("td", { class: "mono" }, r.subject), h("td", { class: "mono" }, r.msg_id),
+    h("td", {}, String(r.attempts)), h("td", { class: "excerpt", title: r.last_error || "" }, r.last_error || ""))));
 }
 
 // ------------------------------------------------------------------ DLQ
