@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "academyd.commands.models",
     "academyd.commands.import_venom",
     "academyd.commands.schemas",
+    "academyd.commands.worker",
 ]
 
 

@@ -100,7 +100,7 @@ class Pipeline:
 
     def habitat(self) -> Any:
         if self._habitat is None:
-            self._habitat = habitat_for(self.settings)
+            self._habitat = habitat_for(self.settings, nc=self.app.bus.nc)
         return self._habitat
 
     # ------------------------------------------------------------ one run
@@ -407,5 +407,8 @@ class Pipeline:
         run = self.store.active_run()
         if run is not None and run["run_id"] in self._live:
             out["training"] = self._live[run["run_id"]]
+        note = getattr(self._habitat, "status_note", None)
+        if run is not None and note is not None and note():
+            out["waiting"] = note()  # e.g. no connected worker has the GPU the job needs
         return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -16,11 +16,25 @@ log = structlog.get_logger("academyd.habitat")
 __all__ = ["Habitat", "HabitatError", "JobHandle", "JobResult", "JobStatus", "TrainingJob", "habitat_for"]
 
 
-def habitat_for(settings: Settings) -> Habitat:
-    """The habitat `settings.training.habitat` names; `auto` decides between process and Docker."""
+def habitat_for(settings: Settings, nc: Any = None) -> Habitat:
+    """The habitat `settings.training.habitat` names. `auto`: workers when any is connected (decided per job,
+    given the daemon's NATS connection `nc`), else Docker when its engine answers, else a local process."""
     kind = settings.training.habitat
+    if kind == "nats" or (kind == "auto" and nc is not None):
+        if nc is None:
+            raise HabitatError("the nats habitat needs the daemon's NATS connection")
+        from academyd.habitat.nats import AutoHabitat, NatsHabitat
+
+        remote = NatsHabitat(settings, nc)
+        if kind == "nats":
+            return remote
+        return AutoHabitat(remote, _local(settings, _auto_kind(settings)))
     if kind == "auto":
         kind = _auto_kind(settings)
+    return _local(settings, kind)
+
+
+def _local(settings: Settings, kind: str) -> Habitat:
     if kind == "docker":
         from academyd.habitat.docker import DockerHabitat
 

@@ -1,0 +1,319 @@
+"""The `nats` habitat: training jobs run on `academyd worker` processes, over NATS only (no shared path).
+
+`start` uploads the dataset and the held-out file to the Object Store and publishes the job to the
+work-queue stream (`academy.jobs.train.<any|gpu>.<run_id>`, see `academyd.worker.protocol`); the ref
+is `nats:<run_id>`, so a restarted daemon re-attaches by name. `progress` replays the worker's trainer
+events (`academy.jobs.events.<run_id>`) and ends when the lease records how the job ended; the pipeline
+publishes them as the same `academy.training.*` events as for a local trainer. `result` downloads the
+summary and the adapter, checks both sha256 on arrival and the adapter's manifest sha256 against the one
+the worker computed, and hands the pipeline a local adapter directory to register.
+
+`AutoHabitat` sends a job to the workers when any is connected (advertised in the workers bucket),
+else to the local habitat (Docker or a process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from academyd.artifacts import Artifact, ArtifactError, delete_prefix, get_dir, get_file, put_file
+from academyd.habitat.base import Habitat, HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
+from academyd.settings import Settings
+from academyd.trainer import spec as S
+from academyd.worker.protocol import (
+    FINAL_STATES,
+    SCHEMA_VERSION,
+    Timing,
+    Wire,
+    artifact_name,
+    cancel_subject,
+    dumps,
+    events_subject,
+    job_subject,
+)
+
+log = structlog.get_logger("academyd.habitat.nats")
+
+REF_PREFIX = "nats:"
+FORWARDED = (S.EVENT_START, S.EVENT_PROGRESS, S.EVENT_CHECKPOINT)
+
+
+class NatsHabitat:
+    """Runs trainer jobs on workers. Needs the daemon's NATS connection (`nc`)."""
+
+    name = "nats"
+
+    def __init__(self, settings: Settings, nc: Any, *, poll_s: float = 0.5) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = nc.jetstream(timeout=10)
+        self.poll_s = poll_s
+        self.timing = Timing(settings.workers.ack_wait_s)
+        self._wire: Wire | None = None
+        self.note: str | None = None  # why a job waits (shown in status)
+
+    async def wire(self) -> Wire:
+        if self._wire is None:
+            self._wire = await Wire.open(self.js, self.settings, create=True)
+        return self._wire
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """The workers advertised now; none (and nothing created) when no worker ever connected."""
+        if self._wire is None:
+            from nats.js.errors import BucketNotFoundError, NotFoundError
+
+            try:
+                await self.js.key_value(self.settings.workers.registry_bucket)
+            except (BucketNotFoundError, NotFoundError):
+                return []
+        return await (await self.wire()).advertised()
+
+    def _handle(self, run_id: str) -> JobHandle:
+        return JobHandle(ref=REF_PREFIX + run_id, run_id=run_id,
+                         output_dir=str((self.settings.runs_dir / run_id).resolve()))
+
+    # ------------------------------------------------------------ start / reattach
+
+    async def start(self, job: TrainingJob) -> JobHandle:
+        wire = await self.wire()
+        run_id = job.run_id
+        lease, _ = await wire.lease(run_id)
+        handle = self._handle(run_id)
+        spec = job.spec
+        out = Path(handle.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job-spec.json").write_text(json.dumps({"spec": spec.to_dict(), "spec_hash": S.spec_hash(spec)}))
+        if (lease or {}).get("state") in FINAL_STATES or await self._job_queued(run_id):
+            return handle  # already dispatched (a daemon restart between publish and commit): follow it
+        inputs: dict[str, Any] = {}
+        try:
+            inputs["dataset"] = (await put_file(wire.artifacts, artifact_name(run_id, "dataset.jsonl"),
+                                                Path(spec.dataset_path))).to_dict()
+            if spec.heldout_path:
+                inputs["heldout"] = (await put_file(wire.artifacts, artifact_name(run_id, "heldout.jsonl"),
+                                                    Path(spec.heldout_path))).to_dict()
+        except OSError as exc:
+            raise HabitatError(f"cannot read the dataset to send to workers: {exc}") from None
+        requires_gpu = self.settings.workers.require_gpu
+        body = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id,
+            "spec": spec.to_dict(),
+            "spec_hash": S.spec_hash(spec),
+            "base_model": spec.base_model,
+            "inputs": inputs,
+            "requires_gpu": requires_gpu,
+            "time_limit_s": job.time_limit_s,
+            "memory_limit_mb": job.memory_limit_mb,
+        }
+        msg_id = f"job-{run_id}-{S.spec_hash(spec)[:16]}" + (f"-{int(time.time())}" if lease else "")
+        await self.js.publish(job_subject(run_id, requires_gpu), dumps(body), headers={"Nats-Msg-Id": msg_id})
+        log.info("job_dispatched", run_id=run_id, requires_gpu=requires_gpu, subject=job_subject(run_id, requires_gpu))
+        return handle
+
+    async def reattach(self, ref: str) -> JobHandle | None:
+        if not ref.startswith(REF_PREFIX):
+            return None
+        return self._handle(ref[len(REF_PREFIX):])
+
+    # ------------------------------------------------------------ observe
+
+    async def _job_queued(self, run_id: str) -> bool:
+        for gpu in (False, True):
+            try:
+                await self.js.get_last_msg(self.settings.workers.jobs_stream, job_subject(run_id, gpu))
+                return True
+            except Exception:
+                continue
+        return False
+
+    async def status(self, handle: JobHandle) -> JobStatus:
+        wire = await self.wire()
+        lease, _ = await wire.lease(handle.run_id)
+        state = (lease or {}).get("state")
+        if state == "succeeded":
+            return JobStatus.SUCCEEDED
+        if state == "failed":
+            return JobStatus.FAILED
+        if state == "cancelled":
+            return JobStatus.CANCELLED
+        if not await self._job_queued(handle.run_id):
+            return JobStatus.LOST  # neither queued nor finished: dispatch it again
+        return JobStatus.RUNNING
+
+    async def _explain_wait(self, wire: Wire, requires_gpu: bool) -> str:
+        ads = await wire.advertised()
+        if not ads:
+            return "waiting for a worker: none is connected (start `academyd worker` on a host with the trainer)"
+        if requires_gpu and not any(a.get("gpu") for a in ads):
+            return (f"waiting for a worker with a GPU: {len(ads)} connected, none has one "
+                    "(training.require_gpu / workers.require_gpu is set)")
+        busy = [a for a in ads if a.get("job")]
+        return f"waiting for a free worker: {len(ads)} connected, {len(busy)} busy"
+
+    async def progress(self, handle: JobHandle) -> AsyncIterator[dict[str, Any]]:
+        wire = await self.wire()
+        run_id = handle.run_id
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def on_event(msg: Any) -> None:
+            with contextlib.suppress(ValueError, TypeError):
+                body = json.loads(msg.data)
+                if isinstance(body, dict) and isinstance(body.get("event"), dict):
+                    await queue.put(body)
+
+        sub = await self.js.subscribe(events_subject(run_id), cb=on_event, ordered_consumer=True,
+                                      stream=self.settings.workers.events_stream)
+        requires_gpu = self.settings.workers.require_gpu
+        last_note = 0.0
+        try:
+            while True:
+                lease, _ = await wire.lease(run_id)
+                while not queue.empty():
+                    body = queue.get_nowait()
+                    ev = body["event"]
+                    if ev.get("type") in FORWARDED:
+                        yield {**ev, "worker": body.get("worker"), "attempt": body.get("attempt")}
+                state = (lease or {}).get("state")
+                if state in FINAL_STATES:
+                    self.note = None
+                    yield self._final_event(lease or {})
+                    return
+                if lease is None or state == "released":
+                    if time.monotonic() - last_note > 2.0:
+                        self.note = await self._explain_wait(wire, bool(requires_gpu))
+                        last_note = time.monotonic()
+                else:
+                    self.note = None
+                await asyncio.sleep(self.poll_s)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _final_event(self, lease: dict[str, Any]) -> dict[str, Any]:
+        if lease.get("state") == "succeeded":
+            return {"type": S.EVENT_DONE, "time": round(time.time(), 3), "worker": lease.get("worker"),
+                    "summary": (lease.get("result") or {}).get("summary_inline")}
+        return {"type": S.EVENT_ERROR, "time": round(time.time(), 3), "origin": "worker",
+                "worker": lease.get("worker"), "status": lease.get("state"), "code": lease.get("error_code"),
+                "reason": lease.get("reason"), "exit_code": lease.get("exit_code")}
+
+    async def result(self, handle: JobHandle) -> JobResult:
+        wire = await self.wire()
+        while True:
+            lease, _ = await wire.lease(handle.run_id)
+            if lease is not None and lease.get("state") in FINAL_STATES:
+                break
+            await asyncio.sleep(self.poll_s)
+        state = lease["state"]
+        if state != "succeeded":
+            status = JobStatus.FAILED if state == "failed" else JobStatus.CANCELLED
+            return JobResult(status=status, exit_code=lease.get("exit_code"),
+                             reason=f"on worker {lease.get('worker')}: {lease.get('reason') or state}",
+                             summary=None, adapter_path=None, error_code=lease.get("error_code"))
+        try:
+            adapter, summary = await self._fetch_result(wire, handle, lease)
+        except ArtifactError as exc:
+            return JobResult(status=JobStatus.FAILED, exit_code=None, reason=f"result of worker "
+                             f"{lease.get('worker')} unusable: {exc}", summary=None, adapter_path=None,
+                             error_code="artifact")
+        with contextlib.suppress(Exception):  # the checkpoints served their purpose; the bucket TTL is the backstop
+            await delete_prefix(wire.artifacts, artifact_name(handle.run_id, "ckpt/"))
+        return JobResult(status=JobStatus.SUCCEEDED, exit_code=S.EXIT_OK, reason=None, summary=summary,
+                         adapter_path=str(adapter))
+
+    async def _fetch_result(self, wire: Wire, handle: JobHandle, lease: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        from academyd.registry import adapter_sha256
+
+        res = lease.get("result") or {}
+        out = Path(handle.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary_art = Artifact.from_dict(res["summary"])
+        await get_file(wire.artifacts, summary_art.name, out / S.SUMMARY_FILE, sha256=summary_art.sha256)
+        if res.get("loss"):
+            loss = Artifact.from_dict(res["loss"])
+            await get_file(wire.artifacts, loss.name, out / S.LOSS_FILE, sha256=loss.sha256)
+        adapter_art = Artifact.from_dict(res["adapter"])
+        adapter_dir = out / S.ADAPTER_DIR
+        await get_dir(wire.artifacts, adapter_art.name, adapter_dir, sha256=adapter_art.sha256)
+        local = await asyncio.to_thread(adapter_sha256, adapter_dir)
+        if local != res.get("adapter_sha256"):
+            raise ArtifactError(f"the adapter's files hash to {local}, the worker computed {res.get('adapter_sha256')}")
+        summary = json.loads((out / S.SUMMARY_FILE).read_text())
+        # The job's identity is the daemon's spec; the worker's (its local paths) is kept beside it.
+        summary["worker"] = {"id": lease.get("worker"), "attempt": lease.get("attempt"),
+                             "spec_hash": summary.get("spec_hash"), "adapter_sha256": res.get("adapter_sha256")}
+        spec = json.loads((out / "job-spec.json").read_text()) if (out / "job-spec.json").exists() else None
+        if spec:
+            summary["spec"], summary["spec_hash"] = spec["spec"], spec["spec_hash"]
+        return adapter_dir, summary
+
+    # ------------------------------------------------------------ control
+
+    async def cancel(self, handle: JobHandle, *, grace_s: float = 10.0) -> None:
+        wire = await self.wire()
+        lease, rev = await wire.lease(handle.run_id)
+        if lease is not None and lease.get("state") in FINAL_STATES:
+            return
+        await self.nc.publish(cancel_subject(handle.run_id), dumps({"grace_s": grace_s}))
+        if lease is None:  # nobody holds it: take it off the queue and record the end
+            for gpu in (False, True):
+                with contextlib.suppress(Exception):
+                    await self.js.purge_stream(self.settings.workers.jobs_stream, subject=job_subject(handle.run_id, gpu))
+            with contextlib.suppress(Exception):
+                await wire.leases.create(handle.run_id, dumps({"run_id": handle.run_id, "state": "cancelled",
+                                                               "reason": "cancelled before a worker took it"}))
+
+    def status_note(self) -> str | None:
+        return self.note
+
+
+class AutoHabitat:
+    """Workers when any is connected, else the local habitat; a handle stays with the habitat that started it."""
+
+    def __init__(self, remote: NatsHabitat, local: Habitat) -> None:
+        self.remote = remote
+        self.local = local
+        self.name = local.name
+
+    def _for(self, handle: JobHandle) -> Any:
+        return self.remote if handle.ref.startswith(REF_PREFIX) else self.local
+
+    async def start(self, job: TrainingJob) -> JobHandle:
+        try:
+            ads = await self.remote.workers()
+        except Exception as exc:
+            log.warning("workers_unknown", error=str(exc))
+            ads = []
+        habitat: Any = self.remote if ads else self.local
+        self.name = habitat.name
+        log.info("habitat_auto", chosen=habitat.name, workers=len(ads))
+        return await habitat.start(job)
+
+    def progress(self, handle: JobHandle) -> AsyncIterator[dict[str, Any]]:
+        return self._for(handle).progress(handle)
+
+    async def status(self, handle: JobHandle) -> JobStatus:
+        return await self._for(handle).status(handle)
+
+    async def cancel(self, handle: JobHandle, *, grace_s: float = 10.0) -> None:
+        await self._for(handle).cancel(handle, grace_s=grace_s)
+
+    async def result(self, handle: JobHandle) -> JobResult:
+        return await self._for(handle).result(handle)
+
+    async def reattach(self, ref: str) -> JobHandle | None:
+        habitat = self.remote if ref.startswith(REF_PREFIX) else self.local
+        self.name = habitat.name
+        return await habitat.reattach(ref)
+
+    def status_note(self) -> str | None:
+        return self.remote.status_note()

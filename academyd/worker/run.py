@@ -1,0 +1,474 @@
+"""The worker: pull a job, hold its lease, run the trainer locally (the process habitat), send results back.
+
+One job at a time. While it runs: an in-progress ack, a lease refresh (compare-and-swap) and an
+advertisement every heartbeat; the trainer's events forwarded to `academy.jobs.events.<run_id>`; each
+checkpoint uploaded and recorded in the lease. At the end: adapter, summary and loss log uploaded
+(sha256 checked by the store against what was read), the lease set to its final state, then the job
+acked. A worker that cannot refresh its lease for `stop_after_s` (cut off from NATS) or finds it taken
+(fenced) kills its trainer and leaves the job to whoever holds it; SIGTERM stops the trainer (its
+checkpoint is kept), gives the lease back and naks the job so another worker resumes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import structlog
+from nats.js.errors import KeyWrongLastSequenceError
+
+from academyd.artifacts import Artifact, ArtifactError, get_dir, get_file, put_dir, put_file
+from academyd.habitat.base import HabitatError, JobStatus, TrainingJob
+from academyd.habitat.process import ProcessHabitat, package_root
+from academyd.settings import Settings
+from academyd.trainer import spec as S
+from academyd.worker.protocol import (
+    FINAL_STATES,
+    Timing,
+    Wire,
+    artifact_name,
+    cancel_subject,
+    consumer_name,
+    dumps,
+    events_subject,
+    loads,
+)
+
+log = structlog.get_logger("academyd.worker")
+
+CHECKPOINT_MARKER = "academy_checkpoint.json"  # written by the trainer in each complete checkpoint
+
+PROBE = r"""
+import json, platform, os
+d = {"python": platform.python_version(), "cuda": False, "gpu": None}
+try:
+    import torch
+    d["torch"] = torch.__version__
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        d["cuda"] = True
+        d["gpu"] = {"name": p.name, "memory_mb": p.total_memory // 2**20, "count": torch.cuda.device_count()}
+except Exception as e:
+    d["error"] = f"{type(e).__name__}: {e}"
+for m in ("transformers", "peft", "trl"):
+    try:
+        d[m] = __import__(m).__version__
+    except Exception:
+        pass
+print(json.dumps(d))
+"""
+
+
+def probe_capabilities(trainer_python: Path, *, gpu: str = "auto", timeout_s: float = 180.0) -> dict[str, Any]:
+    """What this host offers, asked of the trainer environment itself (torch's view of the GPU)."""
+    env = {**os.environ, "PYTHONPATH": str(package_root())}
+    env.pop("VIRTUAL_ENV", None)
+    if gpu == "none":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        proc = subprocess.run([str(trainer_python), "-c", PROBE], capture_output=True, text=True, env=env,
+                              timeout=timeout_s, check=False)
+        found = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        raise HabitatError(f"the trainer environment {trainer_python} does not answer ({exc}); run "
+                           "`make trainer-env` or pass --trainer-python") from None
+    if not found:
+        raise HabitatError(f"the trainer environment {trainer_python} failed its probe: {proc.stderr[-500:]}")
+    trainer = {k: found[k] for k in ("python", "torch", "transformers", "peft", "trl") if k in found}
+    return {"gpu": found.get("gpu") if gpu != "none" else None, "cpu_threads": os.cpu_count() or 1,
+            "trainer": trainer}
+
+
+@dataclass
+class _Holding:
+    """The job in hand: its lease (as last written) and revision, and why it must stop, if it must."""
+
+    run_id: str
+    lease: dict[str, Any]
+    rev: int
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lost: str | None = None  # fenced or cut off: the job is someone else's now
+    cancelled: bool = False  # the daemon asked
+    stopping: bool = False  # this worker is shutting down
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, work_dir: Path, worker_id: str | None = None,
+                 models: dict[str, str] | None = None, gpu: str = "auto", cpu_threads: int | None = None,
+                 trainer_python: Path | None = None) -> None:
+        self.settings = settings
+        self.work_dir = work_dir.resolve()
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.models = dict(models or {})
+        self.gpu_mode = gpu
+        self.cpu_threads = cpu_threads
+        self.habitat = ProcessHabitat(trainer_python or settings.training.trainer_python)
+        self.timing = Timing(settings.workers.ack_wait_s)
+        self.caps: dict[str, Any] = {}
+        self.nc: Any = None
+        self.js: Any = None
+        self.wire: Wire | None = None
+        self.holding: _Holding | None = None
+        self.stop_event = asyncio.Event()
+        self._handle: Any = None
+        self._stopper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.caps = await asyncio.to_thread(probe_capabilities, self.habitat.trainer_python, gpu=self.gpu_mode)
+        await self._connect()
+        assert self.wire is not None
+        caps = ["gpu", "any"] if self.caps.get("gpu") else ["any"]
+        js_jobs = self.nc.jetstream(timeout=10)
+        subs = [await js_jobs.pull_subscribe_bind(durable=consumer_name(c), stream=self.settings.workers.jobs_stream)
+                for c in caps]
+        advertiser = asyncio.create_task(self._advertise(), name="advertise")
+        log.info("worker_ready", worker=self.id, capabilities=caps, gpu=self.caps.get("gpu"),
+                 trainer=self.caps.get("trainer"), servers=self.settings.nats.servers)
+        try:
+            while not self.stop_event.is_set():
+                msg = await self._next(subs)
+                if msg is not None:
+                    await self._run_job(msg)
+        finally:
+            advertiser.cancel()
+            with contextlib.suppress(BaseException):
+                await advertiser
+            with contextlib.suppress(Exception):
+                await self.wire.workers.delete(self.id)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            log.info("worker_stopped", worker=self.id)
+
+    def request_stop(self, why: str = "requested") -> None:
+        if not self.stop_event.is_set():
+            log.info("worker_stopping", worker=self.id, why=why)
+            self.stop_event.set()
+            if self.holding is not None and self._handle is not None:
+                self.holding.stopping = True
+                # The trainer stops at once (SIGTERM: it keeps its last checkpoint); the lease goes back.
+                self._stopper = asyncio.get_running_loop().create_task(self.habitat.cancel(self._handle, grace_s=10.0))
+
+    async def _connect(self) -> None:
+        from academyd.bus import connect_options
+
+        n = self.settings.nats
+        if not n.servers:
+            raise HabitatError("a worker needs the daemon's NATS: pass --nats-url (one URL or a cluster's, "
+                               "comma-separated) or set ACADEMY_NATS__URL")
+
+        async def on_disconnect() -> None:
+            log.warning("nats_disconnected", worker=self.id)
+
+        async def on_reconnect() -> None:
+            log.info("nats_reconnected", worker=self.id, url=str(self.nc.connected_url.netloc))
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("nats_error", worker=self.id, error=str(exc))
+
+        opts = connect_options(n, n.url or "")
+        opts.update(name=f"academyd-worker-{self.id}", disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+                    error_cb=on_error, reconnect_time_wait=0.5)
+        try:
+            self.nc = await asyncio.wait_for(nats.connect(**opts), 30)
+        except Exception as exc:
+            raise HabitatError(f"cannot connect to NATS at {n.url}: {type(exc).__name__}: {exc}; check --nats-url "
+                               "and the credentials (nats.user/password, token, creds_file)") from None
+        # Short request timeout: a lease refresh on a dead connection must fail within the heartbeat.
+        await Wire.open(self.nc.jetstream(timeout=10), self.settings, create=True)
+        self.js = self.nc.jetstream(timeout=max(0.5, self.timing.heartbeat_s / 2))
+        self.wire = await Wire.open(self.js, self.settings, create=False)
+
+    async def _advertise(self) -> None:
+        assert self.wire is not None
+        while True:
+            ad = {"worker": self.id, "host": socket.gethostname(), "platform": platform.platform(),
+                  **self.caps, "job": self.holding.run_id if self.holding else None, "at": round(time.time(), 3)}
+            with contextlib.suppress(Exception):
+                await self.wire.workers.put(self.id, dumps(ad))
+            await asyncio.sleep(self.timing.heartbeat_s)
+
+    async def _next(self, subs: list[Any]) -> Any:
+        for sub in subs:  # the GPU queue first: a GPU worker serves those who need it before anyone else
+            try:
+                msgs = await sub.fetch(1, timeout=0.5 if len(subs) > 1 else 1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except Exception as exc:
+                log.debug("fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                return msgs[0]
+        return None
+
+    # ------------------------------------------------------------ one job
+
+    async def _run_job(self, msg: Any) -> None:
+        try:
+            job = loads(msg.data)
+            run_id = str(job["run_id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("job_unreadable", data=msg.data[:200])
+            await msg.term()
+            return
+        taken = await self._acquire(msg, run_id)
+        if taken is None:
+            return
+        self.holding = taken
+        try:
+            await self._train(msg, job, taken)
+        except (ArtifactError, HabitatError, S.SpecError, OSError) as exc:
+            if taken.lost is None:
+                await self._finish(msg, taken, "failed", reason=str(exc), error_code="worker")
+        finally:
+            self.holding = None
+            self._handle = None
+
+    async def _acquire(self, msg: Any, run_id: str) -> _Holding | None:
+        """Take the lease, or leave the job alone (finished, or held by a worker that still refreshes)."""
+        assert self.wire is not None
+        while True:
+            lease, rev = await self.wire.lease(run_id)
+            state = (lease or {}).get("state")
+            if state in FINAL_STATES:
+                log.info("job_already_finished", run_id=run_id, state=state)
+                await msg.ack()
+                return None
+            new = {"run_id": run_id, "worker": self.id, "host": socket.gethostname(), "state": "training",
+                   "attempt": int((lease or {}).get("attempt", 0)) + 1,
+                   "checkpoint": (lease or {}).get("checkpoint")}
+            try:
+                if lease is None:
+                    return _Holding(run_id, new, await self.wire.leases.create(run_id, dumps(new)))
+                if state != "released":
+                    # Held: take it only after a full window of silence, so its holder has stopped by then.
+                    log.info("lease_wait", run_id=run_id, holder=lease.get("worker"), wait_s=self.timing.takeover_wait_s)
+                    deadline = time.monotonic() + self.timing.takeover_wait_s
+                    while time.monotonic() < deadline:
+                        with contextlib.suppress(Exception):
+                            await msg.in_progress()
+                        await asyncio.sleep(min(self.timing.heartbeat_s / 2, max(0.0, deadline - time.monotonic())))
+                        _, now_rev = await self.wire.lease(run_id)
+                        if now_rev != rev:
+                            break
+                    if (await self.wire.lease(run_id))[1] != rev:
+                        log.info("lease_alive", run_id=run_id, holder=lease.get("worker"))
+                        await msg.nak(delay=self.settings.workers.ack_wait_s)
+                        return None
+                return _Holding(run_id, new, await self.wire.leases.update(run_id, dumps(new), last=rev))
+            except KeyWrongLastSequenceError:
+                continue  # someone else moved first: look again
+
+    async def _refresh(self, h: _Holding, **changes: Any) -> bool:
+        """Compare-and-swap the lease (a heartbeat, a checkpoint, the end); False once it is lost."""
+        assert self.wire is not None
+        async with h.lock:
+            if h.lost is not None:
+                return False
+            value = {**h.lease, **changes, "beat": round(time.time(), 3)}
+            try:
+                h.rev = await self.wire.leases.update(h.run_id, dumps(value), last=h.rev)
+            except KeyWrongLastSequenceError:
+                h.lost = "fenced: another worker holds the lease"
+                return False
+            h.lease = value
+            return True
+
+    def _local_spec(self, job: dict[str, Any], jobdir: Path, inputs: dict[str, Path]) -> S.TrainSpec:
+        raw = dict(job["spec"])
+        raw.update(dataset_path=str(inputs["dataset"]), heldout_path=str(inputs["heldout"]) if "heldout" in inputs
+                   else None, output_dir=str(jobdir), base_model=self.models.get(job["base_model"], job["base_model"]))
+        if self.cpu_threads:
+            raw["cpu_threads"] = self.cpu_threads
+        return S.TrainSpec.from_dict(raw)
+
+    async def _train(self, msg: Any, job: dict[str, Any], h: _Holding) -> None:
+        assert self.wire is not None
+        run_id = h.run_id
+        jobdir = self.work_dir / "jobs" / run_id
+        inputs: dict[str, Path] = {}
+        for what, art in (job.get("inputs") or {}).items():
+            a = Artifact.from_dict(art)
+            inputs[what] = jobdir / "inputs" / f"{what}.jsonl"
+            await get_file(self.wire.artifacts, a.name, inputs[what], sha256=a.sha256)
+        spec = self._local_spec(job, jobdir, inputs)
+        resume_step = await self._restore_checkpoint(h, jobdir, spec)
+        heart = asyncio.create_task(self._heartbeat(msg, h), name=f"heartbeat:{run_id}")
+        async def on_cancel(_: Any) -> None:
+            h.cancelled = True
+            await self.habitat.cancel(handle, grace_s=10.0)
+
+        cancel_sub = await self.nc.subscribe(cancel_subject(run_id), cb=on_cancel)
+        handle = self._handle = await self.habitat.start(TrainingJob(spec=spec, run_id=run_id, time_limit_s=job.get("time_limit_s"),
+                                                      memory_limit_mb=job.get("memory_limit_mb")))
+        log.info("trainer_started", run_id=run_id, worker=self.id, attempt=h.lease["attempt"], resume_step=resume_step,
+                 time=round(time.time(), 3))
+        try:
+            async for ev in self.habitat.progress(handle):
+                if h.lost is not None:
+                    continue
+                await self._forward(h, ev)
+                if ev.get("type") == S.EVENT_CHECKPOINT:
+                    await self._upload_checkpoint(h, jobdir, ev)
+            result = await self.habitat.result(handle)
+        finally:
+            heart.cancel()
+            with contextlib.suppress(BaseException):
+                await heart
+            with contextlib.suppress(Exception):
+                await cancel_sub.unsubscribe()
+        log.info("trainer_stopped", run_id=run_id, worker=self.id, status=result.status.value,
+                 lost=h.lost, time=round(time.time(), 3))
+        if h.lost is not None:
+            log.warning("job_lost", run_id=run_id, worker=self.id, reason=h.lost)
+            return  # not ours any more: no ack, no nak; the holder finishes it
+        if h.stopping and result.status is not JobStatus.SUCCEEDED:
+            if await self._refresh(h, state="released"):
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            log.info("job_released", run_id=run_id, worker=self.id)
+            return
+        if result.status is JobStatus.SUCCEEDED:
+            await self._send_results(msg, h, job, jobdir)
+        elif h.cancelled or result.status is JobStatus.CANCELLED:
+            await self._finish(msg, h, "cancelled", reason="cancelled by the daemon", error_code="cancelled")
+        else:
+            await self._finish(msg, h, "failed", reason=result.reason, error_code=result.error_code,
+                               exit_code=result.exit_code)
+
+    async def _heartbeat(self, msg: Any, h: _Holding) -> None:
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(self.timing.heartbeat_s if time.monotonic() - last_ok < self.timing.heartbeat_s * 1.5
+                                else self.timing.heartbeat_s / 4)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            try:
+                ok = await self._refresh(h)
+            except Exception as exc:  # timeout, disconnected: the lease may run out
+                ok = None
+                log.debug("lease_refresh_failed", run_id=h.run_id, error=type(exc).__name__)
+            if ok:
+                last_ok = time.monotonic()
+                log.info("heartbeat", run_id=h.run_id, worker=self.id, rev=h.rev, time=round(time.time(), 3))
+                continue
+            if ok is False or time.monotonic() - last_ok > self.timing.stop_after_s:
+                if h.lost is None:
+                    h.lost = f"cut off from NATS for {time.monotonic() - last_ok:.1f} s (lease not refreshed)"
+                log.warning("trainer_stopping", run_id=h.run_id, worker=self.id, reason=h.lost, time=round(time.time(), 3))
+                await self.habitat.cancel(self._handle, grace_s=self.timing.heartbeat_s / 4)
+                return
+
+    async def _forward(self, h: _Holding, ev: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):
+            await self.js.publish(events_subject(h.run_id), dumps(
+                {"worker": self.id, "attempt": h.lease["attempt"], "event": ev}))
+
+    async def _restore_checkpoint(self, h: _Holding, jobdir: Path, spec: S.TrainSpec) -> int | None:
+        """The lease's checkpoint, downloaded and re-marked for this host's spec (its local paths)."""
+        assert self.wire is not None
+        ckpt = h.lease.get("checkpoint")
+        if not ckpt:
+            return None
+        art = Artifact.from_dict(ckpt["artifact"])
+        step = int(ckpt["step"])
+        ckpt_root = jobdir / S.CHECKPOINTS_DIR
+        if ckpt_root.exists():
+            shutil.rmtree(ckpt_root)  # only the lease's checkpoint counts: anything here may be a fenced attempt's
+        dest = ckpt_root / f"checkpoint-{step}"
+        await get_dir(self.wire.artifacts, art.name, dest, sha256=art.sha256)
+        marker = dest / CHECKPOINT_MARKER
+        data = json.loads(marker.read_text())
+        data["spec_hash"] = S.spec_hash(spec)
+        marker.write_text(json.dumps(data))
+        for stale in ("summary.json", S.ADAPTER_DIR):
+            p = jobdir / stale
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        log.info("checkpoint_restored", run_id=h.run_id, worker=self.id, step=step)
+        return step
+
+    async def _upload_checkpoint(self, h: _Holding, jobdir: Path, ev: dict[str, Any]) -> None:
+        assert self.wire is not None
+        step = int(ev.get("step") or 0)
+        path = Path(str(ev.get("path")))
+        name = artifact_name(h.run_id, f"ckpt/{step:08d}-a{h.lease['attempt']}.tar")
+        try:
+            art = await put_dir(self.wire.artifacts, name, path, scratch=jobdir)
+        except (OSError, ArtifactError) as exc:  # rotated away meanwhile, or the store is unreachable
+            log.warning("checkpoint_upload_failed", run_id=h.run_id, step=step, error=str(exc))
+            return
+        except Exception as exc:
+            log.warning("checkpoint_upload_failed", run_id=h.run_id, step=step, error=f"{type(exc).__name__}: {exc}")
+            return
+        with contextlib.suppress(Exception):
+            if await self._refresh(h, checkpoint={"step": step, "artifact": art.to_dict(), "worker": self.id}):
+                log.info("checkpoint_uploaded", run_id=h.run_id, worker=self.id, step=step, sha256=art.sha256,
+                         time=round(time.time(), 3))
+
+    async def _send_results(self, msg: Any, h: _Holding, job: dict[str, Any], jobdir: Path) -> None:
+        from academyd.registry import adapter_sha256
+
+        assert self.wire is not None
+        adapter = jobdir / S.ADAPTER_DIR
+        cfg = adapter / "adapter_config.json"
+        if cfg.is_file():  # the adapter names the base model as the daemon does, not by this host's path
+            data = json.loads(cfg.read_text())
+            data["base_model_name_or_path"] = job["base_model"]
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True))
+        sha = await asyncio.to_thread(adapter_sha256, adapter)
+        arts = self.wire.artifacts
+        result: dict[str, Any] = {
+            "adapter": (await put_dir(arts, artifact_name(h.run_id, "adapter.tar"), adapter, scratch=jobdir)).to_dict(),
+            "adapter_sha256": sha,
+            "summary": (await put_file(arts, artifact_name(h.run_id, "summary.json"), jobdir / S.SUMMARY_FILE)).to_dict(),
+        }
+        if (jobdir / S.LOSS_FILE).exists():
+            result["loss"] = (await put_file(arts, artifact_name(h.run_id, "loss.jsonl"), jobdir / S.LOSS_FILE)).to_dict()
+        summary = json.loads((jobdir / S.SUMMARY_FILE).read_text())
+        result["summary_inline"] = {k: summary.get(k) for k in ("backend", "final_loss", "steps", "resumed_from",
+                                                                "duration_s")}
+        await self._finish(msg, h, "succeeded", result=result)
+        log.info("job_succeeded", run_id=h.run_id, worker=self.id, adapter_sha256=sha)
+
+    async def _finish(self, msg: Any, h: _Holding, state: str, **fields: Any) -> None:
+        """Record the end in the lease (the fence decides), then ack: after this the job is done."""
+        for _ in range(20):
+            try:
+                ok = await self._refresh(h, state=state, **fields)
+                break
+            except KeyWrongLastSequenceError:
+                ok = False
+                break
+            except Exception:
+                await asyncio.sleep(self.timing.heartbeat_s / 4)
+        else:
+            ok = False
+        if not ok:
+            log.warning("job_result_not_recorded", run_id=h.run_id, worker=self.id, reason=h.lost or "unreachable")
+            return
+        await self._forward(h, {"type": S.EVENT_DONE if state == "succeeded" else S.EVENT_ERROR,
+                                "time": round(time.time(), 3), "state": state, "reason": fields.get("reason")})
+        for _ in range(10):
+            try:
+                await msg.ack_sync(timeout=self.timing.heartbeat_s)
+                break
+            except Exception:
+                await asyncio.sleep(0.5)
+        log.info("job_acked", run_id=h.run_id, worker=self.id, state=state)
