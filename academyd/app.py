@@ -277,7 +277,9 @@ class App:
             out.update(self.pipeline.status())
         if self.web is not None:
             out["page_url"] = self.web.url
-        return out
+        from academyd.secrets import redact_obj
+
+        return redact_obj(out)  # read without a token (the page, `academy.status`): never a secret in it
 
     def _endpoints(self) -> dict[str, Any]:
         async def status(body: dict[str, Any]) -> dict[str, Any]:

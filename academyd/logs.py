@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from academyd.secrets import log_processor
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -21,6 +23,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            log_processor,  # no secret in a log line, whatever a caller passed in
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

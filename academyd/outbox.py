@@ -32,6 +32,7 @@ from typing import Any
 
 import structlog
 
+from academyd.secrets import scanner
 from academyd.store import Store
 
 log = structlog.get_logger("academyd.outbox")
@@ -75,7 +76,7 @@ class OutboxRelay:
                 if not self.connected():
                     return sent
                 try:
-                    await self.publish(row["subject"], row["payload"].encode(), row["msg_id"])
+                    await self.publish(row["subject"], public_payload(row["payload"]).encode(), row["msg_id"])
                 except Exception as exc:
                     if not self.connected():  # the connection went: not this row's fault, try it again later
                         log.warning("outbox_publish_interrupted", subject=row["subject"], msg_id=row["msg_id"],
@@ -115,3 +116,16 @@ class OutboxRelay:
             if loop.time() - self._last_prune >= PRUNE_EVERY_S:
                 self._last_prune = loop.time()
                 self.prune()
+
+
+def public_payload(payload: str) -> str:
+    """What goes on the bus: the payload with any secret redacted (an error message quoting a trainer's
+    output, a reason typed on the page); byte-identical when there is none."""
+    import json
+
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return scanner().redact(payload)
+    public = scanner().redact_obj(body)
+    return payload if public == body else json.dumps(public, ensure_ascii=False)

@@ -200,7 +200,11 @@ def dlq(store: Store, limit: int = 50) -> list[dict[str, Any]]:
         rows = store.recent_dlq(limit)
     except sqlite3.OperationalError:
         return []
+    from academyd.secrets import scanner
+
     for r in rows:
         excerpt = r.get("excerpt") or ""
         r["excerpt"] = excerpt[:400] + ("…" if len(excerpt) > 400 else "")
-    return rows
+    # stored redacted since the excerpt is made; scanned again here for rows an older version stored
+    out: list[dict[str, Any]] = scanner().redact_obj(rows)
+    return out

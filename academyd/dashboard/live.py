@@ -8,8 +8,14 @@ the page re-reads /api/status on every event anyway.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter, OrderedDict, deque
 from typing import Any
+
+from academyd.secrets import scanner
+
+DLQ_PREFIX = "academy.dlq."
+DLQ_EXCERPT_CHARS = 400
 
 PROGRESS = "academy.training.progress"
 RUN_END = ("academy.training.finished", "academy.training.failed")
@@ -32,6 +38,7 @@ class LiveFeed:
     # ------------------------------------------------------------ from the App
 
     def on_event(self, subject: str, payload: dict[str, Any]) -> None:
+        payload = public_event(subject, payload)
         self.events_seen[subject] += 1
         run_id = payload.get("run_id")
         if subject == PROGRESS and isinstance(run_id, str):
@@ -78,3 +85,16 @@ class LiveFeed:
                     break
                 except asyncio.QueueFull:
                     q.get_nowait()
+
+
+
+def public_event(subject: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """What the tokenless live feed may show of an event: everything redacted; of a dead letter (the
+    rejected message itself, as it came in) only its subject and a redacted excerpt."""
+    if subject.startswith(DLQ_PREFIX):
+        raw = json.dumps(payload, ensure_ascii=False, default=str)
+        text, _, ok = scanner().clean(raw[: DLQ_EXCERPT_CHARS * 8])
+        excerpt = text[:DLQ_EXCERPT_CHARS] if ok else "(withheld: the payload holds a secret that could not be redacted)"
+        return {"dead_lettered": True, "original_subject": subject[len(DLQ_PREFIX):], "excerpt": excerpt}
+    out: dict[str, Any] = scanner().redact_obj(payload)
+    return out

@@ -26,6 +26,7 @@ from aiohttp import web
 from academyd.dashboard import data
 from academyd.dashboard.live import LiveFeed
 from academyd.dashboard.metrics import make_registry, render
+from academyd.secrets import scanner
 
 log = structlog.get_logger("academyd.dashboard")
 
@@ -193,6 +194,9 @@ class WebServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         self.collector.consumer_lag = await self.app.bus.consumer_lag()
         body = render(self.registry)
+        text, types, ok = scanner().clean(body.decode())
+        if types:  # a label value that holds a secret: the scrape gets the redacted text (or nothing)
+            body = (text if ok else "# withheld: a metric holds a secret that could not be redacted\n").encode()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     def _store(self) -> Any:

@@ -13,6 +13,7 @@ redacted whole).
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from bisect import bisect_right
@@ -31,6 +32,8 @@ _PRIVATE_BLOCK = re.compile(
     r"-----BEGIN[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END[ A-Z0-9]*PRIVATE KEY(?: BLOCK)?-----|\Z)",
     re.DOTALL,
 )
+_JSON_ESCAPE = re.compile(r'\\(["\\/bfnrt]|u[0-9a-fA-F]{4})')
+_JSON_CHARS = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _PUTTY_BLOCK = re.compile(r"PuTTY-User-Key-File-\d.*?(?:Private-MAC: \S+|\Z)", re.DOTALL)
 _SEP = b"\n"
 _NO_FINDINGS: Counter[str] = Counter()  # shared by every clean text: read it, never change it
@@ -164,14 +167,30 @@ class Scanner:
         if "Private Key" in kinds:
             text = _PRIVATE_BLOCK.sub(REDACTED, text)
             text = _PUTTY_BLOCK.sub(REDACTED, text)
-        for value in sorted({f.value for f in findings if f.type != "Private Key"}, key=len, reverse=True):
+        values = {f.value for f in findings if f.type != "Private Key"}
+        if "\\" in text:  # the same values as a JSON string holds them
+            values |= {json.dumps(v, ensure_ascii=a)[1:-1] for v in list(values) for a in (True, False)}
+        for value in sorted(values, key=len, reverse=True):
             text = text.replace(value, REDACTED)
         return text
+
+    def _find_all_views(self, texts: list[str], stats: Counter[str] | None) -> list[list[Finding]]:
+        """Findings in each text and in its JSON-unescaped view: a payload, a log line or an excerpt
+        that is JSON shows `\\"password\\": \\"...\\"`, `\\n` and `\\u0142` where the rules expect the text."""
+        found = self.find_many(texts, stats)
+        escaped = [i for i, t in enumerate(texts) if "\\" in t]
+        if escaped:
+            views = self.find_many([_json_unescape(texts[i]) for i in escaped], stats)
+            for i, extra in zip(escaped, views, strict=True):
+                if extra:
+                    seen = {(f.type, f.value) for f in found[i]}
+                    found[i] = found[i] + [f for f in extra if (f.type, f.value) not in seen]
+        return found
 
     def clean_many(self, texts: list[str], stats: Counter[str] | None = None) -> list[tuple[str, Counter[str], bool]]:
         """Per text: (redacted text, finding types, clean afterwards). Not clean: the caller must drop it."""
         out: list[tuple[str, Counter[str], bool]] = []
-        for text, findings in zip(texts, self.find_many(texts, stats), strict=True):
+        for text, findings in zip(texts, self._find_all_views(texts, stats), strict=True):
             if not findings:
                 out.append((text, _NO_FINDINGS, True))
                 continue
@@ -181,7 +200,7 @@ class Scanner:
             ok = False
             for _ in range(4):
                 text = self.redact_findings(text, findings)
-                findings = self.find(text)
+                findings = self._find_all_views([text], None)[0]
                 if not findings:
                     ok = True
                     break
@@ -248,3 +267,8 @@ class Scanner:
             return o
 
         return rebuild(obj, None)
+
+
+def _json_unescape(text: str) -> str:
+    """Undo JSON string escapes wherever they are (the text need not be valid JSON: an excerpt is cut)."""
+    return _JSON_ESCAPE.sub(lambda m: _JSON_CHARS.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), text)
