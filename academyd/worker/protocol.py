@@ -121,6 +121,11 @@ class Wire:
                 num_replicas=n.replicas, max_age=7 * 24 * 3600,
             ))
             for cap in CAPABILITIES:
+                try:
+                    await js.consumer_info(w.jobs_stream, consumer_name(cap))
+                    continue
+                except NotFoundError:
+                    pass
                 await js.add_consumer(w.jobs_stream, ConsumerConfig(
                     durable_name=consumer_name(cap), description=f"academyd workers ({cap})",
                     deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=w.ack_wait_s,

@@ -188,9 +188,20 @@ class Worker:
             raise HabitatError(f"cannot connect to NATS at {n.url}: {type(exc).__name__}: {exc}; check --nats-url "
                                "and the credentials (nats.user/password, token, creds_file)") from None
         # Short request timeout: a lease refresh on a dead connection must fail within the heartbeat.
-        await Wire.open(self.nc.jetstream(timeout=10), self.settings, create=True)
+        try:
+            await Wire.open(self.nc.jetstream(timeout=10), self.settings, create=True)
+        except Exception as exc:  # a least-privilege worker may not create: the daemon does
+            log.info("worker_binds_only", reason=f"{type(exc).__name__}: {exc}")
         self.js = self.nc.jetstream(timeout=max(0.5, self.timing.heartbeat_s / 2))
-        self.wire = await Wire.open(self.js, self.settings, create=False)
+        while True:
+            try:
+                self.wire = await Wire.open(self.js, self.settings, create=False)
+                return
+            except Exception as exc:
+                log.warning("worker_waits_for_streams", reason=f"{type(exc).__name__}: {exc}", hint=(
+                    "the daemon creates the jobs stream and the buckets at its first job; start it, or give "
+                    "this worker the permissions to create them"))
+                await asyncio.sleep(5)
 
     async def _advertise(self) -> None:
         assert self.wire is not None

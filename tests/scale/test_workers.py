@@ -89,8 +89,12 @@ async def workers_advertised(url: str, n: int, timeout: float = 120) -> list[dic
 async def lease_history(url: str, run_id: str) -> list[dict[str, Any]]:
     nc = await nats.connect(servers=url.split(","))
     try:
-        kv = await nc.jetstream().key_value("academy_leases")
-        return [json.loads(e.value) for e in await kv.history(run_id) if e.value]
+        try:
+            kv = await nc.jetstream().key_value("academy_leases")
+            entries = await kv.history(run_id)
+        except Exception:  # no bucket or no such key yet: nobody ever took the job
+            return []
+        return [json.loads(e.value) for e in entries if e.value]
     finally:
         await nc.close()
 
@@ -133,3 +137,174 @@ async def test_a_run_is_trained_on_a_worker_and_promoted(
     assert spec["dataset_path"].startswith(str(w1.root))
     assert json.loads((Path(model["adapter_path"]) / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == str(tiny_base_model)
+
+
+def worker_events(w: Any, event: str) -> list[dict[str, Any]]:
+    return [e for e in w.events() if e.get("event") == event]
+
+
+def first_progress_step(w: Any, run_id: str) -> int | None:
+    path = w.root / "work" / "jobs" / run_id / "events.jsonl"
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("type") == "progress":
+            return int(ev["step"])
+    return None
+
+
+KILL_HP = {"save_steps": 4, "logging_steps": 1}
+
+
+async def test_a_sigkilled_worker_s_job_resumes_on_the_other_from_its_checkpoint(
+    nats_server, start_daemon, start_worker, tiny_base_model, trainer_python, tmp_path
+) -> None:
+    url = nats_server.url
+    settings = daemon_settings(url, tmp_path / "daemon" / "data", tiny_base_model, trainer_python,
+                               hyperparameters=KILL_HP)
+    hosts = {name: worker(start_worker, tmp_path, tiny_base_model, url, name) for name in ("w1", "w2")}
+    await workers_advertised(url, 2)
+    d = await start_daemon(settings)
+    await lessons_in(d, url)
+    run_id = await train(d)
+    store = d.app.store
+
+    async def checkpointed() -> dict[str, Any] | None:
+        lease = (await lease_history(url, run_id) or [None])[-1]
+        return lease if lease and (lease.get("checkpoint") or {}).get("step", 0) >= 4 else None
+
+    for _ in range(600):
+        lease = await checkpointed()
+        if lease:
+            break
+        await asyncio.sleep(0.5)
+    assert lease, [w.log[-2000:] for w in hosts.values()]
+    victim = hosts[lease["worker"]]
+    other = hosts["w2" if lease["worker"] == "w1" else "w1"]
+    saved_step = lease["checkpoint"]["step"]
+    victim.kill()
+
+    await wait_for(lambda: store.get_run(run_id)["version"] or store.get_run(run_id)["state"] in ("failed", "refused"),
+                   timeout=400, interval=0.5)
+    run = store.get_run(run_id)
+    assert run["version"], (run, other.log[-3000:])
+    history = await lease_history(url, run_id)
+    assert history[-1]["state"] == "succeeded" and history[-1]["worker"] == other.name
+    started = worker_events(other, "trainer_started")
+    assert len(started) == 1 and started[0]["resume_step"] >= saved_step > 0
+    # The other worker's trainer began after the checkpoint: its first step is past 0.
+    assert first_progress_step(other, run_id) > saved_step
+    from academyd.registry import Registry
+
+    assert [m["version"] for m in Registry(store, settings).list()] == [run["version"]]
+    assert [r["run_id"] for r in store.recent_runs(10)] == [run_id]
+    summary = json.loads((settings.runs_dir / run_id / "summary.json").read_text())
+    assert summary["resumed_from"] >= saved_step
+
+
+async def test_a_gpu_job_waits_while_only_cpu_workers_are_connected(
+    nats_server, start_daemon, start_worker, tiny_base_model, trainer_python, tmp_path
+) -> None:
+    url = nats_server.url
+    settings = daemon_settings(url, tmp_path / "daemon" / "data", tiny_base_model, trainer_python,
+                               workers={"require_gpu": True})
+    w1 = worker(start_worker, tmp_path, tiny_base_model, url, "w1")
+    await workers_advertised(url, 1)
+    d = await start_daemon(settings)
+    await lessons_in(d, url)
+    run_id = await train(d)
+    nc = await nats.connect(url)
+    try:
+        async def status() -> dict[str, Any]:
+            return json.loads((await nc.request("academy.status", b"{}", timeout=10)).data)
+
+        for _ in range(120):
+            st = await status()
+            if st.get("waiting"):
+                break
+            await asyncio.sleep(0.5)
+        assert "GPU" in st["waiting"] and "1 connected, none has one" in st["waiting"], st.get("waiting")
+        await asyncio.sleep(ACK_WAIT * 1.5)  # longer than a job would take to move between workers
+        st = await status()
+        assert st["active_run"]["run_id"] == run_id and st["active_run"]["state"] == "training"
+        assert "GPU" in st["waiting"]
+        assert await lease_history(url, run_id) == []  # no worker took it
+        assert not (w1.root / "work" / "jobs" / run_id).exists()
+        js = nc.jetstream()
+        queued = await js.get_last_msg("ACADEMY_JOBS", f"academy.jobs.train.gpu.{run_id}")
+        assert json.loads(queued.data)["requires_gpu"] is True
+    finally:
+        await nc.close()
+
+
+async def test_a_worker_cut_off_from_nats_stops_and_the_job_finishes_elsewhere_once(
+    nats_cluster, start_daemon, start_worker, tiny_base_model, trainer_python, tmp_path
+) -> None:
+    """w1 knows only node n1; w2 and the daemon know n2 and n3. n1 is SIGKILLed mid-training: w1 cannot
+    refresh its lease and kills its trainer; the job (R3) is redelivered to w2, which resumes from the
+    checkpoint once the lease stayed silent; never two trainers at once; n1 comes back and catches up."""
+    n1, n2, n3 = nats_cluster.nodes
+    others = f"{n2.url},{n3.url}"
+    settings = daemon_settings(others, tmp_path / "daemon" / "data", tiny_base_model, trainer_python, replicas=3,
+                               hyperparameters=KILL_HP)
+    w1 = start_worker(n1.url, "w1", "--model", f"{tiny_base_model}={host_model(tmp_path, 'w1', tiny_base_model)}",
+                      "--gpu", "none", "--cpu-threads", "1", ACADEMY_WORKERS__ACK_WAIT_S=str(ACK_WAIT),
+                      ACADEMY_NATS__REPLICAS="3")
+    await workers_advertised(others, 1)
+    d = await start_daemon(settings)
+    await lessons_in(d, others)
+    run_id = await train(d)
+    for _ in range(600):
+        lease = (await lease_history(others, run_id) or [None])[-1]
+        if lease and (lease.get("checkpoint") or {}).get("step", 0) >= 4:
+            break
+        await asyncio.sleep(0.5)
+    assert lease and lease["worker"] == "w1", w1.log[-2000:]
+    w2 = worker(start_worker, tmp_path, tiny_base_model, others, "w2")
+    await workers_advertised(others, 2)
+    n1.kill()
+    store = d.app.store
+    await wait_for(lambda: store.get_run(run_id)["version"] or store.get_run(run_id)["state"] in ("failed", "refused"),
+                   timeout=400, interval=0.5)
+    run = store.get_run(run_id)
+    assert run["version"], (run, w2.log[-3000:])
+    n1.start()
+
+    # w1 stopped its trainer by itself, within the heartbeat window, before w2 started one.
+    stopping = worker_events(w1, "trainer_stopping")
+    stopped = worker_events(w1, "trainer_stopped")
+    assert stopping and "cut off" in stopping[0]["reason"]
+    started2 = worker_events(w2, "trainer_started")
+    assert len(started2) == 1 and started2[0]["resume_step"] >= 4
+    assert stopped and stopped[0]["time"] < started2[0]["time"]
+    last_beat1 = max(e["time"] for e in worker_events(w1, "heartbeat"))
+    assert stopping[0]["time"] - last_beat1 <= ACK_WAIT / 2 + ACK_WAIT / 4 + 1.0  # stop_after + one beat + slack
+    assert min(e["time"] for e in worker_events(w2, "heartbeat")) > stopped[0]["time"]
+    # The lease: w1's revisions, then w2's, never interleaved; checkpoints only grow.
+    history = await lease_history(others, run_id)
+    holders = [h["worker"] for h in history]
+    assert holders == sorted(holders) and set(holders) == {"w1", "w2"}, holders
+    steps = [(h.get("checkpoint") or {}).get("step", 0) for h in history]
+    assert steps == sorted(steps)
+    ckpt1 = [e["time"] for e in worker_events(w1, "checkpoint_uploaded")]
+    ckpt2 = [e["time"] for e in worker_events(w2, "checkpoint_uploaded")]
+    assert ckpt1 and (not ckpt2 or max(ckpt1) < min(ckpt2))
+    assert history[-1]["state"] == "succeeded" and history[-1]["worker"] == "w2"
+    from academyd.registry import Registry
+
+    assert [m["version"] for m in Registry(store, settings).list()] == [run["version"]]
+    assert [r["run_id"] for r in store.recent_runs(10)] == [run_id]
+    # n1 catches up on the jobs stream and the leases bucket.
+    nc = await nats.connect(servers=nats_cluster.servers)
+    try:
+        js = nc.jetstream()
+        for _ in range(120):
+            infos = [await js.stream_info(s) for s in ("ACADEMY_JOBS", "KV_academy_leases", "ACADEMY_INBOUND")]
+            if all(len(i.cluster.replicas or []) == 2 and all(r.current for r in i.cluster.replicas) for i in infos):
+                break
+            await asyncio.sleep(0.5)
+        assert all(i.config.num_replicas == 3 for i in infos)
+        assert all(all(r.current for r in i.cluster.replicas) for i in infos), [i.cluster for i in infos]
+    finally:
+        await nc.close()
