@@ -1,8 +1,8 @@
 """Dataset curation: lessons, git history and task conversations into clean, honest training sets.
 
 Public API: `build_dataset`, `BuildResult`, `latest_dataset` (loaded lazily: the daemon's handlers import
-`academyd.curator.rules` and `academyd.curator.git` without paying for numpy, datasketch and
-detect-secrets).
+`academyd.curator.rules` and `academyd.curator.git` without paying for numpy, rensa and
+the secret scanner).
 """
 
 from __future__ import annotations

@@ -72,12 +72,12 @@ _PLACEHOLDERS = frozenset(
     }
 )
 _LOREM = re.compile(r"\blorem ipsum\b", re.IGNORECASE)
-_WS = re.compile(r"\s+")
 
 
 def squash(text: str) -> str:
     """NFKC, case-folded, whitespace collapsed: the form used for equality and placeholders."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    # str.split() splits on exactly what re's \s matches (str.isspace), and is several times faster
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 _LONGEST_PLACEHOLDER = max(map(len, _PLACEHOLDERS)) + 8

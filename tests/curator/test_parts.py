@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datasketch import MinHash
 
 from academyd.curator import git as gitsrc
-from academyd.curator.dedup import Deduper, Signer, normalize, shingle_hashes
+from academyd.curator.dedup import Deduper, Signer, normalize
 from academyd.curator.rules import commit_message_reason, is_successful_lesson, is_successful_task, trivial_reason
 from academyd.curator.split import assign
 from academyd.secrets import scanner as secret_scanner
@@ -122,14 +121,39 @@ def test_prefilter_never_hides_a_line_the_rules_flag() -> None:
     assert len(flagged) < len(lines) // 2  # and the harmless prose is left alone
 
 
-def test_our_signatures_are_datasketch_minhashes() -> None:
+def test_our_signatures_are_rensa_minhashes_that_estimate_jaccard() -> None:
+    """The batched signatures are rensa's RMinHash digests of each text's shingle hashes, the same for a
+    text wherever it sits in a batch, and their agreement rate estimates the exact Jaccard similarity."""
+    import rensa
+
+    from academyd.curator.dedup import batch_window_hashes, jaccard, shingle_set
+
     signer = Signer(64, 5)
     texts = ["hello world, this is the curator", "ab", "zażółć gęślą jaźń ✅", ""]
     sigs = signer.sign([normalize(t) for t in texts])
     for text, sig in zip(texts, sigs, strict=True):
-        m = MinHash(num_perm=64, seed=1, hashfunc=lambda x: x)
-        m.update_batch(shingle_hashes(normalize(text), 5).tolist())
-        assert np.array_equal(m.hashvalues, sig)
+        flat, lengths = batch_window_hashes([normalize(text)], 5)
+        alone = rensa.RMinHash.digest_matrix_from_flat_token_hashes(flat, np.array([0, len(flat)], dtype=np.uint64),
+                                                                     64, 1).to_rows()[0]
+        assert list(sig) == alone
+        assert np.array_equal(signer.sign([normalize(text)])[0], sig)
+    from academyd.curator.dedup import batch_shingle_hashes, shingle_hashes
+
+    norms = [normalize(t) for t in texts]
+    flat, lengths = batch_shingle_hashes(norms, 5)
+    assert np.array_equal(flat, np.concatenate([shingle_hashes(n, 5) for n in norms]))
+    assert lengths.tolist() == [len(shingle_hashes(n, 5)) for n in norms]
+    w = Words(9)
+    errors = []
+    for _ in range(60):
+        words = w.sentence(50).split()
+        other = list(words)
+        for _ in range(w.rng.randint(1, 25)):
+            other[w.rng.randrange(len(other))] = w.rng.choice(w.vocab)
+        a, b = normalize(" ".join(words)), normalize(" ".join(other))
+        sa, sb = signer.sign([a, b])
+        errors.append(float(np.mean(sa == sb)) - jaccard(shingle_set(a, 5), shingle_set(b, 5)))
+    assert abs(float(np.mean(errors))) < 0.03 and float(np.std(errors)) < 0.09
 
 
 def test_dedup_is_order_stable_and_exact_about_the_threshold() -> None:
