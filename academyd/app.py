@@ -21,6 +21,7 @@ import structlog
 from academyd import __version__, policy
 from academyd.bus import Bus
 from academyd.embedded import EmbeddedServer
+from academyd.nats_auth import DAEMON, as_identity
 from academyd.ingest import Inbound, Ingestor
 from academyd.notify import Notifier
 from academyd.outbox import OutboxRelay
@@ -78,9 +79,11 @@ class App:
         if s.nats.url:
             self.nats_url = s.nats.url
         else:
-            self.embedded = EmbeddedServer(s.nats_dir, s.nats.embedded_port, s.nats.embedded_monitor_port)
+            self.embedded = EmbeddedServer(s.nats_dir, s.nats.embedded_port, s.nats.embedded_monitor_port,
+                                           s.nats.outbound_stream)
             await self.embedded.start()
             self.nats_url = self.embedded.url
+            self.bus.cfg = as_identity(s.nats, DAEMON, self.embedded.passwords[DAEMON])
         await self.bus.connect(self.nats_url)
         await self.bus.ensure_streams()
         await self.bus.bind_consumer()

@@ -69,6 +69,7 @@ def connect_options(cfg: NatsSettings, url: str) -> dict[str, Any]:
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
         "allow_reconnect": True,
+        "inbox_prefix": cfg.inbox_prefix,
     }
     if cfg.user is not None:
         opts["user"], opts["password"] = cfg.user, cfg.password

@@ -2,6 +2,10 @@
 
 JetStream on, `sync_interval: always` (JetStream otherwise acknowledges before fsync), store under the
 data directory, bound to loopback. Started before the daemon connects, stopped after it closes.
+
+Nobody connects without credentials: the first start generates one password per identity (the daemon,
+the operator, the agents; see `academyd.nats_auth`) into `<data_dir>/nats/users/` (0600), and the config
+(0600 too, it holds them) grants each identity only what it needs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import sysconfig
 from pathlib import Path
 
 import structlog
+
+from academyd import nats_auth
 
 log = structlog.get_logger("academyd.embedded")
 
@@ -46,7 +52,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def render_config(store_dir: Path, port: int, monitor_port: int = 0, max_payload: int = 8 * 1024 * 1024) -> str:
+def render_config(store_dir: Path, port: int, monitor_port: int = 0, max_payload: int = 8 * 1024 * 1024,
+                  passwords: dict[str, str] | None = None, outbound_stream: str = "ACADEMY_EVENTS") -> str:
+    """The server's config; with `passwords` (identity -> password), the identities' authorization."""
     lines = [
         "# Written by academyd for its embedded server; edits are overwritten at start.",
         'server_name: "academyd-embedded"',
@@ -60,14 +68,19 @@ def render_config(store_dir: Path, port: int, monitor_port: int = 0, max_payload
     ]
     if monitor_port:
         lines.insert(3, f'http: "127.0.0.1:{monitor_port}"')
+    if passwords:
+        lines.append(nats_auth.render_authorization(passwords, nats_auth.permissions(outbound_stream)))
     return "\n".join(lines) + "\n"
 
 
 class EmbeddedServer:
-    def __init__(self, nats_dir: Path, port: int, monitor_port: int = 0) -> None:
+    def __init__(self, nats_dir: Path, port: int, monitor_port: int = 0,
+                 outbound_stream: str = "ACADEMY_EVENTS") -> None:
         self.nats_dir = nats_dir
         self.port = port or free_port()
         self.monitor_port = monitor_port
+        self.outbound_stream = outbound_stream
+        self.passwords: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,9 +90,16 @@ class EmbeddedServer:
     async def start(self, timeout: float = 15.0) -> None:
         binary = find_server_binary()
         self.nats_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.nats_dir, 0o700)
         await self._stop_stale()
+        self.passwords = await asyncio.to_thread(nats_auth.ensure_credentials, self.nats_dir)
         conf = self.nats_dir / "nats.conf"
-        conf.write_text(render_config(self.nats_dir / "jetstream", self.port, self.monitor_port))
+        text = render_config(self.nats_dir / "jetstream", self.port, self.monitor_port,
+                             passwords=self.passwords, outbound_stream=self.outbound_stream)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
         log_file = open(self.nats_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             [str(binary), "-c", str(conf)],

@@ -54,6 +54,9 @@ class NatsSettings(BaseModel):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    inbox_prefix: str = Field(
+        default="_INBOX", description="Prefix of the daemon's reply subjects (the embedded server gives it "
+        "_INBOX_academyd, which agents cannot subscribe to).")
     embedded_port: int = Field(default=4222, ge=0, le=65535, description="0 picks a free port.")
     embedded_monitor_port: int = Field(default=0, ge=0, le=65535, description="0 disables monitoring.")
     inbound_stream: str = "ACADEMY_INBOUND"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from academyd.settings import Settings, SettingsError, load_settings
+from academyd.settings import NatsSettings, Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -50,6 +50,23 @@ def daemon_url(settings: Settings) -> str:
     return f"nats://127.0.0.1:{settings.nats.embedded_port or 4222}"
 
 
+def client_nats(settings: Settings) -> NatsSettings:
+    """How the CLI authenticates: as configured, or with the embedded server as the generated `operator`."""
+    from academyd.nats_auth import OPERATOR, as_identity, password_file, read_password
+
+    cfg = settings.nats
+    if cfg.url or cfg.user or cfg.token or cfg.creds_file:
+        return cfg
+    password = read_password(settings.nats_dir, OPERATOR)
+    if password is None:
+        raise DaemonUnreachable(
+            f"no credentials for the embedded NATS server ({password_file(settings.nats_dir, OPERATOR)} is "
+            "missing): start the daemon in this data directory first (`academyd run` or `make run`), pass "
+            "its --data-dir / ACADEMY_DATA_DIR, or --nats-url / ACADEMY_NATS__URL for another server."
+        )
+    return as_identity(cfg, OPERATOR, password)
+
+
 def cli_connect_options(settings: Settings) -> dict[str, Any]:
     """Connection options for a one-shot CLI client: give up fast and quietly when nobody is there.
 
@@ -61,7 +78,7 @@ def cli_connect_options(settings: Settings) -> dict[str, Any]:
     async def quiet(exc: Exception) -> None:
         return None
 
-    opts = connect_options(settings.nats, daemon_url(settings))
+    opts = connect_options(client_nats(settings), daemon_url(settings))
     opts.update(max_reconnect_attempts=1, reconnect_time_wait=0.1, allow_reconnect=False, connect_timeout=2,
                 error_cb=quiet)
     return opts

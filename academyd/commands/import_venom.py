@@ -63,6 +63,8 @@ async def _publish(settings: Any, events: list[tuple[str, Any]]) -> dict[str, in
 
     try:
         nc = await nats.connect(**cli_connect_options(settings))
+    except DaemonUnreachable:
+        raise
     except Exception as exc:
         raise DaemonUnreachable(f"cannot reach NATS at {daemon_url(settings)}: {exc}") from None
     js = nc.jetstream(timeout=10)

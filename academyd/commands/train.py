@@ -12,6 +12,7 @@ from academyd.commands.common import (
     DaemonUnreachable,
     add_json_arg,
     add_settings_args,
+    client_nats,
     daemon_url,
     guard,
     print_json,
@@ -102,6 +103,8 @@ async def _outbound_last_seq(settings: Settings) -> int | None:
 
     try:
         nc = await nats.connect(**cli_connect_options(settings))
+    except DaemonUnreachable:
+        raise
     except Exception as exc:
         raise DaemonUnreachable(
             f"cannot reach NATS at {daemon_url(settings)} ({type(exc).__name__}: {exc}). Start the daemon with "
@@ -130,7 +133,7 @@ async def follow(settings: Settings, run_id: str, as_json: bool = False,
     from academyd.bus import connect_options
 
     done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-    nc = await nats.connect(**connect_options(settings.nats, daemon_url(settings)))
+    nc = await nats.connect(**connect_options(client_nats(settings), daemon_url(settings)))
     progress = None if as_json else Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]}"), TimeRemainingColumn(),

@@ -239,3 +239,36 @@ async def test_run_once_with_the_embedded_server(cli, tmp_path) -> None:
                       env={"ACADEMY_HTTP__PORT": str(port), "ACADEMY_LOG_LEVEL": "warning"}, timeout=60)
     assert r.code == EXIT_FAILED, (r.out, r.err)
     assert "ACADEMY_HTTP__PORT" in r.err and "Traceback" not in r.err
+
+
+async def test_a_fresh_directory_just_works_with_the_generated_credentials(cli, tmp_path) -> None:
+    """`academyd run` then `academyd status` / `models list` / `train` in a fresh directory, default data dir,
+    the embedded server: the CLI finds the operator's credentials the daemon generated at its first start."""
+    from fixtures.nats import daemon_cmd, daemon_env
+
+    env = {"ACADEMY_NATS__EMBEDDED_PORT": str(free_port()), "ACADEMY_HTTP__ENABLED": "false",
+           "ACADEMY_LOG_LEVEL": "warning"}
+    r = await cli("status", env=env, cwd=tmp_path)
+    assert r.code == EXIT_UNREACHABLE and "academyd run" in r.err and "Traceback" not in r.err
+
+    daemon = subprocess.Popen(daemon_cmd("run"), cwd=tmp_path, env=daemon_env(**env),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            r = await cli("status", "--json", env=env, cwd=tmp_path)
+            if r.code == EXIT_OK:
+                break
+            await asyncio.sleep(0.3)
+        assert r.code == EXIT_OK, r.err
+        assert r.json()["counts"]["lesson.created"] == 0
+        r = await cli("models", "list", "--json", env=env, cwd=tmp_path)
+        assert r.code == EXIT_OK, r.err
+        r = await cli("train", "--json", env=env, cwd=tmp_path)
+        assert r.code in (EXIT_OK, EXIT_FAILED) and r.json()["ok"] is False, (r.out, r.err)  # refused: no lessons
+        # The credentials are the data directory's, readable by its owner only.
+        users = tmp_path / "data" / "nats" / "users"
+        assert {p.name for p in users.iterdir()} == {"academyd.password", "operator.password", "agent.password"}
+        assert all((p.stat().st_mode & 0o077) == 0 for p in users.iterdir())
+    finally:
+        daemon.terminate()
+        daemon.wait(30)

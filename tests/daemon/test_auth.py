@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -106,3 +109,131 @@ def test_missing_creds_file_is_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(BusError, match="credentials file .* not found"):
         connect_options(NatsSettings(creds_file=tmp_path / "none.creds"), "nats://127.0.0.1:4222")
+
+
+# ------------------------------------------------------------------ least-privilege identities
+
+SHIPPED_CONF = Path(__file__).resolve().parents[2] / "systemd" / "nats-server.conf"
+
+
+def shipped_config(tmp: Path, port: int) -> Path:
+    """The shipped production config, adapted only in its ports and paths."""
+    text = SHIPPED_CONF.read_text()
+    for old, new in (("listen: 127.0.0.1:4222", f"listen: 127.0.0.1:{port}"),
+                     ("http: 127.0.0.1:8222", f"http: 127.0.0.1:{free_port()}"),
+                     ("store_dir: /var/lib/nats/jetstream", f'store_dir: "{tmp / "js"}"')):
+        assert old in text, f"the shipped config no longer has {old!r}: adapt this test"
+        text = text.replace(old, new)
+    conf = tmp / "production.conf"
+    conf.write_text(text)
+    return conf
+
+
+class Client:
+    """A NATS client that remembers what the server refused it (permission violations arrive async)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: Any = None
+
+    async def connect(self, url: str, user: str, password: str) -> Client:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        self.nc = await nats.connect(url, user=user, password=password, error_cb=on_error,
+                                     allow_reconnect=False)
+        return self
+
+    async def refused(self, what: str) -> bool:
+        for _ in range(100):
+            if any(what in e.lower() for e in self.errors):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+@pytest.fixture(params=["shipped-config", "embedded-server"])
+async def secured(request, tmp_path, make_settings, start_daemon) -> Any:
+    """A daemon on a server with the identities: (daemon, url, {role: (user, password)}, daemon's creds)."""
+    if request.param == "shipped-config":
+        port = free_port()
+        passwords = {"venom": "agent-pw", "operator": "operator-pw", "academyd": "daemon-pw"}
+        env = {**os.environ, "VENOM_NATS_PASSWORD": passwords["venom"],
+               "OPERATOR_NATS_PASSWORD": passwords["operator"], "ACADEMYD_NATS_PASSWORD": passwords["academyd"]}
+        proc = subprocess.Popen([str(find_server_binary()), "-c", str(shipped_config(tmp_path, port))], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await wait_port(port)
+        url = f"nats://127.0.0.1:{port}"
+        d = await start_daemon(make_settings(nats={"url": url, "user": "academyd", "password": "daemon-pw",
+                                                   "inbox_prefix": "_INBOX_academyd"}))
+        roles = {"agent": ("venom", passwords["venom"]), "operator": ("operator", passwords["operator"]),
+                 "daemon": ("academyd", passwords["academyd"])}
+        yield d, url, roles
+        await d.stop()
+        proc.terminate()
+        proc.wait()
+        return
+    d = await start_daemon(make_settings(nats={"url": None, "embedded_port": 0}))
+    users = d.app.settings.nats_dir / "users"
+    assert stat.S_IMODE(users.stat().st_mode) == 0o700
+    roles = {}
+    for role, name in (("agent", "agent"), ("operator", "operator"), ("daemon", "academyd")):
+        path = users / f"{name}.password"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        roles[role] = (name, path.read_text().strip())
+    assert stat.S_IMODE((d.app.settings.nats_dir / "nats.conf").stat().st_mode) == 0o600
+    yield d, d.app.nats_url, roles
+    await d.stop()
+
+
+async def test_agents_publish_only_and_operators_command(secured) -> None:
+    d, url, roles = secured
+    # Nobody gets in without credentials.
+    with pytest.raises(Exception, match="(?i)authorization"):
+        await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+
+    agent = await Client().connect(url, *roles["agent"])
+    js = agent.nc.jetstream(timeout=2)
+    ack = await publish(js, "lesson.created", lesson(1), "ev-lesson-1")  # the JetStream ack reaches the agent
+    assert ack.stream == "ACADEMY_INBOUND"
+    await wait_for(lambda: d.app.store.counts()["lesson.created"] == 1)
+
+    # No command: the request never reaches the daemon.
+    with pytest.raises(nats.errors.TimeoutError):
+        await agent.nc.request("academy.cmd.promote", json.dumps({"version": "v0001"}).encode(), timeout=1)
+    assert await agent.refused('publish to "academy.cmd.promote"'), agent.errors
+    with pytest.raises(nats.errors.TimeoutError):
+        await agent.nc.request("academy.cmd.rollback", b"{}", timeout=1)
+    # No stream admin: the inbound stream survives an agent's delete.
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.delete_stream("ACADEMY_INBOUND")
+    assert await agent.refused('publish to "$js.api.stream.delete.academy_inbound"'), agent.errors
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.add_stream(name="EVIL", subjects=["academy.cmd.>"])
+    # No listening in on commands (a queue subscriber could answer in the daemon's name) or the daemon's inbox.
+    await agent.nc.subscribe("academy.cmd.>", queue="q")
+    assert await agent.refused('subscription to "academy.cmd.>"'), agent.errors
+    await agent.nc.subscribe("_INBOX_academyd.>")
+    assert await agent.refused('subscription to "_inbox_academyd.>"'), agent.errors
+    # Events: yes, and the agent may read the events stream.
+    info = await js.stream_info("ACADEMY_EVENTS")
+    assert info.config.name == "ACADEMY_EVENTS"
+    await agent.nc.close()
+
+    daemon = await Client().connect(url, *roles["daemon"])
+    inbound = await daemon.nc.jetstream(timeout=5).stream_info("ACADEMY_INBOUND")
+    assert inbound.state.messages == 1
+    await daemon.nc.close()
+
+    operator = await Client().connect(url, *roles["operator"])
+    reply = json.loads((await operator.nc.request("academy.status", b"{}", timeout=10)).data)
+    assert reply["ok"] is True and reply["counts"]["lesson.created"] == 1
+    promote = await operator.nc.request("academy.cmd.promote", json.dumps({"version": "v9999"}).encode(),
+                                        timeout=10)
+    answer = json.loads(promote.data)
+    assert answer.get("ok") is False and "v9999" in json.dumps(answer), answer  # the daemon answered
+    ojs = operator.nc.jetstream(timeout=2)
+    with pytest.raises(nats.errors.TimeoutError):
+        await ojs.delete_stream("ACADEMY_INBOUND")
+    assert operator.errors and all("permissions violation" in e.lower() for e in operator.errors)
+    await operator.nc.close()

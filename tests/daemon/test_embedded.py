@@ -41,15 +41,21 @@ async def test_run_starts_the_embedded_server_and_a_client_lesson_reaches_the_st
         # READY only once the database is migrated and the consumer is bound.
         db = tmp_path / "data" / "academy.db"
         assert db_count(db, "SELECT COUNT(*) FROM schema_migrations") >= 1
-        nc = await nats.connect(f"nats://127.0.0.1:{port}")
-        js = nc.jetstream()
-        info = await js.consumer_info("ACADEMY_INBOUND", "academyd")
+        # Credentials were generated at first start; the daemon's own identity manages the streams.
+        users = tmp_path / "data" / "nats" / "users"
+        url = f"nats://127.0.0.1:{port}"
+        daemon_pw = (users / "academyd.password").read_text().strip()
+        nc = await nats.connect(url, user="academyd", password=daemon_pw)
+        info = await nc.jetstream().consumer_info("ACADEMY_INBOUND", "academyd")
         assert str(getattr(info.config.ack_policy, "value", info.config.ack_policy)) == "explicit"
+        await nc.close()
         assert (tmp_path / "data" / "nats" / "jetstream").is_dir()
         conf = (tmp_path / "data" / "nats" / "nats.conf").read_text()
         assert "sync_interval: always" in conf and "127.0.0.1" in conf
 
-        await publish(js, "lesson.created", lesson(1), "ev-lesson-1")
+        # An agent publishes with the agent identity (what README tells Venom to use).
+        nc = await nats.connect(url, user="agent", password=(users / "agent.password").read_text().strip())
+        await publish(nc.jetstream(), "lesson.created", lesson(1), "ev-lesson-1")
         await nc.close()
         await wait_for(lambda: db_count(db, "SELECT COUNT(*) FROM lessons WHERE lesson_id='lesson-1'") == 1)
         await wait_for(lambda: received("WATCHDOG=1"), timeout=5)
