@@ -156,7 +156,9 @@ class TrainingSettings(BaseModel):
         default=None, description="Interpreter of the trainer environment (default: .venv-trainer/bin/python)."
     )
     base_model: str = Field(default="", description="Base model path or name the adapters are trained on.")
-    docker_image: str = "unsloth/unsloth:latest"
+    docker_image: str = Field(
+        default="", description="The trainer image, pinned by digest (repo@sha256:..., or a local image id "
+        "sha256:...); a tag can move under you. Unset: the Docker habitat is not used.")
     docker_url: str | None = None
     docker_python: str = Field(
         default="python", description="The trainer's interpreter inside the Docker image (it needs torch/Unsloth)."
@@ -166,7 +168,11 @@ class TrainingSettings(BaseModel):
         description="uid:gid the trainer runs as in the container (never root); unset: the daemon's own "
         "uid:gid, or 65534:65534 (nobody) when the daemon runs as root.",
     )
-    docker_cpus: float = Field(default=0.0, ge=0, description="CPUs the container may use; 0: no limit.")
+    docker_cpus: float = Field(
+        default=0.0, ge=0, description="CPUs the container may use; 0: all of the engine's CPUs but one.")
+    docker_memory_mb: int = Field(
+        default=0, ge=0, description="The container's memory limit when training.memory_limit_mb is 0; "
+        "0: three quarters of the engine's memory.")
     docker_pids_limit: int = Field(default=4096, ge=0, description="Processes/threads in the container; 0: no limit.")
     docker_shm_mb: int = Field(default=1024, ge=64, description="Size of the container's /dev/shm.")
     docker_mounts: list[str] = Field(
@@ -186,6 +192,11 @@ class TrainingSettings(BaseModel):
     seed: int = 3407
     backend: Literal["auto", "unsloth", "peft"] = "auto"
     progress_per_s: float = Field(default=2.0, gt=0, description="Throttle of academy.training.progress.")
+
+    @field_validator("docker_image")
+    @classmethod
+    def _image_by_digest(cls, v: str) -> str:
+        return _check_image(v)
 
 
 class WorkersSettings(BaseModel):
@@ -207,6 +218,17 @@ class WorkersSettings(BaseModel):
     def heartbeat_s(self) -> float:
         """In-progress acks, lease refreshes and advertisements: four per ack wait."""
         return self.ack_wait_s / 4
+
+
+_DIGEST = re.compile(r"(?:[^\s@]+@)?sha256:[0-9a-f]{64}")
+
+
+def _check_image(value: str) -> str:
+    if value and not _DIGEST.fullmatch(value.strip()):
+        raise ValueError(f"{value!r} is not pinned by digest: name the image as repo@sha256:<digest> "
+                         "(docker inspect --format '{{index .RepoDigests 0}}' IMAGE) or by its local id "
+                         "sha256:<id>, not by a tag that can move")
+    return value.strip()
 
 
 class ArenaSettings(BaseModel):

@@ -7,5 +7,6 @@ pytest_plugins = [
     "fixtures.curator",
     "fixtures.arena",
     "fixtures.web",
+    "fixtures.systemd",
     "fixtures.scale",
 ]

@@ -71,7 +71,8 @@ def _loss_file(settings: Settings, run: dict[str, Any]) -> Path | None:
     run_dir = settings.runs_dir / str(run["run_id"])
     candidates.append(run_dir / "loss.jsonl")
     if run_dir.is_dir():
-        candidates.extend(sorted(run_dir.glob("*/loss.jsonl")))
+        # Not a container's output/ (written by the job, not the daemon): its validated copy is in result/.
+        candidates.extend(p for p in sorted(run_dir.glob("*/loss.jsonl")) if p.parent.name != "output")
     return next((p for p in candidates if p.is_file()), None)
 
 

@@ -49,6 +49,9 @@ def _auto_kind(settings: Settings) -> str:
     from academyd.habitat.docker import engine_answers, image_present
 
     t = settings.training
+    if not t.docker_image:
+        log.info("habitat_auto", chosen="process", reason="no training.docker_image (an image pinned by digest)")
+        return "process"
     where = t.docker_url or "DOCKER_HOST/the default socket"
     if not engine_answers(t.docker_url):
         log.info("habitat_auto", chosen="process", reason=f"no Docker engine answers at {where}")

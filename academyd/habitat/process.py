@@ -38,7 +38,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 import academyd
+from academyd.habitat import jobdir
 from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
 from academyd.trainer import spec as S
 
@@ -89,6 +92,23 @@ def _group_rss_bytes(pgid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def _find_wrapper(exit_file: Path) -> tuple[int, tuple[str, int, int]] | None:
+    """The live wrapper shell of a job whose exit file is `exit_file` (its own argument), if any."""
+    want = str(exit_file).encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) >= 6 and argv[:3] == [b"/bin/sh", b"-c", _WRAPPER.encode()] and argv[5] == want:
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[0] != "Z":
+                return int(entry.name), stat
+    return None
 
 
 def _read_json(path: Path) -> Any:
@@ -152,16 +172,35 @@ class ProcessHabitat:
         out = Path(job.spec.output_dir).resolve()
         out.mkdir(parents=True, exist_ok=True)
         ref = REF_PREFIX + str(out)
+        spec = job.spec.replace(output_dir=str(out))
         previous = _read_json(out / JOB_FILE)
-        if previous and self._alive(previous):
+        if previous and previous.get("ref") == ref and self._alive(previous):
+            if previous.get("run_id") == job.run_id and previous.get("spec_hash") == S.spec_hash(spec):
+                # This very job, started by a daemon that died before it recorded the ref: adopt it.
+                return self._adopt(ref, job.run_id, previous, out)
             raise HabitatError(f"a trainer already runs in {out} (pid {previous['pid']}); cancel it "
                                "or give the job another output_dir")
+        orphan = _find_wrapper(out / EXIT_FILE)
+        if orphan is not None:
+            # Launched, but its pid never reached job.json (the daemon died in between).
+            same = bool(previous and previous.get("ref") == ref and previous.get("run_id") == job.run_id
+                    and previous.get("spec_hash") == S.spec_hash(spec))
+            if not same:
+                raise HabitatError(f"a trainer already runs in {out} (pid {orphan[0]}); cancel it "
+                                   "or give the job another output_dir")
+            pid, stat = orphan
+            record = {**previous, "pid": pid, "pgid": stat[1], "proc_start": stat[2]}
+            _write_json(out / JOB_FILE, record)
+            return self._adopt(ref, job.run_id, record, out)
         for name in (EXIT_FILE, CANCEL_FILE, LIMIT_FILE):
             (out / name).unlink(missing_ok=True)
         spec_path = out / S.SPEC_FILE
-        _write_json(spec_path, job.spec.replace(output_dir=str(out)).to_dict())
+        _write_json(spec_path, spec.to_dict())
         events_path = out / S.EVENTS_FILE
         offset = events_path.stat().st_size if events_path.exists() else 0
+        # Written before the launch: a daemon that dies right after it still knows this attempt (see start).
+        record = self._new_record(ref, job, spec, offset)
+        _write_json(out / JOB_FILE, record)
         env = {**os.environ, **job.env, "PYTHONPATH": str(package_root()), "PYTHONUNBUFFERED": "1"}
         env.pop("VIRTUAL_ENV", None)
         with (out / STDOUT_FILE).open("ab") as so, (out / STDERR_FILE).open("ab") as se:
@@ -177,22 +216,33 @@ class ProcessHabitat:
                 start_new_session=True,  # own process group: cancel reaches the trainer, not the daemon
             )
         stat = _proc_stat(proc.pid)
-        record = {
-            "ref": ref,
-            "run_id": job.run_id,
-            "pid": proc.pid,
-            "pgid": proc.pid,
-            "proc_start": stat[2] if stat else None,
-            "started_at": self._clock(),
-            "events_offset": offset,
-            "time_limit_s": job.time_limit_s,
-            "memory_limit_mb": job.memory_limit_mb or None,
-            "trainer_python": str(py),
-            "spec_hash": S.spec_hash(job.spec),
-        }
+        record.update(pid=proc.pid, pgid=proc.pid, proc_start=stat[2] if stat else None)
         _write_json(out / JOB_FILE, record)
         self._children[ref] = proc
         handle = JobHandle(ref=ref, run_id=job.run_id, output_dir=str(out))
+        self._watch(handle, record)
+        return handle
+
+    def _new_record(self, ref: str, job: TrainingJob, spec: S.TrainSpec, events_offset: int) -> dict[str, Any]:
+        return {
+            "ref": ref,
+            "run_id": job.run_id,
+            "pid": None,
+            "pgid": None,
+            "proc_start": None,
+            "started_at": self._clock(),
+            "events_offset": events_offset,
+            "time_limit_s": job.time_limit_s,
+            "memory_limit_mb": job.memory_limit_mb or None,
+            "trainer_python": str(self.trainer_python),
+            "spec_hash": S.spec_hash(spec),
+        }
+
+    def _adopt(self, ref: str, run_id: str, record: dict[str, Any], out: Path) -> JobHandle:
+        structlog.get_logger("academyd.habitat").warning(
+            "job_adopted", run_id=run_id, ref=ref, pid=record.get("pid"),
+            reason="a job of this run was already running (the daemon died before it recorded the ref)")
+        handle = JobHandle(ref=ref, run_id=run_id, output_dir=str(out))
         self._watch(handle, record)
         return handle
 
@@ -215,6 +265,8 @@ class ProcessHabitat:
         child = self._children.get(ref)
         if child is not None and child.poll() is not None:  # reap our own child: no zombie looks alive
             return False
+        if record.get("pid") is None:
+            return False  # never launched (or launched and then lost by a daemon that died: see start)
         stat = _proc_stat(int(record["pid"]))
         return stat is not None and stat[0] != "Z" and stat[2] == record.get("proc_start")
 
@@ -229,11 +281,11 @@ class ProcessHabitat:
 
     def _final_event(self, handle: JobHandle, record: dict[str, Any]) -> dict[str, Any] | None:
         out = Path(handle.output_dir)
-        events, _ = _read_events(out / S.EVENTS_FILE, int(record.get("events_offset", 0)))
+        events, _ = self._events_since(handle, int(record.get("events_offset", 0)))
         finals = [e for e in events if e["type"] in S.FINAL_EVENTS]
         if not finals:
             # An error before the trainer knew its output_dir (a bad spec) only reached stdout.
-            events, _ = _read_events(out / STDOUT_FILE, 0)
+            events, _ = jobdir.parse_events(jobdir.read_tail(out / STDOUT_FILE))
             finals = [e for e in events if e["type"] == S.EVENT_ERROR and e.get("time", 0) >= record["started_at"]]
         return finals[-1] if finals else None
 
@@ -277,12 +329,11 @@ class ProcessHabitat:
 
     async def progress(self, handle: JobHandle) -> AsyncIterator[dict[str, Any]]:
         record = self._record(handle)
-        path = Path(handle.output_dir) / S.EVENTS_FILE
         offset = int(record.get("events_offset", 0))
         while True:
             # Check liveness before reading, so the last read after death sees every line written.
             running = self._alive(record)
-            events, offset = _read_events(path, offset)
+            events, offset = self._events_since(handle, offset)
             for event in events:
                 yield event
                 if event["type"] in S.FINAL_EVENTS:
@@ -329,8 +380,11 @@ class ProcessHabitat:
         summary = None
         adapter = None
         if status is JobStatus.SUCCEEDED:
-            summary = _read_json(Path(handle.output_dir) / S.SUMMARY_FILE)
-            adapter = str(Path(handle.output_dir) / S.ADAPTER_DIR)
+            try:
+                summary, adapter = await self._collect(handle)
+            except HabitatError as exc:
+                status, info["reason"] = JobStatus.FAILED, str(exc)
+                info["error_code"] = getattr(exc, "code", "unsafe_output")
         return JobResult(
             status=status,
             exit_code=info.get("exit_code"),
@@ -339,6 +393,15 @@ class ProcessHabitat:
             adapter_path=adapter,
             error_code=info.get("error_code"),
         )
+
+    def _events_since(self, handle: JobHandle, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The trainer's events after `offset` in its events.jsonl, and the offset after them."""
+        return _read_events(Path(handle.output_dir) / S.EVENTS_FILE, offset)
+
+    async def _collect(self, handle: JobHandle) -> tuple[dict[str, Any] | None, str]:
+        """What a succeeded job hands over: its summary and the adapter directory the daemon reads."""
+        out = Path(handle.output_dir)
+        return _read_json(out / S.SUMMARY_FILE), str(out / S.ADAPTER_DIR)
 
     async def _wait_exit_file(self, handle: JobHandle) -> None:
         # The shell writes exit_code a moment after the trainer's last event; its group may outlive it briefly.

@@ -120,3 +120,20 @@ def test_production_nats_config_is_valid_and_syncs_always() -> None:
     server = Path(sys.executable).parent / "nats-server"
     out = subprocess.run([str(server), "-t", "-c", str(conf)], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "valid" in (out.stdout + out.stderr)
+
+
+def test_the_env_example_loads_and_limits_the_trainer_container(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = REPO / "systemd" / "academyd.env.example"
+    for line in example.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ACADEMY_TRAINING__TRAINER_PYTHON", sys.executable)  # the example's is /opt/...
+    settings = load_settings()
+    t = settings.training
+    assert t.docker_memory_mb > 0 and t.docker_cpus > 0 and t.docker_pids_limit > 0
+    # The image is named by digest wherever the example names one; a tag is refused.
+    assert "@sha256:" in example.read_text() and ":latest" not in example.read_text()
+    monkeypatch.setenv("ACADEMY_TRAINING__DOCKER_IMAGE", "unsloth/unsloth:latest")
+    with pytest.raises(SettingsError, match="not pinned by digest"):
+        load_settings()

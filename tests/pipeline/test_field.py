@@ -29,7 +29,8 @@ from fixtures.nats import daemon_cmd, daemon_env, db_count, publish, wait_for
 from fixtures.trainer import FAST_HYPERPARAMETERS
 from test_end_to_end import reversal_lesson
 
-LIVE = ["academy.>", "model.>"]
+# What an agent may read (its identity may not subscribe to academy.cmd.*).
+LIVE = ["academy.training.>", "academy.dataset.>", "academy.evaluation.>", "model.>"]
 
 
 def field_env(base_model: Path, port: int) -> dict[str, str]:
@@ -78,26 +79,31 @@ class FieldDaemon:
         return (self.cwd / "daemon.log").read_text(errors="replace")[-4000:]
 
 
+def identity(daemon: FieldDaemon, name: str) -> dict[str, str]:
+    """The credentials the daemon generated at its first start (README: "Talking to it")."""
+    return {"user": name, "password": (daemon.cwd / "data" / "nats" / "users" / f"{name}.password").read_text().strip()}
+
+
 async def connect(url: str, daemon: FieldDaemon) -> Any:
+    """A client as Venom's agents connect: the `agent` identity, once the daemon is bound."""
     for _ in range(600):
         assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()
         try:
-            nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-            js = nc.jetstream()
-            await js.consumer_info("ACADEMY_INBOUND", "academyd")  # the daemon is ready once it is bound
-            return nc
-        except Exception:
+            admin = await nats.connect(url, allow_reconnect=False, **identity(daemon, "academyd"))
             try:
-                await nc.close()
-            except Exception:
-                pass
+                await admin.jetstream().consumer_info("ACADEMY_INBOUND", "academyd")  # ready once bound
+            finally:
+                await admin.close()
+            return await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                                      **identity(daemon, "agent"))
+        except Exception:  # not up yet (no credentials file, no server, no consumer)
             await asyncio.sleep(0.1)
     raise AssertionError("the daemon did not come up:\n" + daemon.log())
 
 
-async def stream_events(url: str, subject: str) -> list[dict[str, Any]]:
+async def stream_events(url: str, subject: str, daemon: FieldDaemon) -> list[dict[str, Any]]:
     """Every `subject` event in the daemon's durable event stream (what Venom would consume)."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **identity(daemon, "agent"))
     try:
         js = nc.jetstream()
         sub = await js.subscribe(subject, ordered_consumer=True, stream="ACADEMY_EVENTS")
@@ -204,9 +210,9 @@ async def test_sigkill_during_training_then_start_again_one_run_one_version(tmp_
         assert db_count(db, "SELECT COUNT(*) FROM runs") == 1, daemon.log()
         assert db_count(db, "SELECT COUNT(*) FROM runs WHERE state='succeeded'") == 1, daemon.log()
         assert db_count(db, "SELECT COUNT(*) FROM models") == 1
-        promoted = await stream_events(url, "model.promoted")
+        promoted = await stream_events(url, "model.promoted", daemon)
         assert [p["version"] for p in promoted] == ["v1"], promoted
-        assert len(await stream_events(url, "academy.training.started")) == 1
+        assert len(await stream_events(url, "academy.training.started", daemon)) == 1
         assert_absolute_and_present(promoted[0], cwd / "data")
     finally:
         daemon.stop()

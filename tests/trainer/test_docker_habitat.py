@@ -20,6 +20,7 @@ from academyd.habitat import habitat_for
 from academyd.habitat.base import Habitat, HabitatError, JobStatus, TrainingJob
 from academyd.habitat.docker import (
     LABEL_MANAGED,
+    LABEL_JOB_DIR,
     LABEL_OUTPUT_DIR,
     LABEL_RUN_ID,
     DockerHabitat,
@@ -55,7 +56,7 @@ def _habitat(url: str, options: DockerOptions) -> DockerHabitat:
 
 
 def _containers(client: docker.DockerClient, out: Path) -> list[Any]:
-    return client.containers.list(all=True, filters={"label": [f"{LABEL_OUTPUT_DIR}={out}"]})
+    return client.containers.list(all=True, filters={"label": [f"{LABEL_JOB_DIR}={out}"]})
 
 
 # ------------------------------------------------------------------ pure: mount plan, container config
@@ -99,9 +100,9 @@ def test_container_config_and_options() -> None:
     options = DockerOptions(image="img:1", python="/venv/bin/python", user="1000:1000", source_dir="/src",
                             cpus=1.5, pids_limit=256, shm_mb=128)
     job = TrainingJob(spec=_spec(), run_id="run 7/x", memory_limit_mb=2048, env={"HOME": "/work", "X": "1"})
-    cfg = container_config(job, options, gpu=False)
+    cfg = container_config(job, options, gpu=False, job_dir="/runs/")
     assert cfg["image"] == "img:1"
-    assert cfg["command"] == ["/venv/bin/python", "-m", "academyd.trainer", "/runs/r1/spec.json"]
+    assert cfg["command"] == ["/venv/bin/python", "-m", "academyd.trainer", "/runs/spec.json"]
     assert cfg["network_mode"] == "none" and cfg["user"] == "1000:1000"
     assert cfg["read_only"] is True and cfg["init"] is True
     assert cfg["cap_drop"] == ["ALL"] and cfg["security_opt"] == ["no-new-privileges"]
@@ -110,17 +111,21 @@ def test_container_config_and_options() -> None:
     assert "device_requests" not in cfg
     assert cfg["labels"][LABEL_MANAGED] == "true" and cfg["labels"][LABEL_RUN_ID] == "run 7/x"
     assert cfg["labels"][LABEL_OUTPUT_DIR] == "/runs/r1" and cfg["working_dir"] == "/runs/r1"
-    assert cfg["name"] == container_name("run 7/x", "/runs/r1")
+    assert cfg["labels"][LABEL_JOB_DIR] == "/runs"
+    assert cfg["name"] == container_name("run 7/x", "/runs")
     assert cfg["name"].startswith("academyd-run-7-x-")
     env = cfg["environment"]
     assert env["PYTHONPATH"] == "/src" and env["HF_HUB_OFFLINE"] == "1"
     assert env["HOME"] == "/work" and env["X"] == "1"  # the job's environment wins over the defaults
     mounts = {m["Target"]: m for m in cfg["mounts"]}
     assert mounts["/runs/r1"]["ReadOnly"] is False and mounts["/data/train.jsonl"]["ReadOnly"] is True
+    assert mounts["/runs/spec.json"]["ReadOnly"] is True  # the spec: one read-only file of the control dir
+    assert [t for t, m in mounts.items() if not m["ReadOnly"]] == ["/runs/r1"]  # the only writable mount
+    assert cfg["log_config"]["Config"] == {"max-size": "20m", "max-file": "2"}
     assert all(m["Type"] == "bind" for m in cfg["mounts"])
 
     bare = container_config(TrainingJob(spec=_spec(), run_id="r"),
-                            DockerOptions(image="i", cpus=0, pids_limit=0), gpu=True)
+                            DockerOptions(image="i", cpus=0, pids_limit=0), gpu=True, job_dir="/runs")
     assert not {"mem_limit", "nano_cpus", "pids_limit"} & set(bare)
     (request,) = bare["device_requests"]
     assert request["Count"] == -1 and request["Capabilities"] == [["gpu"]]
@@ -176,8 +181,10 @@ async def test_container_has_no_network_and_is_not_root(
     dataset.write_text("{}\n")
     dataset.chmod(0o666)
     spec = make_spec(out, dataset_path=str(dataset))
+    (tmp_path / "spec.json").write_text("{}")
+    (tmp_path / "spec.json").chmod(0o644)
     cfg = container_config(TrainingJob(spec=spec, run_id="probe", env={"PROBE_DATASET": spec.dataset_path}),
-                           docker_options, gpu=False)
+                           docker_options, gpu=False, job_dir=str(tmp_path))
     cfg["command"] = [docker_options.python, "-c", PROBE]
     container = docker_client.containers.create(**cfg)
     try:
@@ -227,11 +234,18 @@ async def test_trains_in_a_container(
     assert result.exit_code == 0 and result.reason is None
     assert result.summary is not None and result.summary["steps"] == 30
     assert result.summary["adapter_heldout_loss"] < result.summary["base_heldout_loss"]
-    assert result.adapter_path == str(out / S.ADAPTER_DIR)
-    assert (out / S.ADAPTER_DIR / "adapter_model.safetensors").is_file()
-    # The trainer itself ran as nobody: everything it wrote is nobody's.
-    for path in (out / S.EVENTS_FILE, out / S.SUMMARY_FILE, out / S.ADAPTER_DIR / "adapter_config.json"):
+    # The adapter the daemon hands on is its own validated copy, outside the container's mount.
+    assert result.adapter_path == str(out / "result" / S.ADAPTER_DIR)
+    assert (out / "result" / S.ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert (out / "result" / S.SUMMARY_FILE).is_file() and (out / "result" / S.LOSS_FILE).is_file()
+    # The trainer itself ran as nobody, and wrote only into output/: everything there is nobody's.
+    for path in (out / "output" / S.EVENTS_FILE, out / "output" / S.SUMMARY_FILE,
+                 out / "output" / S.ADAPTER_DIR / "adapter_config.json"):
         assert path.stat().st_uid == NOBODY_UID, path
+    # The bookkeeping is the daemon's, written from what the engine said.
+    for name in ("job.json", "spec.json", "exit_code", "trainer.stdout"):
+        assert (out / name).stat().st_uid == os.getuid(), name
+    assert (out / "exit_code").read_text().strip() == "0"
     # The container is gone once its result is collected; its logs stay in the output directory.
     assert _containers(docker_client, out) == []
     assert json.loads((out / "trainer.stdout").read_text().splitlines()[-1])["type"] == "done"
@@ -261,6 +275,9 @@ async def test_reattach_by_labels_from_a_second_habitat_and_cancel(
     second = _habitat(docker_url, docker_options)
     found = await second.find_jobs()
     assert (handle.ref, "d-2") in [(h.ref, h.run_id) for h in found]
+    # ...or by a start of the same run (a daemon that died before recording the ref): no second container.
+    adopted = await second.start(TrainingJob(spec=spec, run_id="d-2", time_limit_s=300))
+    assert adopted.ref == handle.ref and len(_containers(docker_client, out)) == 1
     # ...or by the ref it stored.
     again = await second.reattach(handle.ref)
     assert again is not None and again.run_id == "d-2" and again.output_dir == str(out)
@@ -277,7 +294,7 @@ async def test_reattach_by_labels_from_a_second_habitat_and_cancel(
     tail = [e async for e in second.progress(again)]
     assert tail[-1]["type"] == "error" and tail[-1]["code"] == "cancelled"  # the trainer's own last word
     assert _containers(docker_client, out) == []
-    assert (out / S.CHECKPOINTS_DIR).is_dir()  # kept for a resume
+    assert (out / "output" / S.CHECKPOINTS_DIR).is_dir()  # kept for a resume
     await second.cancel(again)  # idempotent
     assert await second.status(again) is JobStatus.CANCELLED
     assert await second.reattach("docker:" + str(tmp_path / "never-ran")) is None
@@ -379,7 +396,7 @@ def test_auto_picks_docker_when_the_engine_answers(
     with capture_logs() as logs:
         on = auto(docker_url, habitat_image)
         off = auto(dead := f"unix://{tmp_path / 'no-engine.sock'}", habitat_image)
-        no_image = auto(docker_url, "academyd-no-such-image:0")
+        no_image = auto(docker_url, "sha256:" + "0" * 64)
     assert isinstance(on, DockerHabitat) and on.options.image == habitat_image
     assert on.options.user == default_user(os.getuid(), os.getgid())
     on.client.close()
@@ -390,4 +407,167 @@ def test_auto_picks_docker_when_the_engine_answers(
     assert choices == [("docker", "info"), ("process", "info"), ("process", "warning")]
     assert "no-engine.sock" in logs[1]["reason"] and "build or load" in logs[2]["reason"]
     with pytest.raises(HabitatError, match="does not answer"):
-        habitat_for(Settings(training={"habitat": "docker", "docker_url": dead}))
+        habitat_for(Settings(training={"habitat": "docker", "docker_url": dead, "docker_image": habitat_image}))
+    with pytest.raises(HabitatError, match="needs an image"):
+        habitat_for(Settings(training={"habitat": "docker", "docker_url": docker_url}))
+    # A tag is refused at load: it can move under a deployment.
+    with pytest.raises(ValueError, match="not pinned by digest"):
+        Settings(training={"docker_image": "unsloth/unsloth:latest"})
+
+
+# ------------------------------------------------------------------ a hostile trainer
+
+# Stands in for the trainer (`-m academyd.trainer SPEC`) in a package of its own, mounted as the source
+# directory: what a compromised image or a malicious training dependency could run in the container.
+HOSTILE = r'''
+import json, os, sys, time
+spec_path = sys.argv[1]
+spec = json.load(open(spec_path))
+out, ctl = spec["output_dir"], os.path.dirname(spec_path)
+t = json.loads(os.environ["HOSTILE_TARGETS"])
+mode = os.environ["HOSTILE_MODE"]
+tried = {}
+def attempt(name, fn):
+    try:
+        fn()
+        tried[name] = "written"
+    except OSError as exc:
+        tried[name] = exc.errno
+def write(path, data):
+    with open(path, "w") as fh:
+        fh.write(data)
+# Rewrite the job's bookkeeping, the daemon's database, another job's files.
+attempt("job.json", lambda: write(os.path.join(ctl, "job.json"), '{"container_id": "evil", "run_id": "x"}'))
+attempt("exit_code", lambda: write(os.path.join(ctl, "exit_code"), "0\n"))
+attempt("spec.json", lambda: write(spec_path, "{}"))
+attempt("db", lambda: write(t["db"], "owned"))
+attempt("other_job", lambda: write(os.path.join(t["other_job"], "job.json"), "{}"))
+attempt("other_output", lambda: write(os.path.join(t["other_job"], "output", "events.jsonl"), "{}"))
+# Its own output may carry look-alikes; the daemon does not read bookkeeping from there.
+write(os.path.join(out, "exit_code"), "0\n")
+write(os.path.join(out, "job.json"), '{"container_id": "evil"}')
+def event(kind, **kw):
+    return json.dumps({"type": kind, "time": time.time(), **kw}) + "\n"
+lines = event("start", total_steps=2) + event("progress", step=2, total_steps=2, loss=0.1)
+lines += event("done", exit_code=0, steps=2)
+if mode == "events-link":
+    os.symlink(t["db"], os.path.join(out, "events.jsonl"))
+    time.sleep(60)  # the daemon must stop it: it refuses to read the log
+else:
+    write(os.path.join(out, "events.jsonl"), lines)
+if mode == "result-links":
+    os.symlink(t["db"], os.path.join(out, "summary.json"))
+    os.symlink(os.path.join(t["other_job"], "output", "adapter"), os.path.join(out, "adapter"))
+    os.symlink(t["db"], os.path.join(out, "loss.jsonl"))
+if mode == "hardlink":
+    os.mkdir(os.path.join(out, "adapter"))
+    write(os.path.join(out, "decoy.json"), json.dumps({"steps": 2}))
+    os.link(os.path.join(out, "decoy.json"), os.path.join(out, "summary.json"))
+print(json.dumps({"tried": tried}), flush=True)
+sys.exit(0)
+'''
+
+# A well-behaved job running beside it (another run's container): started first, checked after.
+SLEEPER = r'''
+import json, os, signal, sys, time
+spec = json.load(open(sys.argv[1]))
+os.makedirs(os.path.join(spec["output_dir"], "adapter"), exist_ok=True)
+with open(os.path.join(spec["output_dir"], "adapter", "adapter_model.safetensors"), "w") as fh:
+    fh.write("weights of another run")
+with open(os.path.join(spec["output_dir"], "events.jsonl"), "a") as fh:
+    fh.write(json.dumps({"type": "start", "time": time.time(), "total_steps": 1}) + "\n")
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(5))
+time.sleep(120)
+'''
+
+
+def fake_trainer(root: Path, program: str) -> Path:
+    pkg = root / "academyd" / "trainer"
+    pkg.mkdir(parents=True)
+    (root / "academyd" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(program)
+    for path in (root, *root.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
+def fingerprint(root: Path) -> dict[str, tuple[int, str]]:
+    import hashlib
+
+    return {str(p.relative_to(root)): (p.lstat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest()
+                                       if p.is_file() and not p.is_symlink() else "")
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["events-link", "result-links", "hardlink"])
+async def test_a_hostile_trainer_touches_nothing_of_the_daemon_and_its_run_fails_saying_why(
+    mode: str, docker_url: str, docker_client: docker.DockerClient, docker_options: DockerOptions,
+    make_spec: Callable[..., S.TrainSpec], docker_base_model: Path, tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "academy.db"  # stands for the daemon's database
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE runs(run_id TEXT)")
+        conn.execute("INSERT INTO runs VALUES ('r-ok')")
+    db.chmod(0o666)  # even a file anyone may write: the container cannot reach it
+    other = data / "runs" / "r-ok"
+    sleeper = _habitat(docker_url, DockerOptions(**{**docker_options.__dict__,
+                                                     "source_dir": str(fake_trainer(tmp_path / "ok", SLEEPER))}))
+    ok = await sleeper.start(TrainingJob(spec=make_spec(other, base_model=str(docker_base_model)), run_id="r-ok"))
+    await take(sleeper.progress(ok), lambda e: e["type"] == "start")
+    (other_container,) = _containers(docker_client, other)
+    other_labels = dict(other_container.labels)
+    before_db, before_other = db.read_bytes(), fingerprint(other)
+
+    evil = data / "runs" / "r-evil"
+    hostile = _habitat(docker_url, DockerOptions(**{**docker_options.__dict__,
+                                                     "source_dir": str(fake_trainer(tmp_path / "evil", HOSTILE))}))
+    targets = {"db": str(db), "other_job": str(other)}
+    spec = make_spec(evil, base_model=str(docker_base_model))
+    handle = await hostile.start(TrainingJob(spec=spec, run_id="r-evil", time_limit_s=120, env={
+        "HOSTILE_TARGETS": json.dumps(targets), "HOSTILE_MODE": mode}))
+    written_record = json.loads((evil / "job.json").read_text())
+    events = [e async for e in hostile.progress(handle)]
+    result = await hostile.result(handle)
+
+    # The run fails, and says what was refused.
+    assert result.status is JobStatus.FAILED, result
+    assert result.error_code == "unsafe_output", result
+    assert result.summary is None and result.adapter_path is None
+    expected = {"events-link": r"events\.jsonl: a symlink", "result-links": r"summary\.json: a symlink",
+                "hardlink": r"summary\.json: it has 2 hard links"}[mode]
+    import re
+
+    assert re.search(expected, result.reason or ""), result.reason
+    if mode == "events-link":  # refused while it ran: the container is stopped, the stream says why
+        assert events[-1]["type"] == "error" and events[-1]["code"] == "unsafe_output", events
+    else:  # its own "done" is only a claim: the result, read as the daemon reads it, decides
+        assert events[-1]["type"] == "done"
+    assert not (evil / "result" / S.ADAPTER_DIR).exists()
+    # The daemon's files: untouched (the bookkeeping is the daemon's, the exit code the engine's).
+    assert db.read_bytes() == before_db
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT run_id FROM runs").fetchall() == [("r-ok",)]
+    assert json.loads((evil / "job.json").read_text()) == written_record
+    assert "container_id" not in json.loads((evil / "job.json").read_text())  # never the container's word
+    assert (evil / "exit_code").read_text().strip() == ("137" if mode == "events-link" else "0")
+    assert json.loads((evil / "spec.json").read_text())["output_dir"] == str(evil / "output")
+    if mode != "events-link":
+        tried = json.loads((evil / "trainer.stdout").read_text().splitlines()[-1])["tried"]
+        assert set(tried) == {"job.json", "exit_code", "spec.json", "db", "other_job", "other_output"}
+        assert all(isinstance(v, int) for v in tried.values()), tried  # every write failed (an errno)
+    # The other run: its container still running, its labels and files as they were.
+    other_container.reload()
+    assert other_container.status == "running" and other_container.labels == other_labels
+    assert fingerprint(other) == before_other
+    assert await sleeper.status(ok) is JobStatus.RUNNING
+    assert _containers(docker_client, evil) == []
+    await sleeper.cancel(ok, grace_s=5)
+    assert (await sleeper.result(ok)).status is JobStatus.CANCELLED
+    await hostile.close()
+    await sleeper.close()

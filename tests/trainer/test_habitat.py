@@ -157,3 +157,37 @@ def test_habitat_for_settings(tmp_path: Path) -> None:
     default = habitat_for(Settings(training={"habitat": "process"}))
     assert isinstance(default, ProcessHabitat) and default.trainer_python == default_trainer_python()
     # `auto` belongs to the Docker habitat's tests (it depends on whether an engine answers).
+
+
+async def test_a_start_of_the_same_run_adopts_its_running_job(
+    tmp_path: Path, make_spec: Callable[..., S.TrainSpec], trainer_python: Path
+) -> None:
+    """A daemon that died after starting a job and before recording its ref: the next start of the same
+    run (same spec) re-attaches the running trainer instead of starting a second one; also when the dying
+    daemon never wrote the trainer's pid (the wrapper is found by its own arguments)."""
+    spec = make_spec(tmp_path / "run", backend="peft", **LONG)
+    first = ProcessHabitat(trainer_python, poll_s=0.1)
+    handle = await first.start(TrainingJob(spec=spec, run_id="r-7", time_limit_s=300))
+    await take(first.progress(handle), lambda e: e["type"] == "progress")
+    pid = _job(handle)["pid"]
+    await first.close()
+
+    second = ProcessHabitat(trainer_python, poll_s=0.1)
+    again = await second.start(TrainingJob(spec=spec, run_id="r-7", time_limit_s=300))
+    assert again.ref == handle.ref and _job(again)["pid"] == pid
+    await second.close()
+
+    # The pid never reached job.json.
+    record = _job(handle)
+    (tmp_path / "run" / "job.json").write_text(json.dumps({**record, "pid": None, "pgid": None, "proc_start": None}))
+    third = ProcessHabitat(trainer_python, poll_s=0.1)
+    adopted = await third.start(TrainingJob(spec=spec, run_id="r-7", time_limit_s=300))
+    assert _job(adopted)["pid"] == pid and await third.status(adopted) is JobStatus.RUNNING
+    with pytest.raises(HabitatError, match="already runs"):  # another run may not take the directory
+        await third.start(TrainingJob(spec=spec, run_id="r-8"))
+    events = [e["type"] for e in [json.loads(line) for line in
+              (tmp_path / "run" / S.EVENTS_FILE).read_text().splitlines()]]
+    assert events.count("start") == 1  # one trainer, one attempt
+    await third.cancel(adopted, grace_s=20)
+    assert (await third.result(adopted)).status is JobStatus.CANCELLED
+    await third.close()
