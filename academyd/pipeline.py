@@ -234,6 +234,19 @@ class Pipeline:
         except SpecError as exc:
             raise RunFailed(f"training settings rejected: {exc}") from None
 
+    async def _check_inputs(self, run: dict[str, Any], spec: TrainSpec) -> None:
+        """The trainer reads only what the scanner passes: a dataset written before the scanner was
+        race-free (or by hand) may hold a secret, and a model must not learn one."""
+        from academyd.secrets import scanner
+
+        for path in (spec.dataset_path, spec.heldout_path):
+            if path:
+                found = await asyncio.to_thread(scanner().scan_file, path)
+                if found:
+                    raise RunFailed(f"dataset {run['dataset_id']} holds secrets ({', '.join(sorted(found))}) in "
+                                    f"{path}; it is not trained on. Build a new dataset (academyd dataset) and "
+                                    "delete this one")
+
     async def _train(self, run: dict[str, Any]) -> str:
         run_id = run["run_id"]
         spec = self._spec(run)
@@ -244,6 +257,7 @@ class Pipeline:
             if handle is not None:
                 log.info("training_reattached", run_id=run_id, ref=handle.ref)
         if handle is None or (await habitat.status(handle)) is JobStatus.LOST:
+            await self._check_inputs(run, spec)
             t = self.settings.training
             job = TrainingJob(spec=spec, run_id=run_id, time_limit_s=t.time_limit_s,
                               memory_limit_mb=t.memory_limit_mb or None)

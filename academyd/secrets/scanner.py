@@ -210,6 +210,15 @@ class Scanner:
             out.append((text, types, ok))
         return out
 
+    def scan_file(self, path: str, batch: int = 4096) -> Counter[str]:
+        """Finding types in a text file (a dataset about to be trained on), read line by line."""
+        found: Counter[str] = Counter()
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            while lines := [line for _, line in zip(range(batch), fh, strict=False)]:
+                for findings in self._find_all_views(lines, None):
+                    found.update(f.type for f in findings)
+        return found
+
     def clean(self, text: str) -> tuple[str, Counter[str], bool]:
         return self.clean_many([text])[0]
 

@@ -69,3 +69,25 @@ def test_redacting_structured_values_uses_the_key_as_context() -> None:
     out = s.redact_obj({"password": "Hunter2!xyz", "note": "fine", "nested": [{"token": "glpat-" + "Ab3" * 8}],
                         "count": 3})
     assert out == {"password": "<REDACTED>", "note": "fine", "nested": [{"token": "<REDACTED>"}], "count": 3}
+
+
+async def test_the_trainer_is_never_handed_a_dataset_that_holds_a_secret(tmp_path) -> None:
+    """A dataset written before the scanner was race-free (2 of 3 builds had GitHub tokens) is refused
+    at the start of training, with what to do; a clean one passes."""
+    import json
+    from types import SimpleNamespace
+
+    import pytest
+
+    from academyd.pipeline import Pipeline, RunFailed
+
+    clean, dirty = tmp_path / "clean.jsonl", tmp_path / "dirty.jsonl"
+    rows = [{"instruction": f"Fix the planner retry {i}", "input": "", "output": "Added backoff"} for i in range(50)]
+    clean.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows[17]["output"] = "pushed with GITHUB_TOKEN=ghp_" + "Zq8Rt2Lm9Xw4Vb7Nc1Kd6Hs3Jf5Gp0Ya2Ue8"
+    dirty.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = {"run_id": "r1", "dataset_id": "ds-old"}
+    await Pipeline._check_inputs(None, run, SimpleNamespace(dataset_path=str(clean), heldout_path=None))  # type: ignore[arg-type]
+    with pytest.raises(RunFailed, match="ds-old holds secrets .*GitHub Token.*Build a new dataset"):
+        await Pipeline._check_inputs(None, run, SimpleNamespace(dataset_path=str(clean),  # type: ignore[arg-type]
+                                                                heldout_path=str(dirty)))
