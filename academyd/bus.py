@@ -412,3 +412,79 @@ async def _quietly(aw: Awaitable[Any]) -> None:
         await aw
     except Exception as exc:
         log.debug("ack_failed", error=str(exc))
+
+
+class Feed:
+    """A durable pull consumer on the outbound stream for a reader beside the daemon (the follower).
+
+    One message at a time and in stream order (max_ack_pending 1): the handler's outcome decides ack,
+    nak(delay) or dead-letter, and while it works (a model swap takes seconds) the message is kept from
+    redelivery with progress pings. Only this module acks.
+    """
+
+    def __init__(self, bus: Bus, *, durable: str, subjects: list[str], ack_wait_s: float,
+                 description: str = "academyd follower") -> None:
+        self.bus, self.durable, self.subjects = bus, durable, subjects
+        self.ack_wait_s, self.description = ack_wait_s, description
+        self._psub: Any = None
+
+    async def bind(self) -> None:
+        stream = self.bus.cfg.outbound_stream
+        config = ConsumerConfig(
+            durable_name=self.durable, description=self.description, deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_ack_pending=1,
+            filter_subjects=self.subjects,
+        )
+        try:
+            await self.bus.js.add_consumer(stream, config)
+        except BadRequestError as exc:
+            raise BusError(f"cannot configure consumer {self.durable} on {stream}: {exc.description}") from exc
+        self._psub = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=stream)
+        log.info("consumer_bound", consumer=self.durable, stream=stream, subjects=self.subjects)
+
+    async def pending(self) -> int | None:
+        try:
+            info = await self.bus.js.consumer_info(self.bus.cfg.outbound_stream, self.durable)
+        except Exception:
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def run(self, handler: Callable[[Inbound], Awaitable[Outcome]], stop: asyncio.Event) -> None:
+        assert self._psub is not None, "bind() first"
+        while not stop.is_set():
+            try:
+                msgs = await self._psub.fetch(1, timeout=self.bus.cfg.fetch_timeout_s)
+            except NatsTimeout:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._one(msg, handler)
+
+    async def _one(self, msg: Msg, handler: Callable[[Inbound], Awaitable[Outcome]]) -> None:
+        item = _inbound(msg)
+        beat = asyncio.create_task(self._keep_alive(msg))
+        try:
+            outcome = await handler(item)
+        except Exception:
+            log.exception("feed_handler_failed", subject=item.subject, stream_seq=item.stream_seq)
+            outcome = Retry(2.0, "handler_failed")
+        finally:
+            beat.cancel()
+        if isinstance(outcome, Ack):
+            await _quietly(msg.ack())
+        elif isinstance(outcome, Retry):
+            await _quietly(msg.nak(delay=outcome.delay_s))
+        elif isinstance(outcome, Reject):  # the handler published why (model.deploy_failed) or logged it
+            log.warning("feed_event_rejected", subject=item.subject, stream_seq=item.stream_seq,
+                        reason=outcome.reason, detail=outcome.detail[:500])
+            await _quietly(msg.term())
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(max(0.5, self.ack_wait_s / 3))
+            await _quietly(msg.in_progress())

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "academyd.commands.import_venom",
     "academyd.commands.schemas",
     "academyd.commands.worker",
+    "academyd.commands.follow",
 ]
 
 

@@ -270,6 +270,47 @@ class OutboxSettings(BaseModel):
     retention_h: float = Field(default=168.0, gt=0, description="Published rows are deleted after this many hours.")
 
 
+class FollowerSettings(BaseModel):
+    """The serving side of the hot swap: `academyd follow` (see academyd.follower)."""
+
+    target: Literal["llamacpp", "ollama", "venom"] = "llamacpp"
+    consumer: str = Field(default="academy-follower", description="Durable consumer on the outbound stream.")
+    ack_wait_s: float = Field(default=60.0, gt=0, description="Redelivery after this long without progress.")
+    min_agreement: float = Field(
+        default=0.67, ge=0.0, le=1.0,
+        description="Share of probe prompts whose answer must equal the arena's (greedy) for the swap.",
+    )
+    probe_max_tokens: int = Field(default=48, ge=1)
+    probe_file: Path | None = Field(
+        default=None, description="Probe prompts when a version brings none (JSON list of {messages, expected}).",
+    )
+    require_base_identity: bool = Field(
+        default=False, description="Refuse an adapter whose GGUF does not name its base (general.base_model.*).",
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="llamacpp: a running endpoint (python -m academyd.follower.endpoint); "
+        "unset: the follower starts one on base_gguf.",
+    )
+    base_gguf: Path | None = Field(default=None, description="llamacpp: the base model GGUF the endpoint serves.")
+    runtime_python: Path | None = Field(
+        default=None, description="llamacpp: an interpreter with llama-cpp-python (default: the trainer's).",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="llamacpp: the endpoint's port (0: a free one).")
+    threads: int | None = Field(default=None, ge=1, description="llamacpp: llama.cpp threads.")
+    served_name: str = Field(default="academy", description="The model name Venom asks the endpoint for.")
+    ollama_url: str | None = None
+    ollama_alias: str = Field(default="venom-academy", description="ollama: the tag Venom asks for.")
+    ollama_base: str | None = Field(default=None, description="ollama: the base model's Ollama name.")
+    venom_url: str | None = Field(default=None, description="venom: Venom's API, e.g. http://127.0.0.1:8000.")
+    venom_runtime_id: str | None = None
+    venom_model_id: str | None = None
+    venom_chat_url: str | None = Field(
+        default=None, description="venom: an OpenAI-compatible chat URL the probe asks after activation.",
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="One HTTP call to the runtime.")
+
+
 class HttpSettings(BaseModel):
     """The Academy page and /metrics."""
 
@@ -301,6 +342,7 @@ class Settings(BaseSettings):
     workers: WorkersSettings = Field(default_factory=WorkersSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    follower: FollowerSettings = Field(default_factory=FollowerSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -353,6 +395,10 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+    @property
+    def follower_dir(self) -> Path:
+        return self.data_dir / "follower"
 
     @property
     def active_adapter_path(self) -> Path:

@@ -191,6 +191,48 @@ class ModelRolledBack(OutEvent):
     reason: str
 
 
+class ProbeResult(BaseModel):
+    """One frozen prompt asked of the runtime after the swap target was loaded (greedy, chat messages)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(description="The last user message (truncated).")
+    answer: str | None = None
+    expected: str | None = Field(default=None, description="What the arena's runtime answered, when known.")
+    match: bool | None = None
+    latency_s: float | None = None
+    error: str | None = None
+
+
+class Deployment(OutEvent):
+    """What the follower (the serving side) did with a `model.promoted` / `model.rolled_back`."""
+
+    source_event_id: str = Field(description="The event_id of the model.promoted / model.rolled_back handled.")
+    source_subject: Literal["model.promoted", "model.rolled_back"]
+    version: str | None = Field(description="The version asked for; null: the base model (no adapter).")
+    target: Literal["llamacpp", "ollama", "venom"]
+    runtime: str = Field(description="Where: the endpoint URL, the Ollama URL and tag, Venom's URL.")
+    serving: str | None = Field(description="The version serving after this event; null: the base model.")
+    previous: str | None = Field(default=None, description="The version that served before; null: the base.")
+    probe: list[ProbeResult] = Field(default_factory=list)
+    agreement: float | None = Field(default=None, description="Share of probe answers equal to the expected.")
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds: verify, load, probe, switch, total.")
+    checks: dict[str, Any] = Field(default_factory=dict, description="sha256 and base identity, as verified.")
+
+
+class ModelDeployed(Deployment):
+    """`model.deployed`: the runtime serves `version` now (or already did: `noop`)."""
+
+    noop: bool = Field(default=False, description="The runtime already served this version; nothing swapped.")
+
+
+class ModelDeployFailed(Deployment):
+    """`model.deploy_failed`: `version` was not switched to; `serving` is what still serves."""
+
+    reason: Literal["sha256_mismatch", "base_mismatch", "probe_failed", "load_failed", "missing_artifact",
+                    "target_failed", "unknown_version"]
+    detail: str
+
+
 INBOUND: dict[str, type[Event]] = {
     "lesson.created": LessonCreated,
     "commit.pushed": CommitPushed,
@@ -215,6 +257,8 @@ OUTBOUND: dict[str, type[OutEvent]] = {
     "academy.evaluation.finished": EvaluationFinished,
     "model.promoted": ModelPromoted,
     "model.rolled_back": ModelRolledBack,
+    "model.deployed": ModelDeployed,
+    "model.deploy_failed": ModelDeployFailed,
 }
 
 ALL_SUBJECTS: dict[str, type[BaseModel]] = {**INBOUND, **COMMANDS, **OUTBOUND}

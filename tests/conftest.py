@@ -9,4 +9,5 @@ pytest_plugins = [
     "fixtures.web",
     "fixtures.systemd",
     "fixtures.scale",
+    "fixtures.follower",
 ]

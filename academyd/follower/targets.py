@@ -1,0 +1,416 @@
+"""Runtime targets of the follower: where a version is loaded, probed and switched to.
+
+Every target does the same five things, so the follower's rules live in one place
+(academyd.follower.follower):
+
+- `base()`: the identity of the base model the runtime serves (`{"sha256", "meta"}`, may be partial);
+- `serving()`: the version serving now (None: the base);
+- `stage(version, files)`: make the version available beside the one serving, not yet switched to;
+- `ask(version, messages, max_tokens)`: one greedy chat answer from that version (the probe);
+- `switch(version)`: from now on the version serves; `discard(version)`: free a staged or old one.
+
+`probe_first` says whether a version can be asked before it is switched to (llama.cpp, Ollama) or only
+after (Venom's activate API), in which case a failed probe switches back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+
+from academyd.follower.verify import Refused
+from academyd.settings import Settings
+
+log = structlog.get_logger("academyd.follower")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TargetError(Exception):
+    """The runtime did not do what was asked (unreachable, refused); the message says what it answered."""
+
+
+async def _call(session: aiohttp.ClientSession, method: str, url: str, timeout_s: float, *,
+                json_body: Any = None, data: bytes | None = None, headers: dict[str, str] | None = None,
+                ) -> tuple[int, Any]:
+    try:
+        async with session.request(method, url, json=json_body, data=data, headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            body = await resp.read()
+            try:
+                parsed: Any = json.loads(body) if body else None
+            except ValueError:
+                parsed = body.decode(errors="replace")[:500]
+            return resp.status, parsed
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise TargetError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+
+
+def _error_text(answer: Any) -> str:
+    if isinstance(answer, dict):
+        err = answer.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+        if err:
+            return str(err)
+        return str(answer.get("detail") or answer)[:500]
+    return str(answer)[:500]
+
+
+class Target:
+    name = "target"
+    probe_first = True
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg = settings.follower
+        self.session: aiohttp.ClientSession | None = None
+        self._base: dict[str, Any] | None = None
+
+    @property
+    def runtime(self) -> str:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def base(self) -> dict[str, Any]:
+        """The base's identity from `follower.base_gguf` (the file the runtime's base was made from), if set."""
+        if self._base is None:
+            self._base = {}
+            if self.cfg.base_gguf is not None:
+                self._base = await asyncio.to_thread(_file_identity, self.cfg.base_gguf)
+        return self._base
+
+    async def serving(self) -> str | None:
+        raise NotImplementedError
+
+    async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        raise NotImplementedError
+
+    async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
+        raise NotImplementedError
+
+    async def discard(self, version: str) -> None:
+        return None
+
+    def assume(self, version: str | None) -> None:
+        """What the follower's own record says serves (for runtimes that cannot be asked)."""
+
+    async def _req(self, method: str, url: str, **kw: Any) -> tuple[int, Any]:
+        assert self.session is not None, "start() first"
+        return await _call(self.session, method, url, self.cfg.timeout_s, **kw)
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    from academyd.follower.verify import gguf_keys
+    from academyd.registry import sha256_file
+
+    if not path.is_file():
+        raise TargetError(f"follower.base_gguf {path} does not exist")
+    return {"sha256": sha256_file(path), "meta": {k: v for k, v in gguf_keys(path).items() if k.startswith("general.")}}
+
+
+# ------------------------------------------------------------------ llama.cpp (the follower's own endpoint)
+
+
+class LlamaCppTarget(Target):
+    """The endpoint of academyd.follower.endpoint: joined at `endpoint_url`, or started here on `base_gguf`."""
+
+    name = "llamacpp"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.url = (self.cfg.endpoint_url or "").rstrip("/")
+        self.proc: subprocess.Popen[bytes] | None = None
+        token = os.environ.get("ACADEMY_ENDPOINT_TOKEN")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    @property
+    def runtime(self) -> str:
+        return self.url
+
+    async def start(self) -> None:
+        await super().start()
+        if not self.url:
+            self.url = await asyncio.to_thread(self._spawn)
+        status, health = await self._req("GET", f"{self.url}/health")
+        if status != 200:
+            raise TargetError(f"the llama.cpp endpoint at {self.url} answered HTTP {status}: {_error_text(health)}")
+
+    def _spawn(self) -> str:
+        cfg = self.cfg
+        if cfg.base_gguf is None or not cfg.base_gguf.is_file():
+            raise TargetError(f"follower.base_gguf {cfg.base_gguf} is not a GGUF file: set it to the base model "
+                              "the endpoint serves, or follower.endpoint_url to join a running endpoint")
+        python = cfg.runtime_python or self.settings.training.trainer_python or (REPO_ROOT / ".venv-trainer/bin/python")
+        if not Path(python).exists():
+            raise TargetError(f"no interpreter {python} for the llama.cpp endpoint: set follower.runtime_python to "
+                              "one with llama-cpp-python (make trainer-env installs it in .venv-trainer)")
+        threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        log_path = self.settings.follower_dir / "endpoint.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(python), "-m", "academyd.follower.endpoint", "--base", str(cfg.base_gguf), "--host", cfg.host,
+             "--port", str(cfg.port), "--threads", str(threads), "--served-name", cfg.served_name],
+            stdout=subprocess.PIPE, stderr=open(log_path, "ab"), env=env,  # noqa: SIM115
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        try:
+            ready = json.loads(line)
+        except ValueError:
+            ready = {}
+        if not ready.get("ready"):
+            self.proc.wait(10)
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise TargetError(f"the llama.cpp endpoint did not start ({line.strip() or 'no output'}); {log_path}: {tail}")
+        log.info("endpoint_started", url=ready["url"], pid=ready["pid"], load_s=ready.get("load_s"))
+        return str(ready["url"])
+
+    async def close(self) -> None:
+        await super().close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                await asyncio.to_thread(self.proc.wait, 20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    async def base(self) -> dict[str, Any]:
+        status, health = await self._req("GET", f"{self.url}/health")
+        if status != 200:
+            raise TargetError(f"{self.url}/health answered HTTP {status}")
+        return dict(health["base"])
+
+    async def serving(self) -> str | None:
+        status, health = await self._req("GET", f"{self.url}/health")
+        if status != 200:
+            raise TargetError(f"{self.url}/health answered HTTP {status}")
+        return health.get("active")
+
+    async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
+        if not files.get("gguf_path"):
+            raise Refused("missing_artifact", f"{version} has no GGUF adapter (adapter.gguf); llama.cpp loads only GGUF")
+        status, answer = await self._req("POST", f"{self.url}/admin/adapters", headers=self.headers, json_body={
+            "id": version, "path": files["gguf_path"], "sha256": files.get("gguf_sha256")})
+        if status == 409 and isinstance(answer, dict) and (answer.get("error") or {}).get("code") == "sha256_mismatch":
+            raise Refused("sha256_mismatch", _error_text(answer))
+        if status in (404, 422):
+            raise Refused("load_failed", _error_text(answer))
+        if status != 200:
+            raise TargetError(f"the endpoint could not load {version}: HTTP {status}: {_error_text(answer)}")
+        return {"load_s": answer.get("load_s"), "adapter_meta": answer.get("meta")}
+
+    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        status, answer = await self._req("POST", f"{self.url}/v1/chat/completions", json_body={
+            "model": version or "base", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0})
+        if status != 200:
+            raise TargetError(f"chat with {version or 'base'}: HTTP {status}: {_error_text(answer)}")
+        return str(answer["choices"][0]["message"].get("content") or "")
+
+    async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
+        status, answer = await self._req("POST", f"{self.url}/admin/activate", headers=self.headers,
+                                         json_body={"id": version})
+        if status != 200:
+            raise TargetError(f"the endpoint could not activate {version or 'base'}: HTTP {status}: {_error_text(answer)}")
+
+    async def discard(self, version: str) -> None:
+        status, answer = await self._req("DELETE", f"{self.url}/admin/adapters/{version}", headers=self.headers)
+        if status not in (200, 404):
+            log.warning("adapter_unload_failed", version=version, status=status, error=_error_text(answer))
+
+
+# ------------------------------------------------------------------ Ollama
+
+
+_TEMPLATE = re.compile(r'^TEMPLATE\s+"""(.*?)"""', re.S | re.M)
+_PARAM = re.compile(r"^PARAMETER\s+(\S+)\s+(.+?)\s*$", re.M)
+
+
+def modelfile_parts(text: str) -> tuple[str | None, dict[str, Any]]:
+    """TEMPLATE and PARAMETER lines of a Modelfile the registry wrote (for Ollama's JSON create API)."""
+    m = _TEMPLATE.search(text)
+    params: dict[str, Any] = {}
+    for key, raw in _PARAM.findall(text):
+        value: Any = raw.strip().strip('"') if raw.strip().startswith('"') else raw.strip()
+        if not raw.strip().startswith('"'):
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                pass
+        if key == "stop":
+            params.setdefault("stop", []).append(value)
+        else:
+            params[key] = value
+    return (m.group(1) if m else None), params
+
+
+class OllamaTarget(Target):
+    """Ollama's HTTP API: create `venom-adapter-<version>` (the adapter's blobs, FROM the base), ask it, then
+    point the alias Venom asks for at it (`POST /api/copy`). Back to the base: the alias is copied from it."""
+
+    name = "ollama"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        if not self.cfg.ollama_url:
+            raise TargetError("follower.target = ollama needs follower.ollama_url (e.g. http://127.0.0.1:11434)")
+        self.url = self.cfg.ollama_url.rstrip("/")
+        self.base_name = self.cfg.ollama_base or settings.arena.ollama_base or settings.training.base_model
+        self._serving: str | None = None
+
+    @property
+    def runtime(self) -> str:
+        return f"{self.url} ({self.cfg.ollama_alias})"
+
+    async def start(self) -> None:
+        await super().start()
+        status, answer = await self._req("POST", f"{self.url}/api/show", json_body={"model": self.cfg.ollama_alias})
+        if status == 200 and isinstance(answer, dict):
+            self._serving = ((answer.get("details") or {}).get("academy_version")
+                             or _version_of(answer.get("modelfile") or ""))
+
+    async def serving(self) -> str | None:
+        return self._serving
+
+    def assume(self, version: str | None) -> None:
+        if self._serving is None:
+            self._serving = version
+
+    def tag(self, version: str | None) -> str:
+        from academyd.promotion import OLLAMA_PREFIX
+
+        return OLLAMA_PREFIX + version if version else self.base_name
+
+    async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
+        from academyd.promotion import OllamaError, ollama_create
+
+        tag = self.tag(version)
+        status, _ = await self._req("POST", f"{self.url}/api/show", json_body={"model": tag})
+        if status == 200:
+            return {"created": False, "tag": tag}
+        template, params = None, {}
+        if files.get("modelfile_path") and Path(files["modelfile_path"]).is_file():
+            template, params = modelfile_parts(Path(files["modelfile_path"]).read_text())
+        artifacts = {"gguf_path": files.get("gguf_path"), "from": self.base_name, "parameters": params,
+                     "template": template}
+        row = {"version": version, "adapter_path": files["adapter_path"]}
+        settings = self.settings.model_copy(update={"arena": self.settings.arena.model_copy(
+            update={"ollama_url": self.url, "ollama_timeout_s": self.cfg.timeout_s})})
+        try:
+            created = await ollama_create(settings, row, artifacts, http_session=self.session)
+        except OllamaError as exc:
+            raise TargetError(str(exc)) from None
+        return {"created": True, "tag": tag, "adapters": created.get("adapters")}
+
+    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        status, answer = await self._req("POST", f"{self.url}/api/chat", json_body={
+            "model": self.tag(version), "messages": messages, "stream": False,
+            "options": {"temperature": 0, "num_predict": max_tokens}})
+        if status != 200:
+            raise TargetError(f"Ollama chat with {self.tag(version)}: HTTP {status}: {_error_text(answer)}")
+        return str((answer.get("message") or {}).get("content") or "")
+
+    async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
+        status, answer = await self._req("POST", f"{self.url}/api/copy", json_body={
+            "source": self.tag(version), "destination": self.cfg.ollama_alias})
+        if status != 200:
+            raise TargetError(f"Ollama could not point {self.cfg.ollama_alias} at {self.tag(version)}: HTTP {status}: "
+                              f"{_error_text(answer)}")
+        self._serving = version
+
+
+def _version_of(modelfile: str) -> str | None:
+    from academyd.promotion import OLLAMA_PREFIX
+
+    m = re.search(re.escape(OLLAMA_PREFIX) + r"(v\d+)", modelfile)
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------ Venom
+
+
+class VenomTarget(Target):
+    """Venom's own hot-swap API: `POST /api/v1/academy/adapters/activate` (localhost only), `.../deactivate`
+    for the base. Venom loads the adapter itself, so the probe (through `venom_chat_url`, an
+    OpenAI-compatible chat endpoint of Venom's runtime) runs after activation; a failed one switches back."""
+
+    name = "venom"
+    probe_first = False
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        if not self.cfg.venom_url:
+            raise TargetError("follower.target = venom needs follower.venom_url (e.g. http://127.0.0.1:8000)")
+        self.url = self.cfg.venom_url.rstrip("/")
+        self._serving: str | None = None
+        self._files: dict[str, dict[str, Any]] = {}
+
+    @property
+    def runtime(self) -> str:
+        return self.url
+
+    async def serving(self) -> str | None:
+        return self._serving
+
+    def assume(self, version: str | None) -> None:
+        self._serving = version
+
+    async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
+        adapter_path = Path(files["adapter_path"])
+        if adapter_path.name != "adapter" or adapter_path.parent.name != version:
+            raise Refused("missing_artifact", f"Venom activates <models_dir>/<adapter_id>/adapter only; "
+                                              f"{adapter_path} is not <...>/{version}/adapter")
+        self._files[version] = files
+        return {}
+
+    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        if not self.cfg.venom_chat_url:
+            raise TargetError("no follower.venom_chat_url to probe Venom's runtime with")
+        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        if self.cfg.venom_model_id:
+            body["model"] = self.cfg.venom_model_id
+        status, answer = await self._req("POST", self.cfg.venom_chat_url, json_body=body)
+        if status != 200:
+            raise TargetError(f"Venom's chat answered HTTP {status}: {_error_text(answer)}")
+        return str(answer["choices"][0]["message"].get("content") or "")
+
+    async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
+        if version is None:
+            status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/deactivate", json_body={})
+        else:
+            files = files or self._files.get(version) or {}
+            body: dict[str, Any] = {"adapter_id": version, "adapter_path": str(files["adapter_path"]),
+                                    "deploy_to_chat_runtime": True, "require_chat_signature": False}
+            if self.cfg.venom_runtime_id:
+                body["runtime_id"] = self.cfg.venom_runtime_id
+            if self.cfg.venom_model_id:
+                body["model_id"] = self.cfg.venom_model_id
+            status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/activate", json_body=body)
+        if status != 200 or (isinstance(answer, dict) and answer.get("success") is False):
+            raise TargetError(f"Venom refused to {'activate ' + version if version else 'deactivate'}: HTTP {status}: "
+                              f"{_error_text(answer)}")
+        self._serving = version
+
+
+def make_target(settings: Settings) -> Target:
+    kinds: dict[str, type[Target]] = {"llamacpp": LlamaCppTarget, "ollama": OllamaTarget, "venom": VenomTarget}
+    return kinds[settings.follower.target](settings)
+
