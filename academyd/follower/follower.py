@@ -137,6 +137,7 @@ class Follower:
 
         await self.target.start()
         self.target.assume(self.state.serving)
+        await self.reconcile()
         self.bus = Bus(self.settings.nats)
         await self.bus.connect(daemon_url(self.settings))
         await self.bus.ensure_streams()
@@ -145,6 +146,19 @@ class Follower:
         self.ready.set()
         log.info("follower_started", target=self.target.name, runtime=self.target.runtime,
                  serving=self.state.serving, consumer=self.cfg.consumer)
+
+    async def reconcile(self) -> None:
+        """A runtime that restarted (a fresh endpoint serves the base) gets the recorded version back."""
+        want = self.state.serving
+        have = await self.target.serving()
+        if want is None or have == want or want not in self.state.known:
+            return
+        event = self.state.known[want]
+        subject, payload = await self.deploy("model.promoted", event, want, event)
+        log.info("runtime_reconciled", wanted=want, had=have, outcome=subject, serving=payload["serving"])
+        if subject != "model.deployed":
+            self.state.serving = payload["serving"]
+            self.state.save()
 
     async def close(self) -> None:
         if self.bus is not None:
