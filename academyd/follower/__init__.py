@@ -7,6 +7,15 @@
   interpreter with llama-cpp-python, never the daemon's).
 """
 
-from academyd.follower.follower import Follower
+from typing import Any
 
 __all__ = ["Follower"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the endpoint runs under the runtime's interpreter, which has none of the daemon's packages.
+    if name == "Follower":
+        from academyd.follower.follower import Follower
+
+        return Follower
+    raise AttributeError(name)

@@ -17,11 +17,12 @@ A runtime that does not answer is retried with the consumer's redelivery (a few 
 `model.deploy_failed` (`target_failed`). `model.rolled_back` goes back the same way: to the version it
 names (when the follower has seen its promotion) or to the base model (`to_version` null).
 
-Probe prompts come, in this order, from the event's `probe` list, from `probe.json` beside the version's
-adapter directory (`models/<version>/probe.json`, written by the arena), from `follower.probe_file`, or
-three general questions without expected answers (then the probe checks that the version answers at all).
-Each item: `{"messages": [{"role", "content"}...], "expected": str | null, "base_expected": str | null,
-"max_tokens": int?}`.
+Probe prompts come, in this order, from the event's `probe` list, from the arena's frozen probes (the
+event's `probes_path`, else `models/<version>/arena/probes.json`: each probe's `runtime` answer is the
+expected one, and its `adapter_gguf_sha256` is checked like an announced `gguf_sha256`), from
+`models/<version>/probe.json`, from `follower.probe_file`, or three general questions without expected
+answers (then the probe checks that the version answers at all). A probe item: `{"messages": [{"role",
+"content"}...], "expected": str | null, "base_expected": str | null, "max_tokens": int?}`.
 
 Embed it: `Follower(settings).run(stop)` (an asyncio.Event), or `academyd follow`.
 """
@@ -88,22 +89,49 @@ class State:
         tmp.replace(self.path)
 
 
+def _arena_probes(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The arena's frozen probes file (`models/<vN>/arena/probes.json`: {"max_tokens", "probes": [{"messages",
+    "runtime", "trainer", ...}]}) as probe items: the runtime's greedy answer is the expected one."""
+    tokens = doc.get("max_tokens")
+    return [{"messages": p["messages"], "expected": p.get("runtime"), "base_expected": p.get("base_runtime"),
+             **({"max_tokens": tokens} if tokens else {})} for p in doc["probes"] if p.get("messages")]
+
+
 def load_probe(event: dict[str, Any], settings: Settings) -> tuple[list[dict[str, Any]], str]:
     """The probe prompts for a version, and where they came from."""
     if isinstance(event.get("probe"), list) and event["probe"]:
         return event["probe"], "event"
     candidates: list[Path] = []
+    if event.get("probes_path"):
+        candidates.append(Path(event["probes_path"]))
     if event.get("adapter_path"):
-        candidates.append(Path(event["adapter_path"]).parent / "probe.json")
+        vdir = Path(event["adapter_path"]).parent
+        candidates += [vdir / "arena" / "probes.json", vdir / "probe.json"]
     if settings.follower.probe_file:
         candidates.append(settings.follower.probe_file)
     for path in candidates:
         if path.is_file():
             data = json.loads(path.read_text())
-            items = data.get("prompts") if isinstance(data, dict) else data
+            if isinstance(data, dict) and isinstance(data.get("probes"), list):
+                items = _arena_probes(data)
+            else:
+                items = data.get("prompts") if isinstance(data, dict) else data
             if isinstance(items, list) and items:
                 return items, str(path)
     return DEFAULT_PROBE, "default"
+
+
+def announced_gguf_sha256(event: dict[str, Any]) -> str | None:
+    """The GGUF adapter's sha256 as the Academy recorded it: in the event, or in the arena's probes file."""
+    if event.get("gguf_sha256"):
+        return str(event["gguf_sha256"])
+    path = Path(event["probes_path"]) if event.get("probes_path") else None
+    if path is not None and path.is_file():
+        try:
+            return json.loads(path.read_text()).get("adapter_gguf_sha256")
+        except (ValueError, AttributeError):
+            return None
+    return None
 
 
 def _matches(answer: str, expected: str) -> bool:
@@ -166,8 +194,8 @@ class Follower:
         await self.target.close()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
         try:
+            await self.start()
             await self.feed.run(self.handle, stop)
         finally:
             await self.close()
@@ -238,12 +266,15 @@ class Follower:
         checks["probe_source"] = probe_source
         try:
             if version is not None:
-                files = {**(await asyncio.to_thread(check_files, promoted or {})),
+                announced = {**(promoted or {}), "gguf_sha256": announced_gguf_sha256(promoted or {})}
+                files = {**(await asyncio.to_thread(check_files, announced)),
                          "adapter_path": (promoted or {})["adapter_path"],
                          "modelfile_path": (promoted or {}).get("modelfile_path")}
                 checks.update({k: files.get(k) for k in ("adapter_sha256", "gguf_sha256")})
-                checks["gguf_sha256_announced"] = bool((promoted or {}).get("gguf_sha256"))
+                checks["gguf_sha256_announced"] = bool(announced["gguf_sha256"])
                 keys = await asyncio.to_thread(gguf_keys, Path(files["gguf_path"])) if files.get("gguf_path") else {}
+                if (promoted or {}).get("base_sha256"):  # what the event says, checked like the GGUF's own keys
+                    keys = {**keys, "event.base_sha256": promoted["base_sha256"]}  # type: ignore[index]
                 checks["base"] = check_base(keys, await self.target.base(), require=self.cfg.require_base_identity,
                                             adapter=files.get("gguf_path") or files["adapter_path"])
             timings["verify_s"] = time.perf_counter() - t0

@@ -93,7 +93,7 @@ def gguf_keys(path: Path) -> dict[str, Any]:
 
 def base_identity_of_adapter(keys: dict[str, Any]) -> dict[str, Any]:
     """`general.base_model.*` and every key naming a base sha256, as the adapter declares them."""
-    return {k: v for k, v in keys.items() if k.startswith("general.base_model.") or
+    return {k: v for k, v in keys.items() if k.startswith(("general.base_model.", "academy.base_model.")) or
             ("base" in k and k.endswith("sha256"))}
 
 

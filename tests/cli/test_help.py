@@ -8,7 +8,7 @@ import pytest
 
 from academyd.cli import build_parser, main
 
-EXPECTED = {"run", "status", "train", "dataset", "models", "import-venom", "schemas", "worker"}
+EXPECTED = {"run", "status", "train", "dataset", "models", "import-venom", "schemas", "worker", "follow"}
 
 
 def walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
@@ -47,7 +47,7 @@ def test_every_command_is_there_and_documented() -> None:
 @pytest.mark.parametrize("argv", [
     [], ["run"], ["status"], ["train"], ["dataset"], ["dataset", "build"], ["dataset", "backfill-git"],
     ["models"], ["models", "list"], ["models", "show"], ["models", "promote"], ["models", "rollback"],
-    ["import-venom"], ["schemas"], ["schemas", "export"], ["worker"],
+    ["import-venom"], ["schemas"], ["schemas", "export"], ["worker"], ["follow"],
 ])
 def test_help_prints_and_exits_zero(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -56,7 +56,7 @@ def test_help_prints_and_exits_zero(argv: list[str], capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert out.startswith("usage: academyd")
     if argv and argv[-1] not in ("dataset", "models", "schemas"):
-        assert "--json" in out or argv in (["run"], ["worker"]), f"academyd {' '.join(argv)} has no --json"
+        assert "--json" in out or argv in (["run"], ["worker"], ["follow"]), f"academyd {' '.join(argv)} has no --json"
     if argv in (["status"], ["train"], ["models", "promote"], ["worker"]):
         assert "--nats-url" in out
 

@@ -97,3 +97,21 @@ def test_modelfile_parts() -> None:
     template, params = modelfile_parts(text)
     assert template == "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n"
     assert params == {"temperature": 0.7, "num_ctx": 4096, "stop": ["<|im_end|>", "</s>"]}
+
+
+def test_arena_probes_file_is_read_with_its_gguf_sha256(tmp_path: Path, make_settings: Any) -> None:
+    from academyd.follower.follower import announced_gguf_sha256
+
+    vdir = tmp_path / "models" / "v2"
+    (vdir / "adapter").mkdir(parents=True)
+    (vdir / "arena").mkdir()
+    doc = {"base_sha256": "aa" * 32, "adapter_gguf_sha256": "cc" * 32, "max_tokens": 32, "probes": [
+        {"kind": "heldout", "messages": [{"role": "user", "content": "q"}], "trainer": "a", "runtime": "a b"}]}
+    (vdir / "arena" / "probes.json").write_text(__import__("json").dumps(doc))
+    event = {"adapter_path": str(vdir / "adapter"), "probes_path": str(vdir / "arena" / "probes.json")}
+    items, source = load_probe(event, make_settings())
+    assert source == event["probes_path"]
+    assert items == [{"messages": [{"role": "user", "content": "q"}], "expected": "a b", "base_expected": None,
+                      "max_tokens": 32}]
+    assert announced_gguf_sha256(event) == "cc" * 32
+    assert announced_gguf_sha256({**event, "gguf_sha256": "dd" * 32}) == "dd" * 32
