@@ -142,6 +142,23 @@ def _matches(answer: str, expected: str) -> bool:
     return a.startswith(e) or e.startswith(a)
 
 
+def follower_nats(settings: Settings) -> Any:
+    """How the follower authenticates: as configured, or on the embedded server of the same data directory as
+    the daemon's identity (it publishes model.deployed / model.deploy_failed, which only `academyd` may)."""
+    from academyd.bus import BusError
+    from academyd.nats_auth import DAEMON, as_identity, password_file, read_password
+
+    cfg = settings.nats
+    if cfg.url or cfg.user or cfg.token or cfg.creds_file:
+        return cfg
+    password = read_password(settings.nats_dir, DAEMON)
+    if password is None:
+        raise BusError(f"no credentials for the embedded NATS server ({password_file(settings.nats_dir, DAEMON)} is "
+                       "missing): start the daemon in this data directory first, pass its --data-dir, or "
+                       "--nats-url / ACADEMY_NATS__URL with nats.user/password or creds_file")
+    return as_identity(cfg, DAEMON, password)
+
+
 class Follower:
     """Consumes the Academy's promotions and rollbacks and makes a runtime serve what they say."""
 
@@ -166,7 +183,7 @@ class Follower:
         await self.target.start()
         self.target.assume(self.state.serving)
         await self.reconcile()
-        self.bus = Bus(self.settings.nats)
+        self.bus = Bus(follower_nats(self.settings))
         await self.bus.connect(daemon_url(self.settings))
         await self.bus.ensure_streams()
         self.feed = Feed(self.bus, durable=self.cfg.consumer, subjects=SUBJECTS, ack_wait_s=self.cfg.ack_wait_s)
