@@ -22,7 +22,7 @@ from typing import Any
 
 from academyd.curator import sources
 from academyd.curator.dedup import Deduper
-from academyd.curator.examples import SOURCES, Example
+from academyd.curator.examples import ENCODER, SOURCES, Example
 from academyd.curator.rules import trivial_reason
 from academyd.curator.split import assign, replay_sample
 from academyd.secrets import scanner as secret_scanner
@@ -347,7 +347,7 @@ def build_dataset(
         d["record"] = public(d["record"])
         if d.get("duplicate_of"):
             d["duplicate_of"] = public(d["duplicate_of"])
-    _write(names["decisions"], "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in ordered).encode())
+    _write(names["decisions"], "".join(ENCODER.encode(d) + "\n" for d in ordered).encode())
     manifest.update(
         {
             "content_hash": content_hash,

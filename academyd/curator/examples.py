@@ -18,6 +18,9 @@ COMMIT_INSTRUCTION = "Write a clear, concise git commit message that describes t
 TASK_INSTRUCTION = "You are Venom, a helpful local AI assistant. Complete the user's request."
 
 SOURCES = ("lesson", "commit", "task")
+# json.dumps with any option builds a new encoder per call; one shared (stateless) encoder writes the
+# same text for the curator's 100k lines without that cost
+ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Example:
         return self.alpaca() if fmt == "alpaca" else self.sharegpt()
 
     def line(self, fmt: str) -> str:
-        return json.dumps(self.render(fmt), ensure_ascii=False, sort_keys=False)
+        return ENCODER.encode(self.render(fmt))
 
 
 def lesson_output(action: str, result: str, feedback: str | None) -> str:
