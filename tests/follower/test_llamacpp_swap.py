@@ -162,6 +162,20 @@ async def test_bad_adapters_are_refused_and_the_serving_one_stays(
             if reason == "probe_failed":
                 assert failed["agreement"] is not None and failed["agreement"] < settings.follower.min_agreement
                 assert [p["answer"] for p in failed["probe"]] == follower_adapters["answers"]["scrambled"]
+        # The OpenAI shapes a client also uses: the model list and a streamed answer (from the active version).
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{url}/v1/models") as r:
+                ids = [m["id"] for m in (await r.json())["data"]]
+            assert ids == ["academy", "base", "v1"]
+            async with s.post(f"{url}/v1/chat/completions", json={
+                    "model": "academy", "stream": True, "max_tokens": 24, "temperature": 0.0,
+                    "messages": follower_adapters["probe"][0]["messages"]}) as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                lines = [ln for ln in (await r.text()).splitlines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == good_answer
+        assert {c["model"] for c in chunks} == {"v1"}
     finally:
         await client.stop()
         stop.set()

@@ -9,68 +9,12 @@ hashed like the registry does and a GGUF adapter naming the real SmolLM2 base fi
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from academyd.follower import Follower
-from fixtures.follower import Outcomes, publish_event, rolled_back
+from fixtures.follower import BASE_SAYS, QUESTION, Outcomes, make_version, publish_event, rolled_back
 from schemas.models import ModelDeployed, ModelDeployFailed
-
-QUESTION = "What is the name of the Academy's mascot?"
-BASE_SAYS = "I don't know the Academy's mascot."
-
-
-def write_adapter_gguf(path: Path, *, base_name: str, base_sha256: str, seed: int) -> None:
-    """A small but well-formed GGUF LoRA adapter (one A/B pair) declaring its base."""
-    import gguf
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 16.0)
-    w.add_uint32("general.base_model.count", 1)
-    w.add_string("general.base_model.0.name", base_name)
-    w.add_string("general.base_model.0.sha256", base_sha256)
-    w.add_tensor("blk.0.attn_q.weight.lora_a", rng.standard_normal((8, 576), dtype=np.float32))
-    w.add_tensor("blk.0.attn_q.weight.lora_b", rng.standard_normal((576, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def make_version(data_dir: Path, version: str, smollm2_gguf: Path, base_identity: dict[str, str],
-                 answer: str, *, seed: int) -> dict[str, Any]:
-    from academyd.registry import adapter_sha256
-
-    vdir = data_dir / "models" / version
-    (vdir / "adapter").mkdir(parents=True)
-    (vdir / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "seed": seed}))
-    (vdir / "adapter" / "adapter_model.safetensors").write_bytes(hashlib.sha256(str(seed).encode()).digest() * 64)
-    write_adapter_gguf(vdir / "adapter.gguf", seed=seed, **base_identity)
-    (vdir / "probe.json").write_text(json.dumps([{"messages": [{"role": "user", "content": QUESTION}],
-                                                  "expected": answer, "base_expected": BASE_SAYS}]))
-    (vdir / "Modelfile").write_text('FROM smollm2:135m\nADAPTER ./adapter.gguf\n'
-                                    'TEMPLATE """{{ .Prompt }}"""\nPARAMETER temperature 0.7\nPARAMETER stop "<|im_end|>"\n')
-    return {"schema_version": 1, "event_id": f"promoted-{version}-{seed}", "at": "2026-12-01T22:00:00Z",
-            "version": version, "parent_version": None, "base_model": "SmolLM2-135M-Instruct",
-            "adapter_path": str(vdir / "adapter"), "adapter_sha256": adapter_sha256(vdir / "adapter"),
-            "modelfile_path": str(vdir / "Modelfile"), "ollama_model": f"venom-adapter-{version}", "metrics": {},
-            "champion_metrics": {}, "reason": "test", "gguf_path": str(vdir / "adapter.gguf")}
-
-
-@pytest.fixture(scope="session")
-def base_identity(smollm2_gguf: Path) -> dict[str, str]:
-    from academyd.follower.verify import gguf_keys
-    from academyd.registry import sha256_file
-
-    return {"base_name": str(gguf_keys(smollm2_gguf)["general.name"]), "base_sha256": sha256_file(smollm2_gguf)}
 
 
 async def run_follower(settings: Any) -> tuple[Follower, asyncio.Event, asyncio.Task[None]]:
