@@ -70,6 +70,13 @@ class Pipeline:
             log.warning("active_adapter_resynchronised")
         if self.settings.training.autorun:
             self._task = asyncio.create_task(self._loop(), name="pipeline")
+        elif self.app.bus.nc is not None:
+            # autorun=false: this daemon never trains on its own host. A run waits, recorded, until an
+            # `academyd worker` is connected, then goes to the workers (the nats habitat) like any other.
+            from academyd.habitat.nats import NatsHabitat
+
+            self._habitat = NatsHabitat(self.settings, self.app.bus.nc)
+            self._task = asyncio.create_task(self._loop(gate=self._habitat.any_worker), name="pipeline")
 
     def wake(self) -> None:
         self._wake.set()
@@ -80,10 +87,10 @@ class Pipeline:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def _loop(self) -> None:
+    async def _loop(self, gate: Any = None) -> None:
         while True:
             run = self.store.active_run()
-            if run is not None:
+            if run is not None and (gate is None or await gate()):
                 try:
                     await self.execute(run["run_id"])
                 except asyncio.CancelledError:

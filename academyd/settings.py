@@ -144,8 +144,8 @@ class TrainingSettings(BaseModel):
 
     autorun: bool = Field(
         default=True,
-        description="Run requested trainings in this daemon; false: only record and publish "
-        "academy.training.requested (for an external worker).",
+        description="Train on this daemon's host (the habitat below); false: never here: a requested run "
+        "waits, recorded, until an `academyd worker` is connected and then trains there (the nats habitat).",
     )
     habitat: Literal["auto", "process", "docker", "nats"] = Field(
         default="auto",

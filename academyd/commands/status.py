@@ -79,6 +79,8 @@ def render(s: dict[str, Any]) -> None:
                   + (f"  loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
     else:
         t.add_row("active run", f"{run['run_id']} ({run['state']})" if run else "none")
+    if run and s.get("waiting"):
+        t.add_row("  [yellow]waiting[/]", str(s["waiting"]))
     last = s.get("last_run")
     if last and (not run or last["run_id"] != run["run_id"]):
         extra = f": {last['error']}" if last.get("error") else ""

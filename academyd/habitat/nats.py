@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import APIError
 
 from academyd.artifacts import Artifact, ArtifactError, delete_prefix, get_dir, get_file, put_file
 from academyd.habitat.base import Habitat, HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
@@ -76,6 +79,30 @@ class NatsHabitat:
                 return []
         return await (await self.wire()).advertised()
 
+    async def any_worker(self) -> bool:
+        """Whether a worker is connected now; when none is, `note` says so (shown in status)."""
+        try:
+            ads = await self.workers()
+        except Exception as exc:
+            log.warning("workers_unknown", error=str(exc))
+            ads = []
+        if not ads:
+            self.note = ("waiting for a worker: none is connected (training.autorun=false: this daemon trains "
+                         "only on `academyd worker` processes)")
+        return bool(ads)
+
+    async def _lease(self, run_id: str) -> tuple[dict[str, Any] | None, int]:
+        """The lease, asked again while the cluster cannot answer (a node died, a leader is being elected)."""
+        wire = await self.wire()
+        for attempt in range(10_000):
+            try:
+                return await wire.lease(run_id)
+            except (NatsTimeout, NoRespondersError, APIError, ConnectionClosedError, TimeoutError) as exc:
+                if attempt % 20 == 0:
+                    log.warning("lease_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(self.poll_s)
+        raise HabitatError(f"the lease of {run_id} stayed unreadable")
+
     def _handle(self, run_id: str) -> JobHandle:
         return JobHandle(ref=REF_PREFIX + run_id, run_id=run_id,
                          output_dir=str((self.settings.runs_dir / run_id).resolve()))
@@ -85,7 +112,7 @@ class NatsHabitat:
     async def start(self, job: TrainingJob) -> JobHandle:
         wire = await self.wire()
         run_id = job.run_id
-        lease, _ = await wire.lease(run_id)
+        lease, _ = await self._lease(run_id)
         handle = self._handle(run_id)
         spec = job.spec
         out = Path(handle.output_dir)
@@ -127,17 +154,23 @@ class NatsHabitat:
     # ------------------------------------------------------------ observe
 
     async def _job_queued(self, run_id: str) -> bool:
+        from nats.js.errors import NotFoundError
+
         for gpu in (False, True):
-            try:
-                await self.js.get_last_msg(self.settings.workers.jobs_stream, job_subject(run_id, gpu))
-                return True
-            except Exception:
-                continue
+            for attempt in range(10_000):
+                try:
+                    await self.js.get_last_msg(self.settings.workers.jobs_stream, job_subject(run_id, gpu))
+                    return True
+                except NotFoundError:
+                    break
+                except (NatsTimeout, NoRespondersError, APIError, TimeoutError) as exc:  # not an answer: ask again
+                    if attempt % 20 == 0:
+                        log.warning("jobs_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(self.poll_s)
         return False
 
     async def status(self, handle: JobHandle) -> JobStatus:
-        wire = await self.wire()
-        lease, _ = await wire.lease(handle.run_id)
+        lease, _ = await self._lease(handle.run_id)
         state = (lease or {}).get("state")
         if state == "succeeded":
             return JobStatus.SUCCEEDED
@@ -170,13 +203,19 @@ class NatsHabitat:
                 if isinstance(body, dict) and isinstance(body.get("event"), dict):
                     await queue.put(body)
 
-        sub = await self.js.subscribe(events_subject(run_id), cb=on_event, ordered_consumer=True,
-                                      stream=self.settings.workers.events_stream)
+        sub = None
+        while sub is None:
+            try:
+                sub = await self.js.subscribe(events_subject(run_id), cb=on_event, ordered_consumer=True,
+                                              stream=self.settings.workers.events_stream)
+            except (NatsTimeout, NoRespondersError, APIError, TimeoutError) as exc:
+                log.warning("events_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(self.poll_s)
         requires_gpu = self.settings.workers.require_gpu
         last_note = 0.0
         try:
             while True:
-                lease, _ = await wire.lease(run_id)
+                lease, _ = await self._lease(run_id)
                 while not queue.empty():
                     body = queue.get_nowait()
                     ev = body["event"]
@@ -189,7 +228,8 @@ class NatsHabitat:
                     return
                 if lease is None or state == "released":
                     if time.monotonic() - last_note > 2.0:
-                        self.note = await self._explain_wait(wire, bool(requires_gpu))
+                        with contextlib.suppress(Exception):
+                            self.note = await self._explain_wait(wire, bool(requires_gpu))
                         last_note = time.monotonic()
                 else:
                     self.note = None
@@ -209,7 +249,7 @@ class NatsHabitat:
     async def result(self, handle: JobHandle) -> JobResult:
         wire = await self.wire()
         while True:
-            lease, _ = await wire.lease(handle.run_id)
+            lease, _ = await self._lease(handle.run_id)
             if lease is not None and lease.get("state") in FINAL_STATES:
                 break
             await asyncio.sleep(self.poll_s)

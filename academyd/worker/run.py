@@ -28,7 +28,7 @@ import nats
 import structlog
 from nats.js.errors import KeyWrongLastSequenceError
 
-from academyd.artifacts import Artifact, ArtifactError, get_dir, get_file, put_dir, put_file
+from academyd.artifacts import Artifact, ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file
 from academyd.habitat.base import HabitatError, JobStatus, TrainingJob
 from academyd.habitat.process import ProcessHabitat, package_root
 from academyd.settings import Settings
@@ -130,7 +130,9 @@ class Worker:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.caps = await asyncio.to_thread(probe_capabilities, self.habitat.trainer_python, gpu=self.gpu_mode)
         await self._connect()
-        assert self.wire is not None
+        if self.wire is None:  # stopped while waiting for the streams
+            await self.nc.close()
+            return
         caps = ["gpu", "any"] if self.caps.get("gpu") else ["any"]
         js_jobs = self.nc.jetstream(timeout=10)
         subs = [await js_jobs.pull_subscribe_bind(durable=consumer_name(c), stream=self.settings.workers.jobs_stream)
@@ -192,16 +194,20 @@ class Worker:
             await Wire.open(self.nc.jetstream(timeout=10), self.settings, create=True)
         except Exception as exc:  # a least-privilege worker may not create: the daemon does
             log.info("worker_binds_only", reason=f"{type(exc).__name__}: {exc}")
-        self.js = self.nc.jetstream(timeout=max(0.5, self.timing.heartbeat_s / 2))
-        while True:
+        # Lease refreshes, in-progress acks and events with a request timeout of one heartbeat: a refresh on a
+        # dead connection fails well within the stop window. Artifacts (many chunk publishes, R3) get longer.
+        self.js = self.nc.jetstream(timeout=max(0.5, self.timing.heartbeat_s))
+        while not self.stop_event.is_set():
             try:
                 self.wire = await Wire.open(self.js, self.settings, create=False)
+                self.wire.artifacts = await ensure_bucket(self.nc.jetstream(timeout=30), self.settings.workers.artifacts_bucket)
                 return
             except Exception as exc:
                 log.warning("worker_waits_for_streams", reason=f"{type(exc).__name__}: {exc}", hint=(
                     "the daemon creates the jobs stream and the buckets at its first job; start it, or give "
                     "this worker the permissions to create them"))
-                await asyncio.sleep(5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), 5)
 
     async def _advertise(self) -> None:
         assert self.wire is not None
@@ -236,7 +242,11 @@ class Worker:
             log.warning("job_unreadable", data=msg.data[:200])
             await msg.term()
             return
-        taken = await self._acquire(msg, run_id)
+        try:
+            taken = await self._acquire(msg, run_id)
+        except Exception as exc:  # the cluster cannot answer now: the job comes back after its ack wait
+            log.warning("lease_unavailable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+            return
         if taken is None:
             return
         self.holding = taken

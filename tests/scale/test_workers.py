@@ -108,15 +108,21 @@ async def train(d: Any) -> str:
 async def test_a_run_is_trained_on_a_worker_and_promoted(
     nats_server, start_daemon, start_worker, tiny_base_model, trainer_python, tmp_path
 ) -> None:
+    """`training.autorun=false`: the daemon never trains on its own host; the run waits, recorded and said
+    so in status, until a worker connects, then trains there and is promoted."""
     url = nats_server.url
-    settings = daemon_settings(url, tmp_path / "daemon" / "data", tiny_base_model, trainer_python)
-    w1 = worker(start_worker, tmp_path, tiny_base_model, url, "w1")
-    ads = await workers_advertised(url, 1)
-    assert ads[0]["worker"] == "w1" and ads[0]["gpu"] is None and ads[0]["trainer"]["torch"].startswith("2.13")
+    settings = daemon_settings(url, tmp_path / "daemon" / "data", tiny_base_model, trainer_python, autorun=False,
+                               habitat="process")
     d = await start_daemon(settings)
     await lessons_in(d, url)
     run_id = await train(d)
     store = d.app.store
+    await asyncio.sleep(6)  # more than one turn of the pipeline's loop
+    assert store.get_run(run_id)["state"] == "requested"
+    assert "none is connected" in d.app.status()["waiting"]
+    w1 = worker(start_worker, tmp_path, tiny_base_model, url, "w1")
+    ads = await workers_advertised(url, 1)
+    assert ads[0]["worker"] == "w1" and ads[0]["gpu"] is None and ads[0]["trainer"]["torch"].startswith("2.13")
     await wait_for(lambda: store.get_run(run_id)["state"] in ("succeeded", "failed", "refused"), timeout=400,
                    interval=0.5)
     run = store.get_run(run_id)
@@ -155,6 +161,7 @@ def first_progress_step(w: Any, run_id: str) -> int | None:
 
 
 KILL_HP = {"save_steps": 4, "logging_steps": 1}
+KILL_STEPS = 60  # long enough that the kill lands mid-training, even on a fast machine
 
 
 async def test_a_sigkilled_worker_s_job_resumes_on_the_other_from_its_checkpoint(
@@ -162,7 +169,7 @@ async def test_a_sigkilled_worker_s_job_resumes_on_the_other_from_its_checkpoint
 ) -> None:
     url = nats_server.url
     settings = daemon_settings(url, tmp_path / "daemon" / "data", tiny_base_model, trainer_python,
-                               hyperparameters=KILL_HP)
+                               hyperparameters=KILL_HP, max_steps=KILL_STEPS)
     hosts = {name: worker(start_worker, tmp_path, tiny_base_model, url, name) for name in ("w1", "w2")}
     await workers_advertised(url, 2)
     d = await start_daemon(settings)
@@ -247,7 +254,7 @@ async def test_a_worker_cut_off_from_nats_stops_and_the_job_finishes_elsewhere_o
     n1, n2, n3 = nats_cluster.nodes
     others = f"{n2.url},{n3.url}"
     settings = daemon_settings(others, tmp_path / "daemon" / "data", tiny_base_model, trainer_python, replicas=3,
-                               hyperparameters=KILL_HP)
+                               hyperparameters=KILL_HP, max_steps=KILL_STEPS)
     w1 = start_worker(n1.url, "w1", "--model", f"{tiny_base_model}={host_model(tmp_path, 'w1', tiny_base_model)}",
                       "--gpu", "none", "--cpu-threads", "1", ACADEMY_WORKERS__ACK_WAIT_S=str(ACK_WAIT),
                       ACADEMY_NATS__REPLICAS="3")
@@ -255,13 +262,13 @@ async def test_a_worker_cut_off_from_nats_stops_and_the_job_finishes_elsewhere_o
     d = await start_daemon(settings)
     await lessons_in(d, others)
     run_id = await train(d)
+    w2 = worker(start_worker, tmp_path, tiny_base_model, others, "w2")  # ready only after w1 took the job
     for _ in range(600):
         lease = (await lease_history(others, run_id) or [None])[-1]
         if lease and (lease.get("checkpoint") or {}).get("step", 0) >= 4:
             break
         await asyncio.sleep(0.5)
     assert lease and lease["worker"] == "w1", w1.log[-2000:]
-    w2 = worker(start_worker, tmp_path, tiny_base_model, others, "w2")
     await workers_advertised(others, 2)
     n1.kill()
     store = d.app.store
