@@ -135,7 +135,7 @@ class Wire:
             bucket=w.registry_bucket, description="academyd workers: what each has", history=1,
             ttl=timing.heartbeat_s * 3, storage=StorageType.FILE, replicas=n.replicas), create)
         leases = await _kv(js, KeyValueConfig(
-            bucket=w.leases_bucket, description="academyd workers: who holds which job", history=8,
+            bucket=w.leases_bucket, description="academyd workers: who holds which job", history=64,
             ttl=7 * 24 * 3600, storage=StorageType.FILE, replicas=n.replicas), create)
         artifacts = await ensure_bucket(js, w.artifacts_bucket, replicas=n.replicas, ttl_s=w.artifacts_ttl_h * 3600)
         return cls(js=js, settings=settings, artifacts=artifacts, workers=workers, leases=leases)

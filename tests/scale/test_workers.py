@@ -262,6 +262,17 @@ async def test_a_worker_cut_off_from_nats_stops_and_the_job_finishes_elsewhere_o
     d = await start_daemon(settings)
     await lessons_in(d, others)
     run_id = await train(d)
+    # Every revision of the lease, as it happens (the bucket keeps only the last few).
+    watch_nc = await nats.connect(servers=others.split(","), max_reconnect_attempts=-1)
+    revisions: list[dict[str, Any]] = []
+
+    async def record() -> None:
+        kv = await watch_nc.jetstream().key_value("academy_leases")
+        async for entry in await kv.watch(run_id):
+            if entry is not None and entry.value:
+                revisions.append(json.loads(entry.value))
+
+    recorder = asyncio.create_task(record())
     w2 = worker(start_worker, tmp_path, tiny_base_model, others, "w2")  # ready only after w1 took the job
     for _ in range(600):
         lease = (await lease_history(others, run_id) or [None])[-1]
@@ -289,7 +300,9 @@ async def test_a_worker_cut_off_from_nats_stops_and_the_job_finishes_elsewhere_o
     assert stopping[0]["time"] - last_beat1 <= ACK_WAIT / 2 + ACK_WAIT / 4 + 1.0  # stop_after + one beat + slack
     assert min(e["time"] for e in worker_events(w2, "heartbeat")) > stopped[0]["time"]
     # The lease: w1's revisions, then w2's, never interleaved; checkpoints only grow.
-    history = await lease_history(others, run_id)
+    recorder.cancel()
+    await watch_nc.close()
+    history = revisions
     holders = [h["worker"] for h in history]
     assert holders == sorted(holders) and set(holders) == {"w1", "w2"}, holders
     steps = [(h.get("checkpoint") or {}).get("step", 0) for h in history]
