@@ -49,6 +49,14 @@ REF_PREFIX = "nats:"
 FORWARDED = (S.EVENT_START, S.EVENT_PROGRESS, S.EVENT_CHECKPOINT)
 
 
+def _check_cancelled() -> None:
+    """Re-raise a cancellation that a library swallowed (Python 3.11's wait_for can lose one, bpo-42130):
+    the task still counts it, and a polling loop must not outlive its stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class NatsHabitat:
     """Runs trainer jobs on workers. Needs the daemon's NATS connection (`nc`)."""
 
@@ -95,6 +103,7 @@ class NatsHabitat:
         """The lease, asked again while the cluster cannot answer (a node died, a leader is being elected)."""
         wire = await self.wire()
         for attempt in range(10_000):
+            _check_cancelled()
             try:
                 return await wire.lease(run_id)
             except (NatsTimeout, NoRespondersError, APIError, ConnectionClosedError, TimeoutError) as exc:
@@ -233,6 +242,7 @@ class NatsHabitat:
                         last_note = time.monotonic()
                 else:
                     self.note = None
+                _check_cancelled()
                 await asyncio.sleep(self.poll_s)
         finally:
             with contextlib.suppress(Exception):
@@ -252,6 +262,7 @@ class NatsHabitat:
             lease, _ = await self._lease(handle.run_id)
             if lease is not None and lease.get("state") in FINAL_STATES:
                 break
+            _check_cancelled()
             await asyncio.sleep(self.poll_s)
         state = lease["state"]
         if state != "succeeded":
