@@ -136,10 +136,14 @@ def load_backend(spec: S.TrainSpec, hp: S.Hyperparameters, device: str) -> tuple
                                "rebuild the trainer environment (make trainer-env) or use backend auto/peft") from None
             note = f"unsloth unavailable ({type(exc).__name__}: {exc}); using transformers+peft"
         else:
+            import torch
+
             model, tokenizer = FastLanguageModel.from_pretrained(
                 model_name=spec.base_model,
                 max_seq_length=hp.max_length,
-                dtype=None,
+                # Unsloth's auto dtype picks bf16 on CPUs with AVX512-BF16/AMX and fp32 elsewhere, so the same
+                # spec trained different numbers per CPU model: on the CPU we train in fp32, everywhere.
+                dtype=None if device == "cuda" else torch.float32,
                 load_in_4bit=hp.load_in_4bit and device == "cuda",
                 local_files_only=True,
             )
