@@ -21,13 +21,14 @@ import structlog
 from academyd import __version__, policy
 from academyd.bus import Bus
 from academyd.embedded import EmbeddedServer
+from academyd.health import Health
+from academyd.ingest import Inbound, Ingestor, StoreFault, decode
 from academyd.nats_auth import DAEMON, as_identity
-from academyd.ingest import Inbound, Ingestor
 from academyd.notify import Notifier
 from academyd.outbox import OutboxRelay
 from academyd.settings import Settings
 from academyd.store import ActiveRunExists, Store, iso, utcnow
-from handlers import Outcome
+from handlers import Outcome, Reject
 from schemas.models import COMMANDS
 
 log = structlog.get_logger("academyd.app")
@@ -57,6 +58,7 @@ class App:
         self.ingestor: Ingestor | None = None
         self.relay: OutboxRelay | None = None
         self.counters = Counters()
+        self.health = Health(announce=self.notifier.status)
         self.stop_event = asyncio.Event()
         self.ready = asyncio.Event()
         self.nats_url: str | None = None
@@ -87,6 +89,7 @@ class App:
         await self.bus.connect(self.nats_url)
         await self.bus.ensure_streams()
         await self.bus.bind_consumer()
+        await self.bus.watch_max_deliveries(self._on_exhausted)
         self.relay = OutboxRelay(
             self.store, self.bus.publish, self.clock,
             connected=lambda: self.bus.nc is not None and self.bus.nc.is_connected,
@@ -134,7 +137,7 @@ class App:
             await self.pipeline.watch()
 
     async def consume(self) -> None:
-        await self.bus.consume(self.on_batch, self.stop_event)
+        await self.bus.consume(self.on_batch, self.stop_event, self.probe_store)
 
     async def run(self, install_signals: bool = True) -> None:
         """Start, consume until SIGTERM/SIGINT (or `request_stop`), then stop cleanly."""
@@ -155,7 +158,7 @@ class App:
             while True:
                 before = self.bus.stats.fetched
                 once = asyncio.Event()
-                task = asyncio.create_task(self.bus.consume(self.on_batch, once))
+                task = asyncio.create_task(self.bus.consume(self.on_batch, once, self.probe_store))
                 await asyncio.sleep(self.settings.nats.fetch_timeout_s * 2)
                 once.set()
                 await task
@@ -209,16 +212,55 @@ class App:
 
     async def on_batch(self, batch: list[Inbound]) -> list[Outcome]:
         assert self.ingestor is not None
-        result = self.ingestor.process(batch, self.clock())
+        try:
+            result = self.ingestor.process(batch, self.clock())
+        except StoreFault as fault:
+            self.health.degrade("store", fault.reason, self.clock())
+            raise
+        if not self.health.ok:
+            self.health.recover("store")
         c = self.counters
         c.batches += 1
         c.duplicates += result.duplicates
-        if result.stored.get("lesson.created"):
-            self.evaluate("ingest")
-        if result.stored.get("task.completed") and self.pipeline is not None:
-            await self.pipeline.watch()
+        try:  # committed: what follows must not cost the batch its acks (the tick re-runs the policy)
+            if result.stored.get("lesson.created"):
+                self.evaluate("ingest")
+            if result.stored.get("task.completed") and self.pipeline is not None:
+                await self.pipeline.watch()
+        except Exception as exc:
+            log.warning("after_ingest_failed", error=f"{type(exc).__name__}: {exc}")
         self._emit("ingest", {"stored": result.stored, "duplicates": result.duplicates, "rejected": result.rejected})
         return result.outcomes
+
+    async def probe_store(self) -> None:
+        """While degraded: a real write on a worker thread; raises StoreFault until the store heals."""
+        assert self.ingestor is not None
+        try:
+            await asyncio.to_thread(self.ingestor.probe)
+        except StoreFault as fault:
+            self.health.degrade("store", fault.reason, self.clock())
+            raise
+        self.health.recover("store")
+
+    async def _on_exhausted(self, item: Inbound) -> Reject | None:
+        """The server stopped delivering `item` (MAX_DELIVERIES): why, for its dead letter; None if stored."""
+        assert self.store is not None
+        event = decode(item, self.settings.nats.max_payload_bytes)
+        if isinstance(event, Reject):
+            reason = event
+        else:
+            if self.store.scalar("SELECT 1 FROM inbox WHERE event_id=?", (event.event_id,)):
+                return None  # stored; only its ack was lost
+            reason = Reject("max_deliveries", f"delivered {item.num_delivered} times without being stored")
+        from academyd.ingest import event_id_hint, safe_excerpt
+
+        try:
+            with self.store.transaction():
+                self.store.record_dlq(item.subject, reason.reason, reason.detail, event_id=event_id_hint(item),
+                                      stream_seq=item.stream_seq, excerpt=safe_excerpt(item.data), now=self.clock())
+        except Exception as exc:  # the store is faulted: the stream copy still goes out
+            log.warning("dlq_record_failed", stream_seq=item.stream_seq, error=repr(exc))
+        return reason
 
     def evaluate(self, trigger: str, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
         """Run the policy now; record a run (and its outbox event) when it says yes."""
@@ -254,6 +296,7 @@ class App:
         decision = policy.decide(p, snap, now)
         out: dict[str, Any] = {
             "version": __version__,
+            "health": self.health.as_dict(),
             "now": iso(now),
             "nats_url": self.nats_url,
             "counts": self.store.counts(),
@@ -337,7 +380,7 @@ class App:
     async def _on_live(self, subject: str, data: bytes) -> None:
         try:
             payload = json.loads(data)
-        except ValueError:
+        except Exception:  # a dead letter may be anything (nesting deep enough for RecursionError)
             payload = {"raw": data[:500].decode("utf-8", "replace")}
         if not isinstance(payload, dict):
             payload = {"value": payload}

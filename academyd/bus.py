@@ -32,7 +32,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from academyd.ingest import Inbound
+from academyd.ingest import Inbound, StoreFault
 from academyd.settings import NatsSettings
 from handlers import Ack, Outcome, Reject, Retry
 
@@ -45,7 +45,16 @@ DLQ_EXCERPT_BYTES = 64 * 1024
 # Large enough to receive (and dead-letter) an oversized event instead of the server refusing it.
 SERVER_MAX_PAYLOAD = 8 * 1024 * 1024
 
+# The DLQ stream drops a second copy of one dead letter (same Nats-Msg-Id) for this long, so that the
+# in-line path and the MAX_DELIVERIES backstop never both add one.
+DLQ_DUPLICATE_WINDOW_S = 24 * 3600.0
+# Backoff while the store is faulted: the batch is naked with this delay and fetching pauses until a
+# probe write succeeds (doubling up to the cap).
+FAULT_BACKOFF_S = (0.5, 30.0)
+
 BatchCallback = Callable[[list[Inbound]], Awaitable[list[Outcome]]]
+Probe = Callable[[], Awaitable[None]]  # raises StoreFault while the store cannot take writes
+ExhaustedCallback = Callable[[Inbound], Awaitable[Reject | None]]
 RequestHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -59,6 +68,8 @@ class ConsumeStats:
     acked: int = 0
     naked: int = 0
     dead_lettered: int = 0
+    released: int = 0  # naked because the store was faulted (not counted as tries)
+    backstop_dead_lettered: int = 0  # dead-lettered from a MAX_DELIVERIES advisory
 
 
 def connect_options(cfg: NatsSettings, url: str) -> dict[str, Any]:
@@ -96,6 +107,9 @@ class Bus:
         self._service: Any = None
         self.stats = ConsumeStats()
         self.connected = asyncio.Event()
+        # stream seq -> deliveries a store fault caused (they do not count against the message)
+        self._fault_deliveries: dict[int, int] = {}
+        self._fault_streak = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -195,7 +209,7 @@ class Bus:
                 storage=StorageType.FILE,
                 num_replicas=self.cfg.replicas,
                 max_age=30 * 24 * 3600,
-                duplicate_window=window,
+                duplicate_window=max(window, DLQ_DUPLICATE_WINDOW_S),
             )
         )
 
@@ -228,7 +242,9 @@ class Bus:
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=cfg.ack_wait_s,
-            max_deliver=cfg.max_deliver,
+            # Tries are counted by the daemon (store-fault deliveries excluded); the server's own limit
+            # sits above them and is the backstop for a message that never gets an outcome.
+            max_deliver=cfg.max_deliver + cfg.store_fault_redeliveries,
             backoff=cfg.backoff_s or None,
             max_ack_pending=max(1000, cfg.fetch_batch * 4),
             filter_subjects=INBOUND_SUBJECTS,
@@ -253,19 +269,29 @@ class Bus:
 
     # ------------------------------------------------------------ consuming
 
-    async def consume(self, on_batch: BatchCallback, stop: asyncio.Event) -> None:
+    async def consume(self, on_batch: BatchCallback, stop: asyncio.Event, probe: Probe | None = None) -> None:
         """Fetch until `stop` is set, one fetch ahead of the batch being stored (pipelined).
 
         When stop comes, the batch in hand and the one already fetched are finished and acked, so a
-        SIGTERM leaves nothing waiting out its ack timeout.
+        SIGTERM leaves nothing waiting out its ack timeout. When `on_batch` raises StoreFault, the batch
+        (and the one fetched ahead) is naked with a delay, and nothing more is fetched until `probe`
+        succeeds: a long fault costs each message a delivery or two, never its tries.
         """
         assert self._psub is not None, "bind_consumer() first"
         ahead: asyncio.Task[list[Msg]] | None = asyncio.create_task(self._fetch())
         while ahead is not None:
             msgs = await ahead
             ahead = None if stop.is_set() else asyncio.create_task(self._fetch())
-            if msgs:
-                await self._handle(msgs, on_batch)
+            if not msgs or not await self._handle(msgs, on_batch):
+                continue
+            if ahead is not None:  # fetched while the store failed: release it alike
+                more = await ahead
+                ahead = None
+                if more:
+                    await self._release(more)
+            if probe is not None:
+                await self._until_healthy(probe, stop)
+            ahead = None if stop.is_set() else asyncio.create_task(self._fetch())
 
     async def _fetch(self) -> list[Msg]:
         assert self._psub is not None
@@ -280,21 +306,63 @@ class Bus:
             await asyncio.sleep(0.5)
             return []
 
-    async def _handle(self, msgs: list[Msg], on_batch: BatchCallback) -> None:
+    def _fault_delay(self) -> float:
+        first, cap = FAULT_BACKOFF_S
+        return min(cap, first * (2 ** min(self._fault_streak, 16)))
+
+    async def _handle(self, msgs: list[Msg], on_batch: BatchCallback) -> bool:
+        """Store and settle one batch; True when the store was faulted (the batch was released)."""
         self.stats.fetched += len(msgs)
-        batch = [_inbound(m) for m in msgs]
+        batch = [self._inbound(m) for m in msgs]
         try:
             outcomes = await on_batch(batch)
+        except StoreFault as fault:
+            log.warning("store_fault_batch_released", size=len(msgs), reason=fault.reason, detail=fault.detail,
+                        retry_in_s=self._fault_delay())
+            await self._release(msgs)
+            return True
         except Exception:
-            # Nothing committed: let every message come back (nak, short delay) and go on.
+            # The ingestor gives every message an outcome of its own; this is a bug after the commit or
+            # before it. Nothing is lost: every message comes back (the inbox drops what was stored).
             log.exception("batch_failed", size=len(msgs))
             for m in msgs:
                 await _quietly(m.nak(delay=1.0))
             self.stats.naked += len(msgs)
-            return
+            return False
+        self._fault_streak = 0
         await self._settle(msgs, batch, outcomes)
+        return False
+
+    async def _release(self, msgs: list[Msg]) -> None:
+        delay = self._fault_delay()
+        for m in msgs:
+            seq = _seq(m)
+            if seq is not None:
+                self._fault_deliveries[seq] = self._fault_deliveries.get(seq, 0) + 1
+            await _quietly(m.nak(delay=delay))
+        self.stats.released += len(msgs)
+        if len(self._fault_deliveries) > 1_000_000:  # messages that vanished from the stream (purged)
+            self._fault_deliveries.clear()
+
+    async def _until_healthy(self, probe: Probe, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            delay = self._fault_delay()
+            self._fault_streak += 1
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await probe()
+            except StoreFault as fault:
+                log.warning("store_still_faulted", reason=fault.reason, retry_in_s=self._fault_delay())
+                continue
+            log.info("store_recovered")
+            return
 
     async def _settle(self, msgs: list[Msg], batch: list[Inbound], outcomes: list[Outcome]) -> None:
+        faults = self._fault_deliveries
         for msg, item, outcome in zip(msgs, batch, outcomes, strict=True):
             if isinstance(outcome, Ack):
                 await _quietly(msg.ack())
@@ -302,15 +370,71 @@ class Bus:
             elif isinstance(outcome, Retry):
                 await _quietly(msg.nak(delay=outcome.delay_s))
                 self.stats.naked += 1
+                continue
             elif isinstance(outcome, Reject):
-                if await self._dead_letter(item, outcome):
-                    await _quietly(msg.term())
-                    self.stats.dead_lettered += 1
+                if not await self._dead_letter(item, outcome):
+                    continue
+                await _quietly(msg.term())
+                self.stats.dead_lettered += 1
+            if faults and item.stream_seq is not None:
+                faults.pop(item.stream_seq, None)
+
+    def _inbound(self, msg: Msg) -> Inbound:
+        item = _inbound(msg)
+        if self._fault_deliveries and item.stream_seq is not None:
+            released = self._fault_deliveries.get(item.stream_seq, 0)
+            if released:
+                return Inbound(item.subject, item.data, item.stream_seq, item.num_delivered, item.msg_id,
+                               attempts=max(1, item.num_delivered - released))
+        return item
+
+    # ------------------------------------------------------------ the MAX_DELIVERIES backstop
+
+    async def watch_max_deliveries(self, on_exhausted: ExhaustedCallback) -> None:
+        """Dead-letter what the server stopped delivering (its MAX_DELIVERIES advisory), read by sequence.
+
+        The daemon dead-letters a message at its last try itself; this catches the rest (a message that
+        never got an outcome: the process died on it each time, or the dead-letter publish failed at the
+        last delivery). `on_exhausted` says why (or None: it was stored after all); the DLQ entry has the
+        same Nats-Msg-Id as the in-line one, so one message never gets two.
+        """
+        assert self.nc is not None
+        cfg = self.cfg
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{cfg.inbound_stream}.{cfg.consumer}"
+
+        async def on_advisory(msg: Msg) -> None:
+            try:
+                advisory = json.loads(msg.data)
+                seq = int(advisory["stream_seq"])
+                deliveries = int(advisory.get("deliveries") or 0)
+            except Exception as exc:
+                log.warning("max_deliveries_advisory_unreadable", error=repr(exc))
+                return
+            try:
+                raw = await self.js.get_msg(cfg.inbound_stream, seq)
+            except NotFoundError:
+                log.warning("max_deliveries_message_gone", stream_seq=seq)
+                return
+            except Exception as exc:
+                log.warning("max_deliveries_read_failed", stream_seq=seq, error=repr(exc))
+                return
+            item = Inbound(subject=raw.subject or "", data=raw.data or b"", stream_seq=seq,
+                           num_delivered=deliveries, msg_id=(raw.headers or {}).get("Nats-Msg-Id"))
+            try:
+                outcome = await on_exhausted(item)
+            except Exception:
+                log.exception("max_deliveries_backstop_failed", stream_seq=seq)
+                outcome = Reject("max_deliveries", f"delivered {deliveries} times without an outcome")
+            if outcome is not None and await self._dead_letter(item, outcome):
+                self.stats.backstop_dead_lettered += 1
+                self._fault_deliveries.pop(seq, None)
+
+        await self.nc.subscribe(subject, cb=on_advisory)
 
     async def _dead_letter(self, item: Inbound, outcome: Reject) -> bool:
         headers = {
             "Academy-Reason": outcome.reason,
-            "Academy-Detail": outcome.detail.replace("\r", " ").replace("\n", " ")[:1000],
+            "Academy-Detail": "".join(c if c.isprintable() else " " for c in outcome.detail[:1000]),
             "Academy-Original-Subject": item.subject,
             "Academy-Stream-Seq": str(item.stream_seq or 0),
             # Re-delivery of the same poison message must not dead-letter it twice.
@@ -389,6 +513,13 @@ async def _respond(req: Any, body: dict[str, Any], error: tuple[str, str] | None
         await req.respond(data, headers={"Nats-Service-Error-Code": error[0], "Nats-Service-Error": error[1][:200]})
     else:
         await req.respond(data)
+
+
+def _seq(msg: Msg) -> int | None:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return None
 
 
 def _inbound(msg: Msg) -> Inbound:

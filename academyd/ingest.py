@@ -2,18 +2,27 @@
 
 Pure of NATS: the bus hands over plain `Inbound` values and gets one outcome per message back, then
 acks, naks or dead-letters them, after the commit.
+
+One message can cost only itself. The fast path stores a whole batch in one transaction with no
+per-message savepoint; when anything in it raises (a handler bug, a row the store refuses), the batch
+is redone on the slow path, one savepoint per message, so that the good messages commit and the bad one
+gets an outcome of its own. A fault of the store itself (locked, disk I/O, disk full) fails every
+message alike: it raises `StoreFault`, and the bus releases the batch for redelivery without counting
+those deliveries against the messages.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from handlers import Ack, Handler, HandlerContext, Outcome, Reject, Retry, registry
 from schemas.models import INBOUND, SCHEMA_VERSION, Event
@@ -21,6 +30,27 @@ from schemas.models import INBOUND, SCHEMA_VERSION, Event
 log = structlog.get_logger("academyd.ingest")
 
 EXCERPT_CHARS = 500
+# How long the batch's BEGIN IMMEDIATE may wait for another connection's write lock. Ingest runs on the
+# event loop: waiting longer would stall NATS pings and the page; the batch is released instead.
+INGEST_BUSY_MS = 1000
+
+# SQLite primary result codes that mean the store itself is in trouble, whatever the message.
+_FAULT_CODES = {
+    5: "database is locked (SQLITE_BUSY)",
+    6: "table is locked (SQLITE_LOCKED)",
+    7: "out of memory (SQLITE_NOMEM)",
+    8: "database is read-only (SQLITE_READONLY)",
+    10: "disk I/O error (SQLITE_IOERR)",
+    11: "database file is damaged (SQLITE_CORRUPT)",
+    13: "disk is full (SQLITE_FULL)",
+    14: "cannot open the database file (SQLITE_CANTOPEN)",
+    15: "database lock protocol error (SQLITE_PROTOCOL)",
+    26: "not a database file (SQLITE_NOTADB)",
+}
+_FAULT_WORDS = ("locked", "disk", "full", "readonly", "read-only", "unable to open", "malformed", "i/o")
+
+# Bytes that make a payload worth the strict (slower) JSON check; absent in ordinary events.
+_SUSPECT = re.compile(rb"NaN|Infinity|\\u0000")
 
 
 @dataclass(frozen=True)
@@ -30,39 +60,161 @@ class Inbound:
     stream_seq: int | None
     num_delivered: int = 1
     msg_id: str | None = None
+    # Deliveries that count against the message (num_delivered minus those a store fault caused).
+    attempts: int | None = None
+
+
+class StoreFault(Exception):
+    """The store cannot take writes now (locked, I/O error, disk full); nothing of the batch committed."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def store_fault(exc: BaseException) -> StoreFault | None:
+    """A StoreFault when `exc` is SQLite saying the store (not this message) is in trouble."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and (code & 0xFF) in _FAULT_CODES:
+        return StoreFault(_FAULT_CODES[code & 0xFF], f"{type(exc).__name__}: {exc}")
+    if code is None and isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        if any(w in text for w in _FAULT_WORDS):
+            return StoreFault(str(exc), f"{type(exc).__name__}: {exc}")
+    return None
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _NotJsonConstant(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _DuplicateKey(dup)
+    return out
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJsonConstant(name)
+
+
+def _strict_loads(data: bytes) -> Any:
+    """json.loads that refuses what RFC 8259 does not allow and what parsers disagree on."""
+    return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+
+
+def _count_keys(value: Any) -> int:
+    if isinstance(value, BaseModel):
+        return _model_keys(value)
+    if isinstance(value, dict):
+        return len(value) + sum(_count_keys(v) for v in value.values() if isinstance(v, dict | list | BaseModel))
+    if isinstance(value, list):
+        return sum(_count_keys(v) for v in value if isinstance(v, dict | list | BaseModel))
+    return 0
+
+
+def _model_keys(event: BaseModel) -> int:
+    """How many object keys the payload of `event` holds, if it held each key once."""
+    n = len(event.model_fields_set)
+    for name in getattr(event, "NESTED_FIELDS", ()):
+        if name in event.model_fields_set:
+            n += _count_keys(getattr(event, name))
+    return n
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _exc_text(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
 def decode(item: Inbound, max_payload: int) -> Event | Reject:
-    """Parse and validate one message; a Reject says precisely what is wrong with it."""
+    """Parse and validate one message; a Reject says precisely what is wrong with it. Never raises."""
     model = INBOUND.get(item.subject)
     if model is None:
         return Reject("unknown_subject", f"no handler for subject {item.subject!r}")
-    if len(item.data) > max_payload:
-        return Reject("too_large", f"payload is {len(item.data)} bytes; the limit is {max_payload}")
+    data = item.data
+    if len(data) > max_payload:
+        return Reject("too_large", f"payload is {len(data)} bytes; the limit is {max_payload}")
     try:
-        return model.model_validate_json(item.data)  # the hot path: one pass, in pydantic-core
+        event = model.model_validate_json(data)  # the hot path: one pass, in pydantic-core
     except ValidationError as exc:
-        return _explain(item.data, exc)
+        return _explain(data, exc)
+    except Exception as exc:  # whatever else the parser meets must cost this message only
+        return Reject("undecodable", _exc_text(exc))
+    # pydantic-core takes the last of duplicate keys and accepts NaN; a cheap look says whether the
+    # strict parse must confirm (a key count that does not add up, or a suspicious byte sequence).
+    if data.count(b'":') != _model_keys(event) or _SUSPECT.search(data) is not None:
+        return _strict(data, event)
+    return event
+
+
+def _strict(data: bytes, event: Event) -> Event | Reject:
+    try:
+        raw = _strict_loads(data)
+    except _DuplicateKey as exc:
+        return Reject("duplicate_key", f"key {str(exc)[:100]!r} appears twice in one object; send each key once")
+    except _NotJsonConstant as exc:
+        return Reject("not_json", f"{exc} is not JSON (RFC 8259); send null or a string instead")
+    except Exception as exc:
+        return Reject("undecodable", _exc_text(exc))
+    if _has_nul(raw):
+        return Reject("nul_character", "a string holds a NUL character (\\u0000); remove it")
+    return event
 
 
 def _explain(data: bytes, exc: ValidationError) -> Reject:
-    """The slow path: say which kind of poison this is."""
+    """The slow path: say which kind of poison this is. Never raises."""
     try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raw = _strict_loads(data)
+    except json.JSONDecodeError as err:
         return Reject("not_json", f"payload is not JSON: {err}; send one JSON object per event")
-    if not isinstance(raw, dict):
-        return Reject("not_object", f"payload must be a JSON object, got {type(raw).__name__}")
-    version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
-        return Reject(
-            "unknown_schema_version",
-            f"schema_version {version!r} is not supported; this daemon speaks {SCHEMA_VERSION}",
+    except _DuplicateKey as err:
+        return Reject("duplicate_key", f"key {str(err)[:100]!r} appears twice in one object; send each key once")
+    except _NotJsonConstant as err:
+        return Reject("not_json", f"{err} is not JSON (RFC 8259); send null or a string instead")
+    except Exception as err:  # invalid UTF-8, nesting too deep (RecursionError), a number too long, ...
+        return Reject("undecodable", f"{_exc_text(err)}; send one UTF-8 JSON object per event")
+    try:
+        invalid = next((e for e in exc.errors() if e["type"] == "json_invalid"), None)
+        if invalid is not None:  # Python's parser is laxer (a byte-order mark, ...); the contract's is not
+            return Reject("not_json", f"payload is not JSON: {invalid['msg']}; send one JSON object per event")
+        if not isinstance(raw, dict):
+            return Reject("not_object", f"payload must be a JSON object, got {type(raw).__name__}")
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            return Reject(
+                "unknown_schema_version",
+                f"schema_version {str(version)[:50]!r} is not supported; this daemon speaks {SCHEMA_VERSION}",
+            )
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
         )
-    errors = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
-    )
-    return Reject("schema_violation", errors)
+        return Reject("schema_violation", errors[:2000])
+    except Exception as err:
+        return Reject("undecodable", _exc_text(err))
 
 
 def safe_excerpt(data: bytes) -> str:
@@ -73,7 +225,7 @@ def safe_excerpt(data: bytes) -> str:
     """
     from academyd.secrets import scanner
 
-    text = data[: EXCERPT_CHARS * 8].decode("utf-8", "replace")
+    text = data[: EXCERPT_CHARS * 8].decode("utf-8", "replace").replace("\x00", "\\u0000")
     cleaned, _, ok = scanner().clean(text)  # the process's one scanner: safe beside the curator's thread
     return cleaned[:EXCERPT_CHARS] if ok else "(withheld: the payload holds a secret that could not be redacted)"
 
@@ -81,13 +233,16 @@ def safe_excerpt(data: bytes) -> str:
 def event_id_hint(item: Inbound) -> str | None:
     """The event id of a rejected message when one can be read, for logs and the DLQ table."""
     if item.msg_id:
-        return item.msg_id
+        return item.msg_id[:200]
     try:
         raw = json.loads(item.data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except Exception:  # anything: this is only a hint
         return None
     value = raw.get("event_id") if isinstance(raw, dict) else None
-    return value if isinstance(value, str) and len(value) <= 200 else None
+    return value if isinstance(value, str) and len(value) <= 200 and "\x00" not in value else None
+
+
+# ---------------------------------------------------------------- the batch
 
 
 @dataclass
@@ -98,6 +253,10 @@ class BatchResult:
     rejected: int
 
 
+class _Isolate(Exception):
+    """The fast path met an exception it cannot attribute without savepoints: redo the batch slowly."""
+
+
 class Ingestor:
     """Writes a batch of inbound messages to the store in one transaction."""
 
@@ -105,62 +264,156 @@ class Ingestor:
         self.store = store
         self.settings = settings
         self.handlers = handlers or registry()
+        self.isolated_batches = 0  # batches redone one savepoint per message (a message raised)
 
     def process(self, batch: list[Inbound], now: datetime) -> BatchResult:
+        """One outcome per message; raises StoreFault (and only that) when the store cannot commit."""
+        try:
+            return self._run(batch, now, isolated=False)
+        except _Isolate:
+            pass
+        except StoreFault:
+            raise
+        except Exception as exc:
+            fault = store_fault(exc)
+            if fault is not None:
+                raise fault from exc
+            log.warning("batch_isolated", size=len(batch), error=_exc_text(exc))
+        self.isolated_batches += 1
+        try:
+            return self._run(batch, now, isolated=True)
+        except StoreFault:
+            raise
+        except Exception as exc:
+            fault = store_fault(exc)
+            raise (fault or StoreFault("store error", _exc_text(exc))) from exc
+
+    def _run(self, batch: list[Inbound], now: datetime, *, isolated: bool) -> BatchResult:
         ctx = HandlerContext(store=self.store, settings=self.settings, now=now)
         outcomes: list[Outcome] = []
         stored: dict[str, int] = {}
         duplicates = rejected = 0
-        max_deliver = self.settings.nats.max_deliver
-        with self.store.transaction():
-            for item in batch:
-                outcome = self._one(item, ctx)
-                if isinstance(outcome, Retry) and item.num_delivered >= max_deliver:
-                    outcome = Reject("retries_exhausted", f"{outcome.reason} (after {item.num_delivered} tries)")
-                if isinstance(outcome, Reject):
-                    rejected += 1
-                    self.store.record_dlq(
-                        item.subject,
-                        outcome.reason,
-                        outcome.detail,
-                        event_id=event_id_hint(item),
-                        stream_seq=item.stream_seq,
-                        excerpt=safe_excerpt(item.data),
-                        now=now,
-                    )
-                elif isinstance(outcome, Ack):
-                    if outcome.duplicate:
-                        duplicates += 1
-                    else:
-                        stored[item.subject] = stored.get(item.subject, 0) + 1
-                outcomes.append(outcome)
+        nats = self.settings.nats
+        max_deliver, ceiling = nats.max_deliver, nats.max_deliver + nats.store_fault_redeliveries
+        one = self._isolated if isolated else self._fast
+        try:
+            with self.store.transaction(busy_ms=INGEST_BUSY_MS):
+                for item in batch:
+                    outcome = one(item, ctx)
+                    if isinstance(outcome, Retry):
+                        attempts = item.num_delivered if item.attempts is None else item.attempts
+                        if attempts >= max_deliver or item.num_delivered >= ceiling:
+                            outcome = Reject(outcome.final_reason,
+                                             f"{outcome.reason} (after {attempts} tries)")
+                    if isinstance(outcome, Reject):
+                        rejected += 1
+                        self.store.record_dlq(
+                            item.subject,
+                            outcome.reason,
+                            outcome.detail,
+                            event_id=event_id_hint(item),
+                            stream_seq=item.stream_seq,
+                            excerpt=safe_excerpt(item.data),
+                            now=now,
+                        )
+                    elif isinstance(outcome, Ack):
+                        if outcome.duplicate:
+                            duplicates += 1
+                        else:
+                            stored[item.subject] = stored.get(item.subject, 0) + 1
+                    outcomes.append(outcome)
+        except sqlite3.Error as exc:
+            fault = store_fault(exc)
+            if fault is not None:
+                raise fault from exc
+            raise
         return BatchResult(outcomes, stored, duplicates, rejected)
 
-    def _one(self, item: Inbound, ctx: HandlerContext) -> Outcome:
+    def _fast(self, item: Inbound, ctx: HandlerContext) -> Outcome:
         event = decode(item, self.settings.nats.max_payload_bytes)
         if isinstance(event, Reject):
             return event
         handler = self.handlers[item.subject]
         if not getattr(handler, "may_refuse", False):
-            # Handlers that only ever Ack need no savepoint (the hot path: lessons, tasks).
-            if not self.store.claim(event.event_id, item.subject, item.stream_seq, ctx.now):
-                return Ack(duplicate=True)
-            return handler(event, ctx)
-        # A handler that may Retry/Reject runs inside a savepoint so that it leaves no partial rows.
-        self.store.conn.execute("SAVEPOINT ev")
-        if not self.store.claim(event.event_id, item.subject, item.stream_seq, ctx.now):
-            self.store.conn.execute("RELEASE ev")
-            return Ack(duplicate=True)
+            # Handlers that only ever Ack need no savepoint (the hot path: lessons, tasks). If one raises,
+            # the rows it may have written are in this transaction: the batch is redone isolated.
+            try:
+                if not self.store.claim(event.event_id, item.subject, item.stream_seq, ctx.now):
+                    return Ack(duplicate=True)
+                return handler(event, ctx)
+            except Exception as exc:
+                if store_fault(exc) is not None:
+                    raise
+                raise _Isolate() from exc
+        return self._guarded(item, event, handler, ctx)
+
+    def _isolated(self, item: Inbound, ctx: HandlerContext) -> Outcome:
+        event = decode(item, self.settings.nats.max_payload_bytes)
+        if isinstance(event, Reject):
+            return event
+        return self._guarded(item, event, self.handlers[item.subject], ctx)
+
+    def _guarded(self, item: Inbound, event: Event, handler: Handler, ctx: HandlerContext) -> Outcome:
+        """The handler inside a savepoint: a Retry, a Reject or an exception leaves no partial rows."""
+        conn = self.store.conn
+        conn.execute("SAVEPOINT ev")
         try:
+            if not self.store.claim(event.event_id, item.subject, item.stream_seq, ctx.now):
+                conn.execute("RELEASE ev")
+                return Ack(duplicate=True)
             outcome = handler(event, ctx)
-        except sqlite3.OperationalError:
-            raise  # the store itself is in trouble (disk, lock): the whole batch is retried
-        except Exception as exc:  # a bug meeting one message must not block the stream behind it
-            log.exception("handler_failed", event_id=event.event_id, subject=item.subject)
-            outcome = Reject("handler_error", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if store_fault(exc) is not None:
+                raise  # the store itself is in trouble (disk, lock): the whole batch is released
+            conn.execute("ROLLBACK TO ev")
+            conn.execute("RELEASE ev")
+            return self._failed(item, event, exc)
         if isinstance(outcome, Ack):
-            self.store.conn.execute("RELEASE ev")
+            conn.execute("RELEASE ev")
         else:
-            self.store.conn.execute("ROLLBACK TO ev")
-            self.store.conn.execute("RELEASE ev")
+            conn.execute("ROLLBACK TO ev")
+            conn.execute("RELEASE ev")
         return outcome
+
+    def _failed(self, item: Inbound, event: Event, exc: Exception) -> Outcome:
+        if isinstance(exc, sqlite3.Error):
+            # The store refused this one row (a constraint, a value too big): trying again changes nothing.
+            log.warning("event_refused_by_store", event_id=event.event_id, subject=item.subject,
+                        error=_exc_text(exc))
+            return Reject("store_rejected", _exc_text(exc))
+        # A bug meeting one message must not block the stream behind it; it may be transient, so the
+        # message gets its retries before it is dead-lettered.
+        log.warning("handler_failed", event_id=event.event_id, subject=item.subject, error=_exc_text(exc),
+                    delivery=item.num_delivered)
+        steps = self.settings.nats.backoff_s or [1.0]
+        attempt = item.num_delivered if item.attempts is None else item.attempts
+        delay = steps[min(max(attempt, 1), len(steps)) - 1]
+        return Retry(delay, _exc_text(exc), final_reason="handler_error")
+
+    # ------------------------------------------------------------ health
+
+    def probe(self) -> None:
+        """Raise StoreFault unless the store takes a real write now (for a worker thread while degraded).
+
+        Its own connection (the loop's may be in use) writes and deletes a 64 KiB row and commits, so a
+        full disk or a held write lock shows here before a batch is fetched again.
+        """
+        path: Path = self.store.path
+        conn = sqlite3.connect(path, isolation_level=None, timeout=INGEST_BUSY_MS / 1000)
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("CREATE TABLE IF NOT EXISTS ingest_probe(id INTEGER PRIMARY KEY, pad BLOB)")
+            conn.execute("INSERT OR REPLACE INTO ingest_probe(id, pad) VALUES (1, zeroblob(65536))")
+            conn.execute("DELETE FROM ingest_probe")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            fault = store_fault(exc) or StoreFault("store error", _exc_text(exc))
+            raise fault from exc
+        finally:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+

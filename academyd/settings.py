@@ -64,7 +64,12 @@ class NatsSettings(BaseModel):
     dlq_stream: str = "ACADEMY_DLQ"
     consumer: str = "academyd"
     ack_wait_s: float = Field(default=30.0, gt=0)
-    max_deliver: int = Field(default=8, ge=2)
+    max_deliver: int = Field(default=8, ge=2, description="Tries a message gets before it is dead-lettered.")
+    store_fault_redeliveries: int = Field(
+        default=200, ge=0,
+        description="Deliveries a store fault (locked, disk full) may add to a message beyond max_deliver; "
+        "they do not count as tries. The consumer's server-side max_deliver is the sum.",
+    )
     backoff_s: list[float] = Field(default_factory=lambda: [1.0, 5.0, 30.0, 120.0])
     fetch_batch: int = Field(default=256, ge=1, le=10_000)
     fetch_timeout_s: float = Field(default=0.5, gt=0)

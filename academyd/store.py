@@ -214,6 +214,16 @@ MIGRATIONS.append((
 ))
 
 
+MIGRATIONS.append((
+    # Venom's task as Venom writes it: when it was created and which lessons/memory it was given.
+    "0005_venom_task_shape",
+    """
+    ALTER TABLE tasks ADD COLUMN created_at TEXT;
+    ALTER TABLE tasks ADD COLUMN context_used TEXT;
+    """,
+))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -292,8 +302,11 @@ class Store:
         return applied
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; nested calls join the outer transaction."""
+    def transaction(self, busy_ms: int | None = None) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; nested calls join the outer transaction.
+
+        `busy_ms` bounds the wait for another connection's write lock (the default waits 30 s).
+        """
         if self._depth:
             self._depth += 1
             try:
@@ -301,16 +314,28 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        if busy_ms is None:
+            self.conn.execute("BEGIN IMMEDIATE")
+        else:
+            self.conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            finally:
+                self.conn.execute("PRAGMA busy_timeout=30000")
         self._depth = 1
         try:
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
             self._depth = 0
-            self.conn.execute("ROLLBACK")
+            # SQLite may have rolled back by itself (disk full, I/O error): the original error matters.
+            if self.conn.in_transaction:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
         self._depth = 0
-        self.conn.execute("COMMIT")
 
     def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         row = self.conn.execute(sql, params).fetchone()
@@ -357,7 +382,7 @@ class Store:
     def insert_task(self, ev: Any, success: bool, now: datetime) -> bool:
         cur = self.conn.execute(
             "INSERT OR IGNORE INTO tasks(event_id, task_id, content, result, status, logs, context_history,"
-            " model_version, success, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " model_version, success, received_at, created_at, context_used) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 ev.event_id,
                 ev.task_id,
@@ -369,6 +394,8 @@ class Store:
                 ev.model_version,
                 int(success),
                 iso(now),
+                iso(getattr(ev, "created_at", None)),
+                None if getattr(ev, "context_used", None) is None else ev.context_used.model_dump_json(),
             ),
         )
         return cur.rowcount == 1

@@ -27,10 +27,11 @@ class Ack:
 
 @dataclass(frozen=True)
 class Retry:
-    """Not yet: nak with this delay. After the last delivery the bus turns it into a Reject."""
+    """Not yet: nak with this delay. After the last delivery it becomes `Reject(final_reason, reason)`."""
 
     delay_s: float
     reason: str
+    final_reason: str = "retries_exhausted"
 
 
 @dataclass(frozen=True)

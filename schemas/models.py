@@ -9,11 +9,15 @@ instead of being silently ignored.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
+# Longest text field accepted (characters). A payload under the size limit can still carry one field of
+# hundreds of kilobytes; nothing useful for training is that long, and it is rejected with the field named.
+TEXT_MAX = 64 * 1024
+LONG_TEXT_MAX = 256 * 1024
 
 EventId = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$", description="Unique id of this event.")
 
@@ -26,6 +30,9 @@ class Event(BaseModel):
     schema_version: Literal[1] = Field(description="Version of this contract; only 1 exists.")
     event_id: str = EventId
 
+    # Fields that hold JSON objects (the ingestor counts their keys to spot duplicate keys cheaply).
+    NESTED_FIELDS: ClassVar[tuple[str, ...]] = ()
+
 
 # ---------------------------------------------------------------- inbound
 
@@ -33,13 +40,15 @@ class Event(BaseModel):
 class LessonCreated(Event):
     """`lesson.created`: Venom's Lesson, field for field."""
 
+    NESTED_FIELDS: ClassVar[tuple[str, ...]] = ("metadata",)
+
     lesson_id: str = Field(min_length=1, max_length=200)
-    timestamp: datetime
-    situation: str
-    action: str
-    result: str
-    feedback: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    timestamp: datetime = Field(description="ISO 8601; Venom writes naive local time.")
+    situation: str = Field(max_length=TEXT_MAX)
+    action: str = Field(max_length=TEXT_MAX)
+    result: str = Field(max_length=TEXT_MAX)
+    feedback: str | None = Field(default=None, max_length=TEXT_MAX)
+    tags: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=100)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -49,26 +58,46 @@ class CommitPushed(Event):
     repo: str = Field(min_length=1, max_length=200, description="A name from the configured repo allowlist.")
     sha: str = Field(pattern=r"^[0-9a-fA-F]{7,64}$")
     branch: str = Field(min_length=1, max_length=500)
-    message: str | None = None
-    author: str | None = None
+    message: str | None = Field(default=None, max_length=TEXT_MAX)
+    author: str | None = Field(default=None, max_length=500)
     pushed_at: datetime | None = None
 
 
-class TaskCompleted(Event):
-    """`task.completed`: Venom's finished task."""
+class ContextUsed(BaseModel):
+    """Venom's `ContextUsed`: the lessons and memory entries a task was given."""
 
-    task_id: str = Field(min_length=1, max_length=200)
-    content: str = Field(description="The request.")
-    result: str | None = None
-    status: str = Field(min_length=1, max_length=50, description="e.g. COMPLETED, FAILED")
-    logs: list[str] = Field(default_factory=list)
-    context_history: list[dict[str, Any]] | None = None
+    model_config = ConfigDict(extra="allow")
+
+    lessons: list[str] = Field(default_factory=list)
+    memory_entries: list[str] = Field(default_factory=list)
+
+
+class TaskCompleted(Event):
+    """`task.completed`: Venom's finished task, as `VenomTask.model_dump(mode="json")` writes it.
+
+    Venom's `id` is accepted for `task_id`; `context_history` is Venom's dict (a list of turns is accepted
+    too); Venom's statuses are PENDING, PROCESSING, COMPLETED and FAILED.
+    """
+
+    NESTED_FIELDS: ClassVar[tuple[str, ...]] = ("context_history", "context_used")
+
+    task_id: str = Field(min_length=1, max_length=200, validation_alias=AliasChoices("task_id", "id"),
+                         description="The task's id (Venom: `id`, a UUID).")
+    content: str = Field(max_length=TEXT_MAX, description="The request.")
+    result: str | None = Field(default=None, max_length=LONG_TEXT_MAX)
+    status: str = Field(min_length=1, max_length=50, description="Venom's TaskStatus: COMPLETED or FAILED "
+                        "(PENDING, PROCESSING are accepted; a task counts as a success when COMPLETED).")
+    created_at: datetime | None = Field(default=None, description="ISO 8601; naive means UTC (as in Venom).")
+    logs: list[Annotated[str, Field(max_length=TEXT_MAX)]] = Field(default_factory=list, max_length=1000)
+    context_history: dict[str, Any] | list[dict[str, Any]] | None = Field(
+        default=None, description="Venom's context dict (its `session_history` turns feed the dataset).")
+    context_used: ContextUsed | None = None
     model_version: str | None = Field(default=None, description="The model/adapter version that served it.")
 
     @field_validator("status")
     @classmethod
     def _upper(cls, v: str) -> str:
-        return v.strip().upper()
+        return v.strip().upper().removeprefix("TASKSTATUS.")
 
 
 # ---------------------------------------------------------------- commands (request/reply)

@@ -53,6 +53,18 @@ class AcademyCollector:
         batches.add_metric([], app.counters.batches)
         yield batches
 
+        degraded = GaugeMetricFamily("academy_degraded", "1 while a component is degraded (e.g. the store cannot "
+                                     "take writes), per component", labels=["component", "reason"])
+        for component, problem in app.health.problems().items():
+            degraded.add_metric([component, problem.reason], 1)
+        yield degraded
+        healthy = GaugeMetricFamily("academy_healthy", "1 when nothing is degraded")
+        healthy.add_metric([], 1 if app.health.ok else 0)
+        yield healthy
+        faults = CounterMetricFamily("academy_degraded_episodes", "Times the daemon became degraded since start")
+        faults.add_metric([], app.health.faults)
+        yield faults
+
         dlq = CounterMetricFamily("academy_dlq", "Inbound events dead-lettered, per reason (durable)",
                                   labels=["reason"])
         for reason, n in sorted(store.dlq_by_reason().items()):

@@ -189,7 +189,11 @@ class WebServer:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return _json({"ok": True, "ready": self.app.ready.is_set()})
+        health = self.app.health
+        if not health.ok:  # e.g. the store cannot take writes: ingest waits (nothing is lost)
+            return _json({"ok": False, "ready": self.app.ready.is_set(), "reason": health.summary(),
+                          **health.as_dict()}, status=503)
+        return _json({"ok": True, "ready": self.app.ready.is_set(), "state": "healthy"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.collector.consumer_lag = await self.app.bus.consumer_lag()
