@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from academyd.commands.common import (
+    EXIT_FAILED,
+    EXIT_OK,
     EXIT_USAGE,
     add_json_arg,
     add_settings_args,
@@ -25,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="publish Venom's lessons.json and state_dump.json as events",
         description="Read Venom's data/memory/lessons.json and state_dump.json and publish them as "
         "lesson.created and task.completed events, so they take the same path as live events. Event ids "
-        "come from Venom's ids: running it twice adds nothing. Finished tasks only.",
+        "come from Venom's ids: running it twice adds nothing. Finished tasks only. A record that does not fit "
+        "is reported and the rest are imported (exit code 1 when there were any).",
     )
     p.add_argument("dir", type=Path, help="Venom's directory (or its data/memory folder)")
     add_settings_args(p)
@@ -34,24 +37,38 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _import(args: argparse.Namespace) -> int:
-    from academyd.venom_import import ImportError_, lessons, memory_dir, tasks
+    from academyd.venom_import import Bad, ImportError_, Skipped, lessons, memory_dir, tasks
 
+    bad: list[Bad] = []
+    skipped = 0
+    events: list[tuple[str, Any]] = []
     try:
         mem = memory_dir(args.dir)
-        events: list[tuple[str, Any]] = [("lesson.created", e) for e in lessons(mem)]
-        events += [("task.completed", e) for e in tasks(mem)]
+        for subject, source in (("lesson.created", lessons(mem)), ("task.completed", tasks(mem))):
+            for item in source:
+                if isinstance(item, Bad):
+                    bad.append(item)
+                elif isinstance(item, Skipped):
+                    skipped += 1
+                else:
+                    events.append((subject, item))
     except ImportError_ as exc:
         return fail(str(exc), EXIT_USAGE)
-    except ValueError as exc:  # pydantic: a record Venom wrote that the contract refuses
-        return fail(f"a record in {args.dir} does not fit the contract: {exc}", EXIT_USAGE)
     settings = settings_from(args)
     counts = asyncio.run(_publish(settings, events))
+    report = {"source": str(mem), **counts, "unfinished_tasks": skipped, "bad": len(bad),
+              "bad_records": [str(b) for b in bad[:10]]}
     if args.json:
-        print_json({"ok": True, "source": str(mem), **counts})
+        print_json({"ok": not bad, **report})
     else:
         print(f"published {counts['published']} events from {mem} "
-              f"({counts['lessons']} lessons, {counts['tasks']} tasks; {counts['duplicates']} already on the bus)")
-    return 0
+              f"({counts['lessons']} lessons, {counts['tasks']} tasks; {counts['duplicates']} already on the bus"
+              + (f"; {skipped} unfinished tasks left for task.completed" if skipped else "") + ")")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        return fail(f"{len(bad)} record(s) do not fit the contract and were not imported; the rest were: "
+                    + "; ".join(str(b) for b in bad[:5]) + more, EXIT_FAILED)
+    return EXIT_OK
 
 
 async def _publish(settings: Any, events: list[tuple[str, Any]]) -> dict[str, int]:

@@ -72,15 +72,31 @@ _HUMAN_ROLES = {"user", "human", "client", "request"}
 _GPT_ROLES = {"assistant", "gpt", "ai", "model", "bot", "venom", "response"}
 
 
-def history_turns(context_history: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
-    """Earlier turns from Venom's `context_history` (role/content or from/value entries).
+def _history_entries(context_history: Any, task_id: str | None) -> list[Any]:
+    """The turns a `context_history` holds. Venom's is a dict: its `session_history_full` (else
+    `session_history`) lists {role, content, request_id, ...}; this task's own turns (request_id = the
+    task) are left out, the request and the result come from the task itself. A plain list is turns."""
+    if isinstance(context_history, list):
+        return context_history
+    if not isinstance(context_history, dict):
+        return []
+    turns = context_history.get("session_history_full") or context_history.get("session_history") or []
+    if not isinstance(turns, list):
+        return []
+    if task_id is None:
+        return turns
+    return [t for t in turns if not (isinstance(t, dict) and str(t.get("request_id")) == task_id)]
+
+
+def history_turns(context_history: Any, task_id: str | None = None) -> list[tuple[str, str]]:
+    """Earlier turns from Venom's `context_history` (its dict, or a list of role/content or from/value entries).
 
     Unknown roles and empty texts are skipped; consecutive turns of one role are merged so that the
     conversation alternates (chat templates require it); a leading assistant turn is dropped. The
     result may end with a human turn; the caller joins it with the request.
     """
     out: list[tuple[str, str]] = []
-    for item in context_history or []:
+    for item in _history_entries(context_history, task_id):
         if not isinstance(item, dict):
             continue
         role = str(item.get("role", item.get("from", ""))).strip().casefold()

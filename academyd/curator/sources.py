@@ -65,7 +65,7 @@ def tasks(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
         if not rules.is_successful_task(status):
             yield Dropped("task", key, order, "failure")
             continue
-        turns = history_turns(json.loads(history) if history else None)
+        turns = history_turns(json.loads(history) if history else None, task_id)
         request = (content or "").strip()
         if turns and turns[-1][0] == "human":  # the history may already end with this very request
             last = turns.pop()[1]
