@@ -516,18 +516,44 @@ async def _respond(req: Any, body: dict[str, Any], error: tuple[str, str] | None
 
 
 def _seq(msg: Msg) -> int | None:
+    fields = _ack_fields(msg.reply)
+    if fields is not None:
+        return fields[0]
     try:
         return int(msg.metadata.sequence.stream)
     except Exception:
         return None
 
 
-def _inbound(msg: Msg) -> Inbound:
+def _ack_fields(reply: str | None) -> tuple[int, int] | None:
+    """(stream seq, deliveries) from a JetStream ack subject (ADR-15), without building nats-py's Metadata.
+
+    v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
+    """
+    if not reply or not reply.startswith("$JS.ACK."):
+        return None
+    tokens = reply.split(".")
     try:
-        md = msg.metadata
-        seq, delivered = md.sequence.stream, md.num_delivered
-    except Exception:
-        seq, delivered = None, 1
+        if len(tokens) == 9:
+            return int(tokens[5]), int(tokens[4])
+        if len(tokens) >= 11:
+            return int(tokens[7]), int(tokens[6])
+    except ValueError:
+        return None
+    return None
+
+
+def _inbound(msg: Msg) -> Inbound:
+    fields = _ack_fields(msg.reply)
+    if fields is not None:
+        seq, delivered = fields
+    else:
+        try:
+            md = msg.metadata
+            seq, delivered = md.sequence.stream, md.num_delivered
+        except Exception:
+            seq, delivered = None, 1
     return Inbound(
         subject=msg.subject,
         data=msg.data,

@@ -14,7 +14,7 @@ those deliveries against the messages.
 from __future__ import annotations
 
 import json
-import re
+import math
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,8 +49,6 @@ _FAULT_CODES = {
 }
 _FAULT_WORDS = ("locked", "disk", "full", "readonly", "read-only", "unable to open", "malformed", "i/o")
 
-# Bytes that make a payload worth the strict (slower) JSON check; absent in ordinary events.
-_SUSPECT = re.compile(rb"NaN|Infinity|\\u0000")
 
 
 @dataclass(frozen=True)
@@ -116,22 +114,46 @@ def _strict_loads(data: bytes) -> Any:
     return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
 
 
+_NOT_FINITE = 1 << 40  # added to a key count for NaN/Infinity: the count cannot match, the strict parse decides
+
+
 def _count_keys(value: Any) -> int:
+    """Object keys inside `value`, plus _NOT_FINITE for each NaN/Infinity (pydantic-core accepts them)."""
+    kind = type(value)
+    if kind is dict:
+        n = len(value)
+        for v in value.values():
+            k = type(v)
+            if k is dict or k is list:
+                n += _count_keys(v)
+            elif k is float and not math.isfinite(v):
+                n += _NOT_FINITE
+        return n
+    if kind is list:
+        n = 0
+        for v in value:
+            k = type(v)
+            if k is dict or k is list:
+                n += _count_keys(v)
+            elif k is float and not math.isfinite(v):
+                n += _NOT_FINITE
+            elif isinstance(v, BaseModel):
+                n += _model_keys(v)
+        return n
     if isinstance(value, BaseModel):
         return _model_keys(value)
-    if isinstance(value, dict):
-        return len(value) + sum(_count_keys(v) for v in value.values() if isinstance(v, dict | list | BaseModel))
-    if isinstance(value, list):
-        return sum(_count_keys(v) for v in value if isinstance(v, dict | list | BaseModel))
     return 0
 
 
 def _model_keys(event: BaseModel) -> int:
     """How many object keys the payload of `event` holds, if it held each key once."""
-    n = len(event.model_fields_set)
-    for name in getattr(event, "NESTED_FIELDS", ()):
-        if name in event.model_fields_set:
-            n += _count_keys(getattr(event, name))
+    fields_set = event.__pydantic_fields_set__
+    n = len(fields_set)
+    for name in event.NESTED_FIELDS if isinstance(event, Event) else ():
+        if name in fields_set:
+            value = event.__dict__[name]
+            if value:
+                n += _count_keys(value)
     return n
 
 
@@ -165,8 +187,9 @@ def decode(item: Inbound, max_payload: int) -> Event | Reject:
     except Exception as exc:  # whatever else the parser meets must cost this message only
         return Reject("undecodable", _exc_text(exc))
     # pydantic-core takes the last of duplicate keys and accepts NaN; a cheap look says whether the
-    # strict parse must confirm (a key count that does not add up, or a suspicious byte sequence).
-    if data.count(b'":') != _model_keys(event) or _SUSPECT.search(data) is not None:
+    # strict parse must confirm: the `":` separators do not add up to the keys it kept (a duplicate, or
+    # only unusual spacing or a quote in a text), a NaN/Infinity was kept, or a text may hold a NUL.
+    if data.count(b'":') != _model_keys(event) or b"\\u0000" in data:
         return _strict(data, event)
     return event
 
