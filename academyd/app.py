@@ -75,9 +75,10 @@ class App:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(s.db_path)
-        # Ingest writes on the loop, one transaction per fetched batch (the next fetch is already in
-        # flight). Measured: a worker thread for it was slower here (GIL contention with the loop).
-        self.ingestor = Ingestor(self.store, s)
+        # Ingest writes on the loop, one transaction per fetched batch (the next pull is already in
+        # flight). Measured: a worker thread for all of it was slower here (GIL contention with the loop);
+        # only its COMMIT (the fsync) goes to one, so ingest has a connection of its own.
+        self.ingestor = Ingestor(Store(s.db_path), s)
         if s.nats.url:
             self.nats_url = s.nats.url
         else:
@@ -195,6 +196,8 @@ class App:
         await self.bus.close()
         if self.embedded is not None:
             await self.embedded.stop()
+        if self.ingestor is not None:
+            self.ingestor.store.close()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -213,7 +216,7 @@ class App:
     async def on_batch(self, batch: list[Inbound]) -> list[Outcome]:
         assert self.ingestor is not None
         try:
-            result = self.ingestor.process(batch, self.clock())
+            result = await self.ingestor.process_async(batch, self.clock())
         except StoreFault as fault:
             self.health.degrade("store", fault.reason, self.clock())
             raise

@@ -20,7 +20,6 @@ import nats
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -103,7 +102,7 @@ class Bus:
         self.cfg = cfg
         self.nc: Client | None = None
         self.js: Any = None
-        self._psub: Any = None
+        self._puller: Puller | None = None
         self._service: Any = None
         self.stats = ConsumeStats()
         self.connected = asyncio.Event()
@@ -255,9 +254,9 @@ class Bus:
             raise BusError(
                 f"cannot configure consumer {cfg.consumer} on {cfg.inbound_stream}: {exc.description}"
             ) from exc
-        self._psub = await self.js.pull_subscribe_bind(
-            durable=cfg.consumer, stream=cfg.inbound_stream, pending_msgs_limit=cfg.fetch_batch * 8
-        )
+        assert self.nc is not None
+        self._puller = Puller(self.nc, cfg.inbound_stream, cfg.consumer, cfg.fetch_batch, cfg.fetch_timeout_s)
+        await self._puller.start()
         log.info("consumer_bound", consumer=cfg.consumer, stream=cfg.inbound_stream)
 
     async def consumer_lag(self) -> int | None:
@@ -270,41 +269,28 @@ class Bus:
     # ------------------------------------------------------------ consuming
 
     async def consume(self, on_batch: BatchCallback, stop: asyncio.Event, probe: Probe | None = None) -> None:
-        """Fetch until `stop` is set, one fetch ahead of the batch being stored (pipelined).
+        """Pull until `stop` is set, the next pull request in flight while a batch is stored (pipelined).
 
-        When stop comes, the batch in hand and the one already fetched are finished and acked, so a
-        SIGTERM leaves nothing waiting out its ack timeout. When `on_batch` raises StoreFault, the batch
+        When stop comes, the batch in hand and what the pull in flight brings are finished and acked, so
+        a SIGTERM leaves nothing waiting out its ack timeout. When `on_batch` raises StoreFault, the batch
         (and the one fetched ahead) is naked with a delay, and nothing more is fetched until `probe`
         succeeds: a long fault costs each message a delivery or two, never its tries.
         """
-        assert self._psub is not None, "bind_consumer() first"
-        ahead: asyncio.Task[list[Msg]] | None = asyncio.create_task(self._fetch())
-        while ahead is not None:
-            msgs = await ahead
-            ahead = None if stop.is_set() else asyncio.create_task(self._fetch())
-            if not msgs or not await self._handle(msgs, on_batch):
-                continue
-            if ahead is not None:  # fetched while the store failed: release it alike
-                more = await ahead
-                ahead = None
+        puller = self._puller
+        assert puller is not None, "bind_consumer() first"
+        while True:
+            msgs = await puller.next_batch(more=not stop.is_set())
+            if msgs:
+                if not await self._handle(msgs, on_batch):
+                    continue
+                # The store failed: what is still on its way is released alike, then wait for it to heal.
+                more = await puller.drain()
                 if more:
                     await self._release(more)
-            if probe is not None:
-                await self._until_healthy(probe, stop)
-            ahead = None if stop.is_set() else asyncio.create_task(self._fetch())
-
-    async def _fetch(self) -> list[Msg]:
-        assert self._psub is not None
-        try:
-            return await self._psub.fetch(self.cfg.fetch_batch, timeout=self.cfg.fetch_timeout_s)
-        except NatsTimeout:
-            return []
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # disconnected, server restarting: the client reconnects by itself
-            log.warning("fetch_failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(0.5)
-            return []
+                if probe is not None:
+                    await self._until_healthy(probe, stop)
+            elif stop.is_set() and puller.idle:
+                return
 
     def _fault_delay(self) -> float:
         first, cap = FAULT_BACKOFF_S
@@ -503,6 +489,116 @@ class Bus:
             await self._service.add_endpoint(
                 name=subject.replace(".", "_"), subject=subject, handler=make(handler)
             )
+
+
+@dataclass
+class _Request:
+    remaining: int
+    expires_at: float
+
+
+class Puller:
+    """Pull requests for a durable consumer, answered into one core subscription (JetStream's pull protocol,
+    ADR-13: a request on `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` with `batch` and `expires`; the
+    messages and a status (404 no messages, 408 expired, 409 ...) go to its reply subject).
+
+    It does what nats-py's `fetch()` does without a timer and a task per message (measured here: about
+    twice the messages per second), and keeps one request in flight while the caller stores a batch.
+    Requests are answered in order, so a message or a status is counted against the oldest one; a request
+    that was lost (a reconnect) is forgotten once it would have expired.
+    """
+
+    def __init__(self, nc: Client, stream: str, consumer: str, batch: int, expires_s: float) -> None:
+        self.nc = nc
+        self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self.batch = batch
+        self.expires_s = expires_s
+        self.inbox = nc.new_inbox()
+        self._buf: list[Msg] = []
+        self._ready = asyncio.Event()
+        self._requests: list[_Request] = []
+        self._sub: Any = None
+        self._clock = asyncio.get_running_loop().time
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self.inbox, cb=self._on_msg, pending_msgs_limit=self.batch * 64)
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight and nothing held: nothing more will arrive."""
+        self._forget_lost()
+        return not self._requests and not self._buf
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None:
+            self._buf.append(msg)
+            if self._requests:
+                oldest = self._requests[0]
+                oldest.remaining -= 1
+                if oldest.remaining <= 0:
+                    self._requests.pop(0)
+            if len(self._buf) >= self.batch or not self._requests:
+                self._ready.set()
+            return
+        if status == "100":  # idle heartbeat
+            return
+        if status not in ("404", "408"):
+            log.warning("pull_request_status", status=status, description=(headers or {}).get("Description"))
+        if self._requests:
+            self._requests.pop(0)
+        self._ready.set()
+
+    def _forget_lost(self) -> None:
+        now = self._clock()
+        while self._requests and self._requests[0].expires_at < now:
+            self._requests.pop(0)
+
+    async def _request(self) -> None:
+        body = b'{"batch":%d,"expires":%d}' % (self.batch, int(self.expires_s * 1e9))
+        try:
+            await self.nc.publish(self.subject, body, reply=self.inbox)
+        except Exception as exc:  # disconnected: the client reconnects by itself; ask again then
+            log.warning("pull_request_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.5)
+            return
+        # Forgotten a little after the server would have expired it (its 408 may be lost in a reconnect).
+        self._requests.append(_Request(self.batch, self._clock() + self.expires_s + 1.0))
+
+    async def next_batch(self, *, more: bool = True) -> list[Msg]:
+        """What has arrived (waiting up to about `expires_s` for something), with a request in flight
+        for the next batch when `more`."""
+        self._forget_lost()
+        if more and not self._requests:
+            await self._request()
+        if not self._buf and self._requests:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.expires_s + 1.0)
+            except TimeoutError:
+                pass
+        msgs, self._buf = self._buf, []
+        self._ready.clear()
+        self._forget_lost()
+        if more and not self._requests:
+            await self._request()  # the next batch arrives while this one is stored
+        return msgs
+
+    async def drain(self) -> list[Msg]:
+        """Wait until no request is in flight; what arrived meanwhile."""
+        out: list[Msg] = []
+        while True:
+            self._forget_lost()
+            out += self._buf
+            self._buf = []
+            if not self._requests:
+                return out
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.expires_s + 1.0)
+            except TimeoutError:
+                pass
 
 
 async def _respond(req: Any, body: dict[str, Any], error: tuple[str, str] | None = None) -> None:

@@ -13,6 +13,7 @@ those deliveries against the messages.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sqlite3
@@ -290,7 +291,26 @@ class Ingestor:
         self.isolated_batches = 0  # batches redone one savepoint per message (a message raised)
 
     def process(self, batch: list[Inbound], now: datetime) -> BatchResult:
-        """One outcome per message; raises StoreFault (and only that) when the store cannot commit."""
+        """One outcome per message, committed; raises StoreFault (and only that) when the store cannot."""
+        result = self._stage(batch, now)
+        self._commit()
+        return result
+
+    async def process_async(self, batch: list[Inbound], now: datetime) -> BatchResult:
+        """As `process`, with the COMMIT (the fsync) on a worker thread: the loop meanwhile receives the
+        next batch. Only for a store of its own (no one else may use its connection until this returns)."""
+        result = self._stage(batch, now)
+        await asyncio.to_thread(self._commit)
+        return result
+
+    def _commit(self) -> None:
+        try:
+            self.store.commit()
+        except Exception as exc:
+            raise (store_fault(exc) or StoreFault("commit failed", _exc_text(exc))) from exc
+
+    def _stage(self, batch: list[Inbound], now: datetime) -> BatchResult:
+        """The batch written in an open transaction (the caller commits)."""
         try:
             return self._run(batch, now, isolated=False)
         except _Isolate:
@@ -319,33 +339,34 @@ class Ingestor:
         nats = self.settings.nats
         max_deliver, ceiling = nats.max_deliver, nats.max_deliver + nats.store_fault_redeliveries
         one = self._isolated if isolated else self._fast
+        store = self.store
         try:
-            with self.store.transaction(busy_ms=INGEST_BUSY_MS):
-                for item in batch:
-                    outcome = one(item, ctx)
-                    if isinstance(outcome, Retry):
-                        attempts = item.num_delivered if item.attempts is None else item.attempts
-                        if attempts >= max_deliver or item.num_delivered >= ceiling:
-                            outcome = Reject(outcome.final_reason,
-                                             f"{outcome.reason} (after {attempts} tries)")
-                    if isinstance(outcome, Reject):
-                        rejected += 1
-                        self.store.record_dlq(
-                            item.subject,
-                            outcome.reason,
-                            outcome.detail,
-                            event_id=event_id_hint(item),
-                            stream_seq=item.stream_seq,
-                            excerpt=safe_excerpt(item.data),
-                            now=now,
-                        )
-                    elif isinstance(outcome, Ack):
-                        if outcome.duplicate:
-                            duplicates += 1
-                        else:
-                            stored[item.subject] = stored.get(item.subject, 0) + 1
-                    outcomes.append(outcome)
-        except sqlite3.Error as exc:
+            store.begin(busy_ms=INGEST_BUSY_MS)
+            for item in batch:
+                outcome = one(item, ctx)
+                if isinstance(outcome, Retry):
+                    attempts = item.num_delivered if item.attempts is None else item.attempts
+                    if attempts >= max_deliver or item.num_delivered >= ceiling:
+                        outcome = Reject(outcome.final_reason, f"{outcome.reason} (after {attempts} tries)")
+                if isinstance(outcome, Reject):
+                    rejected += 1
+                    store.record_dlq(
+                        item.subject,
+                        outcome.reason,
+                        outcome.detail,
+                        event_id=event_id_hint(item),
+                        stream_seq=item.stream_seq,
+                        excerpt=safe_excerpt(item.data),
+                        now=now,
+                    )
+                elif isinstance(outcome, Ack):
+                    if outcome.duplicate:
+                        duplicates += 1
+                    else:
+                        stored[item.subject] = stored.get(item.subject, 0) + 1
+                outcomes.append(outcome)
+        except BaseException as exc:
+            store.rollback()
             fault = store_fault(exc)
             if fault is not None:
                 raise fault from exc

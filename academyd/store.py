@@ -337,6 +337,36 @@ class Store:
             raise
         self._depth = 0
 
+    # An open-coded transaction for a caller that commits elsewhere (ingest commits on a worker thread so
+    # that the fsync overlaps the event loop): begin() ... commit() or rollback(); nested transaction()
+    # calls inside join it.
+
+    def begin(self, busy_ms: int | None = None) -> None:
+        if busy_ms is not None:
+            self.conn.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        finally:
+            if busy_ms is not None:
+                self.conn.execute("PRAGMA busy_timeout=30000")
+        self._depth = 1
+
+    def commit(self) -> None:
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+        self._depth = 0
+
+    def rollback(self) -> None:
+        self._depth = 0
+        if self.conn.in_transaction:  # SQLite may have rolled back by itself (disk full, I/O error)
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
     def scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         row = self.conn.execute(sql, params).fetchone()
         return None if row is None else row[0]

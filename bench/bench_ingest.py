@@ -183,13 +183,17 @@ async def main() -> None:
         ready, rss = ready_and_rss(tmp)
     validate_us, decode_us = decode_cost(args.n)
     bare_rate, academy_rate = statistics.median(bare_rates), statistics.median(academy_rates)
+    # Each round's two sides ran back to back: the ratio per round cancels most of the machine's mood.
+    ratios = [a / b for b, a in zip(bare_rates, academy_rates)]
     print(f"machine: {os.cpu_count()} cores; n={args.n} lessons, fetch batch {args.batch}, "
           f"median of {args.rounds} alternating rounds")
     print("rounds (bare, academyd msgs/s): " + ", ".join(f"({b:.0f}, {a:.0f})" for b, a in zip(bare_rates,
                                                                                                  academy_rates)))
     print(f"bare nats-py pull loop (parse+SQLite FULL+commit+ack): {bare_rate:10.0f} msgs/s")
     print(f"academyd (validate+SQLite FULL+inbox+commit+ack):      {academy_rate:10.0f} lessons/s")
-    print(f"ratio academyd / bare:                                 {academy_rate / bare_rate:10.2f}  (target >= 0.8)")
+    print("ratio per round: " + ", ".join(f"{r:.2f}" for r in ratios))
+    print(f"ratio academyd / bare (median of the rounds' ratios):  {statistics.median(ratios):10.2f}  (target >= 0.8)")
+    print(f"ratio of the medians:                                  {academy_rate / bare_rate:10.2f}")
     print(f"decode per lesson: pydantic alone {validate_us:.2f} us, with the isolation checks {decode_us:.2f} us "
           f"(+{decode_us - validate_us:.2f} us = {(decode_us - validate_us) * academy_rate / 1e4:.1f} % of the "
           "per-lesson ingest time)")
