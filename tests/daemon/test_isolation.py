@@ -158,3 +158,36 @@ async def test_a_message_the_server_stops_delivering_is_dead_lettered_from_the_a
         assert app.bus.stats.backstop_dead_lettered == 2
     finally:
         await app.stop()
+
+
+def test_decode_table_hostile_rejected_and_unusual_but_valid_json_accepted() -> None:
+    """The fast path's cheap look (key count, NaN, NUL) only sends payloads to the strict parse; the strict
+    parse decides. Valid JSON with odd spacing or quotes in a text must still be accepted."""
+    from academyd.ingest import Inbound, decode
+
+    base = lesson(1)
+    good = json.dumps(base).encode()
+
+    def reason(data: bytes) -> str | None:
+        out = decode(Inbound("lesson.created", data, 1), 1 << 20)
+        return getattr(out, "reason", None)
+
+    accepted = [
+        good,
+        json.dumps(base, separators=(",", ":")).encode(),
+        json.dumps(base, indent=2).encode(),
+        good.replace(b'"event_id": ', b'"event_id"  :  '),
+        json.dumps({**base, "situation": 'he said "stop": then "NaN" and \\u0000 as text'}).encode(),
+        json.dumps({**base, "metadata": {"a": {"b": [1, {"c": 2.5}]}, "d": "Infinity"}}).encode(),
+    ]
+    for data in accepted:
+        assert reason(data) is None, data
+    rejected = {
+        good.replace(b'"metadata": {}', b'"metadata": {"x": [1, Infinity]}'): "not_json",
+        good.replace(b'"metadata": {}', b'"metadata": {"x": -Infinity}'): "not_json",
+        good.replace(b'"metadata": {}', b'"metadata": {"a": {"k": 1, "k": 2}}'): "duplicate_key",
+        good.replace(b'"metadata": {}', b'"metadata": {"k\\u0000": 1}'): "nul_character",
+        good.replace(b'"event_id": ', b'"event_id": "x", "event_id": '): "duplicate_key",
+    }
+    for data, why in rejected.items():
+        assert reason(data) == why, (data, reason(data))
