@@ -159,7 +159,8 @@ async def secured(request, tmp_path, make_settings, start_daemon) -> Any:
         port = free_port()
         passwords = {"venom": "agent-pw", "operator": "operator-pw", "academyd": "daemon-pw"}
         env = {**os.environ, "VENOM_NATS_PASSWORD": passwords["venom"],
-               "OPERATOR_NATS_PASSWORD": passwords["operator"], "ACADEMYD_NATS_PASSWORD": passwords["academyd"]}
+               "OPERATOR_NATS_PASSWORD": passwords["operator"], "ACADEMYD_NATS_PASSWORD": passwords["academyd"],
+               "ACADEMY_WORKER_NATS_PASSWORD": "worker-unused-here"}  # the worker identity: tests/scale
         proc = subprocess.Popen([str(find_server_binary()), "-c", str(shipped_config(tmp_path, port))], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await wait_port(port)
