@@ -116,7 +116,8 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_production_nats_config_is_valid_and_syncs_always() -> None:
     conf = REPO / "systemd" / "nats-server.conf"
     assert "sync_interval: always" in conf.read_text()
-    env = {**os.environ, "VENOM_NATS_PASSWORD": "x", "OPERATOR_NATS_PASSWORD": "o", "ACADEMYD_NATS_PASSWORD": "y"}
+    env = {**os.environ, "VENOM_NATS_PASSWORD": "x", "OPERATOR_NATS_PASSWORD": "o", "ACADEMYD_NATS_PASSWORD": "y",
+           "ACADEMY_WORKER_NATS_PASSWORD": "w"}
     server = Path(sys.executable).parent / "nats-server"
     out = subprocess.run([str(server), "-t", "-c", str(conf)], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "valid" in (out.stdout + out.stderr)
