@@ -20,6 +20,7 @@ import structlog
 
 from academyd import __version__, policy
 from academyd.bus import Bus
+from academyd.champion import Champion, Monitor
 from academyd.embedded import EmbeddedServer
 from academyd.health import Health
 from academyd.ingest import Inbound, Ingestor, StoreFault, decode
@@ -57,6 +58,8 @@ class App:
         self.embedded: EmbeddedServer | None = None
         self.ingestor: Ingestor | None = None
         self.relay: OutboxRelay | None = None
+        self.champion: Champion | None = None
+        self.monitor: Monitor | None = None
         self.counters = Counters()
         self.health = Health(announce=self.notifier.status)
         self.stop_event = asyncio.Event()
@@ -96,11 +99,14 @@ class App:
             connected=lambda: self.bus.nc is not None and self.bus.nc.is_connected,
             max_attempts=s.outbox.max_attempts, retention=timedelta(hours=s.outbox.retention_h),
         )
+        self.champion = Champion(self.store, s, self.clock, on_commit=self.relay.kick)
+        self.monitor = Monitor(self.store, s, self.clock, self.champion, interval_s=s.policy.tick_minutes * 60)
         await self.bus.serve("academy", __version__, self._endpoints())
         await self.bus.watch(LIVE_SUBJECTS, self._on_live)
         self._start_scheduler()
         await self._start_extensions()
         self._tasks.append(asyncio.create_task(self.relay.run(self.stop_event), name="outbox"))
+        self._tasks.append(asyncio.create_task(self.monitor.run(self.stop_event), name="champion-monitor"))
         self.relay.kick()  # anything a crash left unpublished goes out now
         if self.notifier.watchdog_interval_s:
             self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
@@ -134,8 +140,8 @@ class App:
 
     async def _tick(self) -> None:
         self.evaluate("tick")
-        if self.pipeline is not None:
-            await self.pipeline.watch()
+        if self.monitor is not None:
+            self.monitor.poke()
 
     async def consume(self) -> None:
         await self.bus.consume(self.on_batch, self.stop_event, self.probe_store)
@@ -228,8 +234,8 @@ class App:
         try:  # committed: what follows must not cost the batch its acks (the tick re-runs the policy)
             if result.stored.get("lesson.created"):
                 self.evaluate("ingest")
-            if result.stored.get("task.completed") and self.pipeline is not None:
-                await self.pipeline.watch()
+            if result.stored.get("task.completed") and self.monitor is not None:
+                self.monitor.poke()  # the watch runs in its own task: never on the ack path
         except Exception as exc:
             log.warning("after_ingest_failed", error=f"{type(exc).__name__}: {exc}")
         self._emit("ingest", {"stored": result.stored, "duplicates": result.duplicates, "rejected": result.rejected})
@@ -346,13 +352,13 @@ class App:
 
         async def promote(body: dict[str, Any]) -> dict[str, Any]:
             cmd = _validated("academy.cmd.promote", body)
-            assert self.pipeline is not None
-            return await self.pipeline.promote(cmd.version, reason=cmd.reason)
+            assert self.champion is not None
+            return await self.champion.promote(cmd.version, reason=cmd.reason)
 
         async def rollback(body: dict[str, Any]) -> dict[str, Any]:
             cmd = _validated("academy.cmd.rollback", body)
-            assert self.pipeline is not None
-            return await self.pipeline.rollback(reason=cmd.reason)
+            assert self.champion is not None
+            return await self.champion.rollback(reason=cmd.reason)
 
         return {
             "academy.status": status,

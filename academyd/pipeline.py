@@ -23,6 +23,7 @@ import structlog
 
 from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
 from academyd.policy import failure_backoff
+from academyd.promotion import ANY
 from academyd.store import Store, iso
 from academyd.trainer.spec import SpecError, TrainSpec, spec_hash
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from academyd.app import App
 
 log = structlog.get_logger("academyd.pipeline")
+
+MAX_REMEASURE = 2
 
 PROGRESS_FIELDS = ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "eval_loss")
 
@@ -50,7 +53,6 @@ class Pipeline:
         self._task: asyncio.Task[None] | None = None
         self._live: dict[str, Any] = {}
         self._habitat: Any = None
-        self._lock = asyncio.Lock()  # promotions and rollbacks one at a time
 
     @property
     def store(self) -> Store:
@@ -344,77 +346,58 @@ class Pipeline:
         model = registry.get(version)
         if model is None:
             raise RunFailed(f"version {version} is missing from the registry")
-        champion = registry.champion()
         ds = get_dataset(self.store, run["dataset_id"])
         if ds is None:
             raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
-        try:
-            verdict = await evaluate(
-                self.settings,
-                candidate_adapter=Path(model["adapter_path"]),
-                champion_adapter=Path(champion["adapter_path"]) if champion else None,
-                base_model=model["base_model"],
-                heldout_path=Path(ds["heldout_path"]),
-                format=ds["format"],
-                out_dir=self.settings.models_dir / version / "arena",
-                champion=champion["version"] if champion else None,
-            )
-        except Exception as exc:
-            raise RunFailed(f"evaluation failed: {exc}") from None
-        with self.store.transaction():
-            registry.record_verdict(version, verdict, self.now(), run_id=run["run_id"])
-        self._kick()
-        log.info("evaluation_finished", run_id=run["run_id"], version=version, promote=verdict.promote,
-                 reasons=verdict.reasons)
-        if verdict.promote and self.settings.arena.auto_promote:
-            result = await self.promote(version, reason="; ".join(verdict.reasons) or "better on held-out data")
-            if not result.get("ok"):
-                raise RunFailed(f"promotion of {version} refused: {result.get('error')}")
-
-    async def promote(self, version: str, *, reason: str = "manual") -> dict[str, Any]:
-        from academyd.promotion import PromotionRefused, promote
-
-        async with self._lock:
+        # The verdict is measured against one champion and promotion is a compare-and-swap on it: if the
+        # champion moves during the measurement (up to an hour), the candidate is measured again against
+        # the new one, at most MAX_REMEASURE times, then the run is refused with the reason.
+        stale = ""
+        for _attempt in range(1 + MAX_REMEASURE):
+            champion = registry.champion()
+            measured_against = champion["version"] if champion else None
             try:
-                payload = await promote(self.store, self.settings, version, reason=reason, now=self.now())
-            except PromotionRefused as exc:
-                log.warning("promotion_refused", version=version, reason=str(exc))
-                return {"ok": False, "error": str(exc)}
-        self._kick()
-        log.info("model_promoted", version=version, reason=reason)
-        return {"ok": True, **payload}
+                verdict = await evaluate(
+                    self.settings,
+                    candidate_adapter=Path(model["adapter_path"]),
+                    champion_adapter=Path(champion["adapter_path"]) if champion else None,
+                    base_model=model["base_model"],
+                    heldout_path=Path(ds["heldout_path"]),
+                    format=ds["format"],
+                    out_dir=self.settings.models_dir / version / "arena",
+                    champion=measured_against,
+                )
+            except Exception as exc:
+                raise RunFailed(f"evaluation failed: {exc}") from None
+            with self.store.transaction():
+                event = registry.record_verdict(version, verdict, self.now(), run_id=run["run_id"])
+            self._kick()
+            log.info("evaluation_finished", run_id=run["run_id"], version=version, promote=verdict.promote,
+                     reasons=verdict.reasons, champion=measured_against)
+            if not (verdict.promote and self.settings.arena.auto_promote):
+                return
+            result = await self.promote(version, reason="; ".join(verdict.reasons) or "better on held-out data",
+                                        expected=measured_against, basis=event["event_id"])
+            if result.get("ok"):
+                return
+            if not result.get("stale"):
+                raise RunFailed(f"promotion of {version} refused: {result.get('error')}")
+            stale = str(result.get("error"))
+            log.warning("verdict_stale", run_id=run["run_id"], version=version, reason=stale)
+        raise RunFailed(f"promotion of {version} refused: the champion kept moving while it was measured ({stale})",
+                        refused=True)
+
+    async def promote(self, version: str, *, reason: str = "manual", expected: Any = ANY,
+                      basis: str | None = None) -> dict[str, Any]:
+        """Through the champion service (compare-and-swap; see academyd.champion)."""
+        champion = self.app.champion
+        assert champion is not None
+        return await champion.promote(version, reason=reason, expected=expected, basis=basis)
 
     async def rollback(self, *, reason: str = "manual") -> dict[str, Any]:
-        from academyd.promotion import PromotionRefused, rollback
-
-        async with self._lock:
-            try:
-                payload = await rollback(self.store, self.settings, reason=reason, now=self.now())
-            except PromotionRefused as exc:
-                log.warning("rollback_refused", reason=str(exc))
-                return {"ok": False, "error": str(exc)}
-        self._kick()
-        log.info("model_rolled_back", reason=reason, **{k: payload.get(k) for k in ("from_version", "to_version")})
-        return {"ok": True, **payload}
-
-    async def watch(self) -> None:
-        """After task.completed batches and on every tick: roll the champion back if it got worse."""
-        from academyd.promotion import rollback_target
-        from academyd.registry import Registry
-        from academyd.watch import check_champion
-
-        registry = Registry(self.store, self.settings)
-        champion = registry.champion()
-        if champion is None:
-            return
-        parent = rollback_target(registry, champion)  # what a rollback would actually restore
-        if parent is None:
-            return
-        decision = check_champion(self.store, self.settings, champion, parent)
-        if decision.rollback:
-            log.warning("champion_regressed", version=champion["version"], reason=decision.reason,
-                        **decision.stats)
-            await self.rollback(reason=f"automatic: {decision.reason}")
+        champion = self.app.champion
+        assert champion is not None
+        return await champion.rollback(reason=reason)
 
     # ------------------------------------------------------------ status
 

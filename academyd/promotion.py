@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
+import sqlite3
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from academyd.registry import MANIFEST_FILE, Registry, RegistryError, adapter_sha256
+from academyd.registry import MANIFEST_FILE, Registry, RegistryError, adapter_sha256, champion_version
 from academyd.settings import Settings
 from academyd.store import Store, iso
 
@@ -75,6 +75,23 @@ OLLAMA_TEMPLATES = {
 
 class PromotionRefused(Exception):
     """The promotion or rollback was not done; the message says what is wrong and what to do."""
+
+
+class StaleChampion(PromotionRefused):
+    """The champion is no longer the one the decision was made against (another move came first)."""
+
+    def __init__(self, message: str, *, expected: str | None, actual: str | None) -> None:
+        super().__init__(message)
+        self.expected, self.actual = expected, actual
+
+
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _Any()
+"""`expected` for a move that does not care which version is champion (tests, a one-off script)."""
 
 
 class OllamaError(Exception):
@@ -175,36 +192,47 @@ async def build_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, 
     elif not base_config.is_file():
         notes.append(f"no GGUF adapter: the base model {row['base_model']} is not a local directory with config.json")
     else:
-        tmp = vdir / "adapter.gguf.tmp"
+        tmp = vdir / f".adapter.gguf.tmp-{uuid.uuid4().hex[:8]}"  # two exports at once never share a file
         try:
             await run_trainer_module(settings, "academyd.arena.export_gguf",
                                      [str(adapter), str(tmp), "--base-config", str(base_config)],
                                      time_limit_s=600, what="the GGUF export")
-            tmp.replace(vdir / "adapter.gguf")
+            await asyncio.to_thread(tmp.replace, vdir / "adapter.gguf")
             gguf_path = vdir / "adapter.gguf"
         except ArenaError as exc:
             notes.append(f"no GGUF adapter: {exc}")
-            tmp.unlink(missing_ok=True)
-    facts = tokenizer_facts(adapter)
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+    facts = await asyncio.to_thread(tokenizer_facts, adapter)
     family, template, turn_stop = ollama_template(facts["chat_template"])
     params = model_parameters(settings, turn_stop, facts["eos_token"])
     from_ = settings.arena.ollama_base or row["base_model"]
     modelfile = vdir / "Modelfile"
     text = modelfile_text(from_=from_, adapter=gguf_path or adapter, template=template, parameters=params,
                           version=row["version"], family=family)
-    _write_atomic(modelfile, text)
+    await asyncio.to_thread(write_atomic, modelfile, text)
     return {"modelfile_path": str(modelfile), "gguf_path": str(gguf_path) if gguf_path else None,
             "template_family": family, "template": template, "parameters": params, "from": from_,
-            "notes": notes}
+            "notes": notes, "adapter_sha256": row["adapter_sha256"], "gguf": settings.arena.gguf}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:6]}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+def reusable_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The artifacts an earlier promotion of this version built, when they are still there and were
+    built from the same adapter with the same GGUF setting: built once per version, not per move."""
+    a = row.get("artifacts") or {}
+    if not a or a.get("adapter_sha256") != row["adapter_sha256"] or a.get("gguf") != settings.arena.gguf:
+        return None
+    if "template" not in a or not Path(a.get("modelfile_path") or "").is_file():
+        return None
+    if a.get("gguf_path") and not Path(a["gguf_path"]).is_file():
+        return None
+    return {k: v for k, v in a.items() if k != "ollama"}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` durably: a temporary file beside it, fsync'd, renamed, directory fsync'd."""
+    from academyd.files import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------- Ollama
@@ -342,7 +370,7 @@ def active_adapter_doc(row: dict[str, Any] | None, *, base_model: str, reason: s
 def write_active_adapter(settings: Settings, doc: dict[str, Any]) -> Path:
     path = settings.active_adapter_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
+    write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
     return path
 
 
@@ -372,9 +400,16 @@ def sync_active_adapter(store: Store, settings: Settings, now: datetime) -> bool
 # ---------------------------------------------------------------- promote / rollback
 
 
-async def _prepare(settings: Settings, row: dict[str, Any], http_session: aiohttp.ClientSession | None) -> dict[str, Any]:
-    verify_files(row)
-    artifacts = await build_artifacts(settings, row)
+async def _prepare(settings: Settings, row: dict[str, Any], http_session: aiohttp.ClientSession | None,
+                   store: Store | None = None) -> dict[str, Any]:
+    await asyncio.to_thread(verify_files, row)  # hashes every adapter file: off the loop
+    artifacts = reusable_artifacts(settings, row)
+    if artifacts is None:
+        artifacts = await build_artifacts(settings, row)
+        if store is not None:  # built once per version: a later move of it reuses them
+            with store.transaction() as conn:
+                conn.execute("UPDATE models SET artifacts=? WHERE version=?",
+                             (json.dumps(_artifacts_record(artifacts)), row["version"]))
     if settings.arena.ollama_url:
         try:
             artifacts["ollama"] = await ollama_create(settings, row, artifacts, http_session=http_session)
@@ -385,12 +420,41 @@ async def _prepare(settings: Settings, row: dict[str, Any], http_session: aiohtt
 
 
 def _artifacts_record(artifacts: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in artifacts.items() if k != "template"}
+    return dict(artifacts)
+
+
+def _base(version: str | None) -> str:
+    return version or "the base model"
+
+
+def _compare_and_swap(conn: Any, expected: Any, *, action: str, to: str | None, basis: str | None, reason: str,
+                      now: datetime) -> str | None:
+    """Inside the move's transaction: refuse unless the champion is still `expected` (ANY: whatever it is),
+    and record the move (`champion_moves`); a `basis` (the verdict or watch decision acted on) can be used
+    once. Returns the champion the move starts from."""
+    actual = champion_version(conn)
+    if expected is not ANY and actual != expected:
+        raise StaleChampion(
+            f"{action} to {_base(to)} refused: it was decided against {_base(expected)}, but the champion is now "
+            f"{_base(actual)} (another promotion or rollback came first); nothing changed", expected=expected,
+            actual=actual)
+    try:
+        conn.execute("INSERT INTO champion_moves(action, from_version, to_version, basis, reason, at)"
+                     " VALUES (?,?,?,?,?,?)", (action, actual, to, basis, reason, iso(now)))
+    except sqlite3.IntegrityError:
+        raise PromotionRefused(f"{action} refused: {basis} was already acted on; nothing changed") from None
+    return actual
 
 
 async def promote(store: Store, settings: Settings, version: str, *, reason: str, now: datetime,
-                  http_session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
+                  http_session: aiohttp.ClientSession | None = None, expected_champion: Any = ANY,
+                  basis: str | None = None) -> dict[str, Any]:
     """Make `version` the champion; return the `model.promoted` payload (also queued in the outbox).
+
+    Compare-and-swap: with `expected_champion` (a version, or None for the base model) the move happens
+    only if that is still the champion when it commits (else StaleChampion); `basis` (a verdict's event
+    id) can be acted on once. The slow part (file checks, GGUF export, Ollama) runs before and off the
+    loop; the move itself is one short transaction.
 
     Raises PromotionRefused when the version is unknown, already the champion, its files are missing or
     changed, or Ollama (when configured) cannot create the model. Nothing changes in that case.
@@ -401,11 +465,20 @@ async def promote(store: Store, settings: Settings, version: str, *, reason: str
         raise PromotionRefused(f"no version {version} in the registry; see `academyd models list`")
     if row["is_champion"]:
         raise PromotionRefused(f"{version} is already the champion")
-    artifacts = await _prepare(settings, row, http_session)
+    current = champion_version(store.conn)
+    if expected_champion is not ANY and current != expected_champion:
+        raise StaleChampion(f"promotion of {version} refused: it was decided against {_base(expected_champion)}, "
+                            f"but the champion is now {_base(current)}; nothing changed",
+                            expected=expected_champion, actual=current)
+    artifacts = await _prepare(settings, row, http_session, store)
     previous = reg.champion()
+    if previous is not None and previous["version"] == version:
+        raise PromotionRefused(f"{version} is already the champion")
     payload = promoted_payload(row, previous, artifacts, parent=row["parent"], reason=reason, now=now)
     payload["active_adapter_path"] = str(settings.active_adapter_path)
     with store.transaction() as conn:
+        _compare_and_swap(conn, expected_champion, action="promote", to=version, basis=basis, reason=reason,
+                          now=now)
         if previous is not None:
             conn.execute("UPDATE models SET status='retired' WHERE version=?", (previous["version"],))
             reg._history(previous["version"], "retired", f"{version} promoted", now)
@@ -436,7 +509,8 @@ def rollback_target(reg: Registry, champion: dict[str, Any]) -> dict[str, Any] |
 
 
 async def rollback(store: Store, settings: Settings, *, reason: str, now: datetime,
-                   http_session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
+                   http_session: aiohttp.ClientSession | None = None, expected_from: Any = ANY,
+                   basis: str | None = None) -> dict[str, Any]:
     """Bring the champion's parent back (see `rollback_target`); return the `model.rolled_back` payload
     (from_version, to_version, reason, ...) plus "rolled_back" (that payload again) and "promoted" (the
     `model.promoted` payload of the restored version, or None for the base model).
@@ -444,13 +518,22 @@ async def rollback(store: Store, settings: Settings, *, reason: str, now: dateti
     The rolled-back version becomes `rejected`. Both events are queued in one transaction. Rolling back to
     the base model queues only `model.rolled_back` (to_version null). Raises PromotionRefused when there is
     no champion, or the parent's files are missing or changed (nothing changes then).
+
+    Compare-and-swap: the rollback is computed from the champion it finds (or `expected_from`, which must
+    still be the champion) and commits only if that is still the champion after the slow preparation
+    (else StaleChampion): two rollbacks decided on one champion make one move. `basis` (a watch decision)
+    can be acted on once.
     """
     reg = Registry(store, settings)
     champ = reg.champion()
+    if expected_from is not ANY and (champ["version"] if champ else None) != expected_from:
+        actual = champ["version"] if champ else None
+        raise StaleChampion(f"rollback refused: it was decided against {_base(expected_from)}, but the champion is "
+                            f"now {_base(actual)}; nothing changed", expected=expected_from, actual=actual)
     if champ is None:
         raise PromotionRefused("there is no champion to roll back from: Venom already runs the base model")
     target = rollback_target(reg, champ)
-    artifacts = await _prepare(settings, target, http_session) if target is not None else None
+    artifacts = await _prepare(settings, target, http_session, store) if target is not None else None
     rb_id = f"rolledback-{champ['version']}-{uuid.uuid4().hex[:8]}"
     rolled = {"schema_version": 1, "event_id": rb_id, "at": iso(now), "from_version": champ["version"],
               "to_version": target["version"] if target else None, "reason": reason,
@@ -461,6 +544,8 @@ async def rollback(store: Store, settings: Settings, *, reason: str, now: dateti
                                     reason=f"rollback from {champ['version']}: {reason}", now=now)
         promoted["active_adapter_path"] = str(settings.active_adapter_path)
     with store.transaction() as conn:
+        _compare_and_swap(conn, champ["version"], action="rollback", to=rolled["to_version"], basis=basis,
+                          reason=reason, now=now)
         conn.execute("UPDATE models SET status='rejected' WHERE version=?", (champ["version"],))
         reg._history(champ["version"], "rolled_back", reason, now)
         store.outbox_add("model.rolled_back", rolled, msg_id=rb_id, now=now)

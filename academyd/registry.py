@@ -247,9 +247,9 @@ class Registry:
             self.store.outbox_add("academy.evaluation.finished", payload, msg_id=event_id, now=now)
         metrics_path = self.version_dir(version) / "metrics.json"
         if metrics_path.parent.is_dir():
-            tmp = metrics_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(verdict.to_event(), indent=2, default=str))
-            tmp.replace(metrics_path)
+            from academyd.files import atomic_write_json
+
+            atomic_write_json(metrics_path, verdict.to_event())
         return payload
 
     def _history(self, version: str, action: str, reason: str, now: datetime) -> None:

@@ -249,6 +249,12 @@ class ArenaSettings(BaseModel):
     watch_window: int = Field(default=50, ge=5)
     watch_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     watch_margin: float = Field(default=0.05, ge=0.0)
+    watch_debounce_s: float = Field(
+        default=5.0, ge=0.0, description="The watch waits this long after task.completed arrives, then checks once."
+    )
+    watch_cooldown_min: float = Field(
+        default=60.0, ge=0.0, description="After an automatic rollback (done or refused) the watch waits this long."
+    )
     auto_promote: bool = True
     eval_time_limit_s: float = Field(default=3600.0, gt=0, description="Limit of one arena measurement.")
     max_new_tokens: int = Field(default=64, ge=1, description="Generation length of the arena's sample.")

@@ -224,6 +224,32 @@ MIGRATIONS.append((
 ))
 
 
+MIGRATIONS.append((
+    # academyd.promotion: every champion move (promote, rollback) in commit order, with what it acted on
+    # (`basis`: a verdict's or a watch decision's id, usable once); academyd.champion.monitor: what the
+    # watch did about a champion (rolled back, or was refused), which starts its cooldown.
+    "0006_champion_moves",
+    """
+    CREATE TABLE champion_moves(
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        action       TEXT NOT NULL CHECK(action IN ('promote','rollback')),
+        from_version TEXT,
+        to_version   TEXT,
+        basis        TEXT UNIQUE,
+        reason       TEXT NOT NULL,
+        at           TEXT NOT NULL
+    );
+    CREATE TABLE champion_watch(
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        champion TEXT NOT NULL,
+        outcome  TEXT NOT NULL CHECK(outcome IN ('rolled_back','refused')),
+        reason   TEXT NOT NULL,
+        at       TEXT NOT NULL
+    );
+    """,
+))
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

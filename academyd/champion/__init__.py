@@ -1,0 +1,12 @@
+"""The champion: which adapter Venom serves, and the only code that changes it.
+
+- `service.Champion`: promotion and rollback for the daemon (commands, the pipeline, the monitor), as
+  compare-and-swap moves on the champion the decision was made against (`academyd.promotion`);
+- `monitor.Monitor`: the post-promotion watch as its own task (debounced, with a cooldown), never on
+  the ingest ack path.
+"""
+
+from academyd.champion.monitor import Monitor
+from academyd.champion.service import Champion
+
+__all__ = ["Champion", "Monitor"]
