@@ -24,6 +24,7 @@ import structlog
 from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
 from academyd.policy import failure_backoff
 from academyd.promotion import ANY
+from academyd.runs import IllegalTransition
 from academyd.store import Store, iso
 from academyd.trainer.spec import SpecError, TrainSpec, spec_hash
 
@@ -139,7 +140,7 @@ class Pipeline:
 
     def _set(self, run_id: str, state: str, **fields: Any) -> None:
         with self.store.transaction():
-            self.store.set_run_state(run_id, state, self.now(), **fields)
+            self.store.move_run(run_id, state, self.now(), **fields)
 
     def _finish(self, run_id: str) -> None:
         self._set(run_id, "succeeded")
@@ -150,10 +151,14 @@ class Pipeline:
         now = self.now()
         snap = self.store.snapshot()
         retry_at = now + failure_backoff(self.settings.policy, snap.consecutive_failures + 1)
-        with self.store.transaction():
-            self.store.set_run_state(run_id, "refused" if refused else "failed", now, error=reason)
-            self._outbox("academy.training.failed", f"{run_id}-failed",
-                         {"run_id": run_id, "reason": reason, "retry_at": iso(retry_at)}, now)
+        try:
+            with self.store.transaction():
+                self.store.move_run(run_id, "refused" if refused else "failed", now, error=reason)
+                self._outbox("academy.training.failed", f"{run_id}-failed",
+                             {"run_id": run_id, "reason": reason, "retry_at": iso(retry_at)}, now)
+        except IllegalTransition as exc:  # it ended meanwhile (cancelled, finished): nothing to fail
+            log.warning("run_already_ended", run_id=run_id, reason=reason, why=str(exc))
+            return
         log.warning("run_failed", run_id=run_id, reason=reason, refused=refused, retry_at=iso(retry_at))
         self._kick()
 
@@ -275,7 +280,7 @@ class Pipeline:
             except HabitatError as exc:
                 raise RunFailed(f"habitat {habitat.name}: {exc}") from None
             with self.store.transaction():
-                self.store.set_run_state(run_id, "training", self.now(), job_ref=handle.ref, habitat=habitat.name)
+                self.store.move_run(run_id, "training", self.now(), job_ref=handle.ref, habitat=habitat.name)
                 attempt = hashlib.sha256(handle.ref.encode()).hexdigest()[:12]
                 self._outbox("academy.training.started", f"{run_id}-started-{attempt}",
                              {"run_id": run_id, "habitat": habitat.name, "dataset_id": run["dataset_id"],

@@ -618,6 +618,27 @@ class Store:
         values.append(run_id)
         self.conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id=?", values)
 
+    def move_run(self, run_id: str, to: str, now: datetime, *, expected: str | None = None, **fields: Any) -> str:
+        """Move a run to `to` if the rules allow it from the state it is in (and that state is `expected`,
+        when given): a compare-and-swap on the state read. Call inside a transaction. Returns the state it
+        left; raises `academyd.runs.IllegalTransition` (nothing changed) otherwise."""
+        from academyd.runs import IllegalTransition, allowed
+
+        current = self.scalar("SELECT state FROM runs WHERE run_id=?", (run_id,))
+        if current is None:
+            raise IllegalTransition(f"no run {run_id}")
+        if expected is not None and current != expected:
+            raise IllegalTransition(f"run {run_id} is {current}, not {expected}")
+        if not allowed(current, to):
+            raise IllegalTransition(f"run {run_id} cannot go from {current} to {to}")
+        sets = {"state": to, **fields}
+        before = self.conn.total_changes
+        self.set_run_state(run_id, to, now, **fields)
+        changed = self.conn.total_changes - before
+        if changed != 1 or self.scalar("SELECT state FROM runs WHERE run_id=?", (run_id,)) != sets["state"]:
+            raise IllegalTransition(f"run {run_id} changed under the move to {to}")
+        return str(current)
+
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return None if row is None else dict(row)
