@@ -71,11 +71,19 @@ class App:
         self.started_at: datetime | None = None
         self.pipeline: Any = None
         self.web: Any = None
+        self.base: Any = None  # academyd.basemodel.BaseModel, resolved at start when this daemon trains
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         s = self.settings
+        if s.training.autorun:
+            # A missing or unusable base model is an error now, not a failed run hours later.
+            from academyd.basemodel import resolve_base
+            from academyd.habitat.process import default_trainer_python
+
+            self.base = await asyncio.to_thread(resolve_base, s.training.base_model,
+                                                trainer_python=s.training.trainer_python or default_trainer_python())
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store.open(s.db_path)
         # Ingest writes on the loop, one transaction per fetched batch (the next pull is already in

@@ -221,20 +221,23 @@ class Pipeline:
         ds = get_dataset(self.store, run["dataset_id"])
         if ds is None:
             raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
-        if not t.base_model:
+        base = self.app.base.path if self.app.base is not None else t.base_model
+        if not base:
             raise RunFailed("no base model configured: set training.base_model (ACADEMY_TRAINING__BASE_MODEL)")
-        hp: dict[str, Any] = dict(t.hyperparameters)
+        hp: dict[str, Any] = {"replay_general": t.replay_general, **t.hyperparameters}
         if t.epochs is not None:
             hp["epochs"] = t.epochs
         if t.learning_rate is not None:
             hp["learning_rate"] = t.learning_rate
         if t.max_seq_length is not None:
             hp["max_length"] = t.max_seq_length
+        self._check_servable(hp)
         raw = {
-            "base_model": t.base_model,
+            "base_model": base,
             "dataset_path": ds["path"],
             "heldout_path": ds["heldout_path"],
             "format": ds["format"],
+            "render": t.render,
             "output_dir": str((self.settings.runs_dir / run["run_id"]).resolve()),
             "hyperparameters": hp,
             "seed": t.seed,
@@ -260,6 +263,17 @@ class Pipeline:
                     raise RunFailed(f"dataset {run['dataset_id']} holds secrets ({', '.join(sorted(found))}) in "
                                     f"{path}; it is not trained on. Build a new dataset (academyd dataset) and "
                                     "delete this one")
+
+    def _check_servable(self, hp: dict[str, Any]) -> None:
+        """Refuse, before training, a LoRA the configured runtimes cannot load (academyd.arena.limits)."""
+        from academyd.arena.limits import serving_problems, serving_runtimes
+
+        hidden = None
+        if self.app.base is not None:
+            hidden = self.app.base.hidden_size
+        problems = serving_problems(hp, serving_runtimes(self.settings.arena), hidden_size=hidden)
+        if problems:
+            raise RunFailed("not servable: " + "; ".join(problems), refused=True)
 
     async def _train(self, run: dict[str, Any]) -> str:
         run_id = run["run_id"]
@@ -412,7 +426,8 @@ class Pipeline:
 
         champ = Registry(self.store, self.settings).champion()
         out: dict[str, Any] = {"training": None, "champion": champ["version"] if champ else None,
-                               "last_dataset": latest_dataset(self.store)}
+                               "last_dataset": latest_dataset(self.store),
+                               "base_model": self.app.base.to_dict() if self.app.base is not None else None}
         run = self.store.active_run()
         if run is not None and run["run_id"] in self._live:
             out["training"] = self._live[run["run_id"]]

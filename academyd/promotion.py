@@ -155,12 +155,15 @@ def _param_lines(params: dict[str, Any]) -> list[str]:
 
 
 def modelfile_text(*, from_: str, adapter: Path, template: str | None, parameters: dict[str, Any],
-                   version: str, family: str | None) -> str:
+                   version: str, family: str | None, system: str | None = None) -> str:
     lines = [f"# venom-adapter-{version}, written by academyd", f"FROM {from_}", f"ADAPTER {adapter}"]
     if template is not None:
+        lines.append(f"# TEMPLATE: the prompt form the adapter was trained with ({family})")
         lines.append(f'TEMPLATE """{template}"""')
     else:
         lines.append("# no TEMPLATE: the tokenizer's chat template is not a known family; Ollama uses the base's")
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
     lines += _param_lines(parameters)
     return "\n".join(lines) + "\n"
 
@@ -178,41 +181,104 @@ def model_parameters(settings: Settings, *stops: str | None) -> dict[str, Any]:
     return params
 
 
+# Venom's Alpaca prompt as an Ollama template (what an adapter trained with render = "plain" on Alpaca expects).
+ALPACA_TEMPLATE = ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}{{ else }}"
+                   "### Instruction:\n{{ .Prompt }}{{ end }}\n\n### Response:\n")
+
+
+def _trained_render(row: dict[str, Any]) -> str:
+    """How the adapter's examples were rendered ("chat" or "plain"), from the run's summary.json."""
+    try:
+        summary = json.loads((Path(row["adapter_path"]).parent / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "chat"
+    return str(summary.get("render") or (summary.get("spec") or {}).get("render") or "plain")
+
+
 async def build_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, Any]:
-    """Write the GGUF adapter (where possible) and the Modelfile of a version; return what was written."""
+    """Write the GGUF adapter (where possible) and the Modelfile of a version; return what was written.
+
+    The GGUF records its base (academyd.arena.export_gguf --base) and is checked against the base GGUF
+    before anything is written that names it: a mismatch refuses the promotion, naming both."""
     from academyd.arena.contest import ArenaError, run_trainer_module
+    from academyd.basemodel import BaseModelError, check_adapter_base, resolve_base
 
     vdir = settings.models_dir / row["version"]
     adapter = Path(row["adapter_path"])
     gguf_path: Path | None = None
     notes: list[str] = []
-    base_config = Path(row["base_model"]) / "config.json"
+    try:
+        base = resolve_base(row["base_model"])
+    except BaseModelError as exc:
+        base = None
+        notes.append(f"base model not resolvable here: {exc}")
     if not settings.arena.gguf:
         notes.append("GGUF export disabled (arena.gguf = false)")
-    elif not base_config.is_file():
-        notes.append(f"no GGUF adapter: the base model {row['base_model']} is not a local directory with config.json")
+    elif base is None:
+        notes.append(f"no GGUF adapter: the base model {row['base_model']} cannot be resolved")
+    elif (vdir / "arena" / "candidate.gguf").is_file():
+        # The very file the arena judged in llama.cpp (and whose sha256 its probes.json records).
+        import shutil
+
+        tmp = vdir / "adapter.gguf.tmp"
+        shutil.copyfile(vdir / "arena" / "candidate.gguf", tmp)
+        tmp.replace(vdir / "adapter.gguf")
+        gguf_path = vdir / "adapter.gguf"
+        notes.append("GGUF adapter: the one the arena measured in llama.cpp")
     else:
         tmp = vdir / f".adapter.gguf.tmp-{uuid.uuid4().hex[:8]}"  # two exports at once never share a file
         try:
             await run_trainer_module(settings, "academyd.arena.export_gguf",
-                                     [str(adapter), str(tmp), "--base-config", str(base_config)],
+                                     [str(adapter), str(tmp), "--base", row["base_model"]],
                                      time_limit_s=600, what="the GGUF export")
             await asyncio.to_thread(tmp.replace, vdir / "adapter.gguf")
             gguf_path = vdir / "adapter.gguf"
         except ArenaError as exc:
             notes.append(f"no GGUF adapter: {exc}")
             await asyncio.to_thread(tmp.unlink, missing_ok=True)
+    if gguf_path is not None and base is not None:
+        try:
+            check_adapter_base(gguf_path, base)
+        except BaseModelError as exc:
+            raise PromotionRefused(f"{row['version']}: {exc}") from None
     facts = await asyncio.to_thread(tokenizer_facts, adapter)
-    family, template, turn_stop = ollama_template(facts["chat_template"])
+    render = _trained_render(row)
+    if render == "plain" and row.get("dataset_format") == "alpaca":
+        family, template, turn_stop = "alpaca", ALPACA_TEMPLATE, None
+        notes.append("TEMPLATE: Venom's ### Instruction prompt, the form this adapter was trained with "
+                     "(training.render = plain)")
+    else:
+        family, template, turn_stop = ollama_template(facts["chat_template"])
+        if template is None:
+            notes.append("no TEMPLATE: the chat template the adapter was trained with is not a family Ollama's "
+                         "templates are known for here; Ollama uses the base GGUF's own")
+        else:
+            notes.append(f"TEMPLATE: the base model's chat template ({family}), which the adapter was trained with")
+    system = default_system(facts["chat_template"]) if family != "alpaca" else None
     params = model_parameters(settings, turn_stop, facts["eos_token"])
-    from_ = settings.arena.ollama_base or row["base_model"]
+    from_ = settings.arena.ollama_base or (base.gguf if base is not None and base.gguf else row["base_model"])
     modelfile = vdir / "Modelfile"
     text = modelfile_text(from_=from_, adapter=gguf_path or adapter, template=template, parameters=params,
-                          version=row["version"], family=family)
+                          version=row["version"], family=family, system=system)
     await asyncio.to_thread(write_atomic, modelfile, text)
+    probes = vdir / "arena" / "probes.json"
     return {"modelfile_path": str(modelfile), "gguf_path": str(gguf_path) if gguf_path else None,
             "template_family": family, "template": template, "parameters": params, "from": from_,
-            "notes": notes, "adapter_sha256": row["adapter_sha256"], "gguf": settings.arena.gguf}
+            "system": system, "base_sha256": base.sha256 if base is not None else None,
+            "base_gguf": base.gguf if base is not None else None,
+            "probes_path": str(probes) if probes.is_file() else None, "notes": notes,
+            "adapter_sha256": row["adapter_sha256"], "gguf": settings.arena.gguf}
+
+
+def default_system(chat_template: str | None) -> str | None:
+    """The system prompt a chat template adds when a conversation has none (SmolLM2's does): the Modelfile
+    says it as SYSTEM, so Ollama's prompt is the one the adapter was trained on."""
+    import re
+
+    if not chat_template or "messages[0]['role'] != 'system'" not in chat_template:
+        return None
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", chat_template, re.S)
+    return m.group(1) if m else None
 
 
 def reusable_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, Any] | None:
@@ -345,6 +411,9 @@ def promoted_payload(row: dict[str, Any], previous: dict[str, Any] | None, artif
         "reason": reason,
         "previous_version": previous["version"] if previous else None,
         "gguf_path": artifacts.get("gguf_path"),
+        "base_sha256": artifacts.get("base_sha256"),
+        "base_gguf": artifacts.get("base_gguf"),
+        "probes_path": artifacts.get("probes_path"),
         "ollama_created": bool(artifacts.get("ollama")),
         "active_adapter_path": None,  # filled by the caller
         "dataset_id": row.get("dataset_id"),

@@ -160,7 +160,11 @@ class TrainingSettings(BaseModel):
     trainer_python: Path | None = Field(
         default=None, description="Interpreter of the trainer environment (default: .venv-trainer/bin/python)."
     )
-    base_model: str = Field(default="", description="Base model path or name the adapters are trained on.")
+    base_model: str = Field(
+        default="smollm2-135m-instruct",
+        description="The base model adapters are trained on: smollm2-135m-instruct (the bundled SmolLM2 GGUF), "
+        "a .gguf file, a model directory, or a hub name in the local Hugging Face cache (academyd.basemodel).",
+    )
     docker_image: str = Field(
         default="", description="The trainer image, pinned by digest (repo@sha256:..., or a local image id "
         "sha256:...); a tag can move under you. Unset: the Docker habitat is not used.")
@@ -190,12 +194,22 @@ class TrainingSettings(BaseModel):
     learning_rate: float | None = None
     max_seq_length: int | None = None
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
+    replay_general: float = Field(
+        default=0.3, ge=0.0, le=4.0,
+        description="Against forgetting: add this fraction of the dataset's size as the base model's own answers "
+        "to general prompts (self-distillation, chat rendering); 0: off. A hyperparameters entry wins.",
+    )
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the trainer's hyperparameters (lora_r, batch_size, ...)."
     )
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads in the trainer.")
     seed: int = 3407
     backend: Literal["auto", "unsloth", "peft"] = "auto"
+    render: Literal["chat", "plain"] = Field(
+        default="chat",
+        description="chat: train every example through the base model's chat template (what serves); plain: "
+        "the dataset file's own prompt form (Alpaca's ### Instruction).",
+    )
     progress_per_s: float = Field(default=2.0, gt=0, description="Throttle of academy.training.progress.")
 
     @field_validator("docker_image")
@@ -261,6 +275,18 @@ class ArenaSettings(BaseModel):
     seed: int = Field(default=0, description="Seed of the generation sample and the bootstrap.")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of the measurement.")
     gguf: bool = Field(default=True, description="Write a GGUF adapter on promotion (llama/mistral/qwen2/qwen3).")
+    runtime: Literal["llamacpp", "none"] = Field(
+        default="llamacpp",
+        description="Judge the served artifact too: the GGUF adapter on the GGUF base in llama.cpp.",
+    )
+    served_agreement_min: float = Field(
+        default=0.85, ge=0.0, le=1.0,
+        description="Least teacher-forced top-1 agreement of llama.cpp with the trainer's greedy answers.",
+    )
+    general_answer_tolerance: float = Field(
+        default=0.05, ge=0.0, description="How much lower (chrF/100) the candidate's general answers may score than the base's.",
+    )
+    general_sample: int = Field(default=12, ge=0, description="General questions answered in the runtime.")
     ollama_base: str | None = Field(
         default=None, description="Ollama name of the base model for FROM (default: training.base_model)."
     )

@@ -212,6 +212,14 @@ class ModelPromoted(OutEvent):
     metrics: dict[str, Any] = Field(default_factory=dict)
     champion_metrics: dict[str, Any] = Field(default_factory=dict)
     reason: str
+    gguf_path: str | None = Field(default=None, description="The GGUF LoRA adapter (llama.cpp, Ollama ADAPTER).")
+    base_sha256: str | None = Field(
+        default=None, description="sha256 of the base model file the adapter was trained on (also in the GGUF)."
+    )
+    base_gguf: str | None = Field(default=None, description="The base GGUF the adapter serves on, when known.")
+    probes_path: str | None = Field(
+        default=None, description="The arena's frozen probes (academyd.arena.runtime.read_probes) for a swap check."
+    )
 
 
 class ModelRolledBack(OutEvent):

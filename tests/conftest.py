@@ -10,4 +10,5 @@ pytest_plugins = [
     "fixtures.systemd",
     "fixtures.scale",
     "fixtures.follower",
+    "fixtures.realmodel",
 ]

@@ -109,7 +109,9 @@ async def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     args = ["--base", base_model, "--candidate", str(candidate_adapter), "--heldout", str(heldout_path),
             "--general", str(GENERAL_SET), "--format", format, "--generation-sample", str(arena.generation_sample),
-            "--max-new-tokens", str(arena.max_new_tokens), "--seed", str(arena.seed)]
+            "--max-new-tokens", str(arena.max_new_tokens), "--seed", str(arena.seed),
+            "--render", settings.training.render, "--runtime", arena.runtime, "--out-dir", str(out_dir),
+            "--general-sample", str(arena.general_sample)]
     if settings.training.max_seq_length:
         args += ["--max-length", str(settings.training.max_seq_length)]
     if champion_adapter is not None:

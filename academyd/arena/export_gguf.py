@@ -1,6 +1,7 @@
 """Write a PEFT LoRA adapter as a GGUF LoRA adapter (what llama.cpp and Ollama's ADAPTER load).
 
-    python -m academyd.arena.export_gguf ADAPTER_DIR OUT.gguf --base-config CONFIG.json
+    python -m academyd.arena.export_gguf ADAPTER_DIR OUT.gguf --base BASE    # a .gguf, a directory, a name
+    python -m academyd.arena.export_gguf ADAPTER_DIR OUT.gguf --base-config CONFIG.json   # no identity
 
 Runs in the trainer's environment (torch for any dtype in the safetensors, the `gguf` package). The
 layout follows llama.cpp's `convert_lora_to_gguf.py`: `general.type = adapter`, `adapter.type = lora`,
@@ -10,7 +11,14 @@ layout follows llama.cpp's `convert_lora_to_gguf.py`: `general.type = adapter`, 
 
 Supported `model_type`s: llama, mistral (llama layout), qwen2, qwen3. Anything else exits 2 with the
 reason: the promotion then ships the safetensors adapter alone. Prints one JSON line:
-{"path", "arch", "tensors", "alpha", "rank"}.
+{"path", "arch", "tensors", "alpha", "rank", "base_sha256"}.
+
+Base identity: with `--base`, the adapter records the base it was trained on: GGUF's
+`general.base_model.count`/`general.base_model.0.name`/`.organization`, and `academy.base_model.sha256`
+(the sha256 of the base GGUF or directory manifest, `academyd.basemodel`), `academy.base_model.file`, and
+`academy.chat_template` (the template it was trained with). `academyd.basemodel.check_adapter_base` checks
+it. The base recorded in the adapter directory (`academy_base.json`, written by the trainer) must be the
+`--base` given, else exit 2 naming both.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ def permute_rows(w: Any, n_head: int) -> Any:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def export(adapter_dir: Path, out_path: Path, base_config: dict[str, Any]) -> dict[str, Any]:
+def export(adapter_dir: Path, out_path: Path, base_config: dict[str, Any],
+           identity: dict[str, Any] | None = None, chat_template: str | None = None) -> dict[str, Any]:
     import gguf
     import numpy as np
     from safetensors.torch import load_file
@@ -68,6 +77,17 @@ def export(adapter_dir: Path, out_path: Path, base_config: dict[str, Any]) -> di
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg.get("lora_alpha", cfg.get("r", 8))))
+    if identity:
+        from academyd.basemodel import KEY_BASE_FILE, KEY_BASE_SHA256, KEY_CHAT_TEMPLATE
+
+        writer.add_uint32(gguf.Keys.General.BASE_MODEL_COUNT, 1)
+        writer.add_string(gguf.Keys.General.BASE_MODEL_NAME.format(id=0), str(identity.get("name") or ""))
+        if identity.get("organization"):
+            writer.add_string(gguf.Keys.General.BASE_MODEL_ORGANIZATION.format(id=0), str(identity["organization"]))
+        writer.add_string(KEY_BASE_SHA256, str(identity["sha256"]))
+        writer.add_string(KEY_BASE_FILE, Path(str(identity.get("gguf") or identity.get("path") or "")).name)
+        if chat_template:
+            writer.add_string(KEY_CHAT_TEMPLATE, chat_template)
     count = 0
     for module in sorted(pairs):
         ab = pairs[module]
@@ -90,7 +110,33 @@ def export(adapter_dir: Path, out_path: Path, base_config: dict[str, Any]) -> di
     writer.write_tensors_to_file()
     writer.close()
     return {"path": str(out_path), "arch": arch_name, "tensors": count, "alpha": cfg.get("lora_alpha"),
-            "rank": cfg.get("r")}
+            "rank": cfg.get("r"), "base_sha256": (identity or {}).get("sha256")}
+
+
+def export_for_base(adapter_dir: Path, out_path: Path, base_model: str) -> dict[str, Any]:
+    """Export with the base's identity: `base_model` is resolved as the trainer resolves it, and must be the
+    base the adapter records (its `academy_base.json`)."""
+    from academyd.basemodel import BaseModelError, chat_template_of, gguf_metadata
+    from academyd.trainer.base import IDENTITY_FILE, materialize
+
+    try:
+        model_dir, identity = materialize(base_model)
+    except BaseModelError as exc:
+        raise ExportError(str(exc)) from None
+    recorded_path = adapter_dir / IDENTITY_FILE
+    if recorded_path.is_file():
+        recorded = json.loads(recorded_path.read_text())
+        if recorded.get("sha256") != identity["sha256"]:
+            raise ExportError(f"adapter {adapter_dir} was trained on {recorded.get('name')} "
+                              f"(sha256 {str(recorded.get('sha256'))[:16]}...), not on {identity['name']} "
+                              f"({identity['path']}, sha256 {identity['sha256'][:16]}...)")
+    if identity.get("gguf"):
+        meta = gguf_metadata(Path(identity["gguf"]))
+        identity = {**identity, "organization": meta.get("general.organization")}
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():  # a hub name: its snapshot directory
+        cfg_path = Path(identity["path"]) / "config.json"
+    return export(adapter_dir, out_path, json.loads(cfg_path.read_text()), identity, chat_template_of(adapter_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,14 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m academyd.arena.export_gguf", description=__doc__.split("\n")[0])
     p.add_argument("adapter_dir", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--base-config", type=Path, required=True, help="the base model's config.json")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--base", help="the base model (GGUF file, directory, hub name): records its identity")
+    which.add_argument("--base-config", type=Path, help="the base model's config.json (no identity recorded)")
     a = p.parse_args(argv)
     try:
         if not (a.adapter_dir / "adapter_config.json").is_file():
             raise ExportError(f"{a.adapter_dir} has no adapter_config.json")
-        if not a.base_config.is_file():
-            raise ExportError(f"base model config {a.base_config} does not exist")
-        info = export(a.adapter_dir, a.out, json.loads(a.base_config.read_text()))
+        if a.base:
+            info = export_for_base(a.adapter_dir, a.out, a.base)
+        else:
+            if not a.base_config.is_file():
+                raise ExportError(f"base model config {a.base_config} does not exist")
+            info = export(a.adapter_dir, a.out, json.loads(a.base_config.read_text()))
     except ExportError as exc:
         out.write(json.dumps({"error": "bad_input", "reason": str(exc)}) + "\n")
         return S.EXIT_BAD_INPUT

@@ -13,6 +13,17 @@ Rules (all must pass to promote; every rule adds one reason either way):
 4. Judge (only when measured). Of the sampled questions, the champion's consistent wins (it wins in both
    answer orders) may not exceed the candidate's by more than `generation_tolerance` x the sample size.
 
+5. The served artifact (when `measure` ran llama.cpp: `measurement["runtime"]["measured"]`):
+   a. agreement: the teacher-forced top-1 agreement of llama.cpp with the trainer's greedy answers on the
+      frozen probes is at least `served_agreement_min` (a wrong export, another run's adapter, another
+      base fall far below it);
+   b. held-out loss in the runtime: the same paired-bootstrap rule as 1, on the runtime's losses;
+   c. forgetting in the runtime: its general-set loss within `forgetting_tolerance` of the champion's;
+   d. general answers: chrF (/100) of the candidate's greedy answers to the general sample at most
+      `general_answer_tolerance` below the base model's.
+   A runtime that was asked for and could not load the adapter (`refused`) rejects; a base without a GGUF
+   is reported and not judged by these rules.
+
 "Champion" is the base model when there is no champion yet. Non-finite losses always reject.
 """
 
@@ -168,5 +179,73 @@ def decide(measurement: dict[str, Any], arena: ArenaSettings, *, champion: str |
     elif judge is not None:
         metrics["judge"] = dict(judge)
 
+    _served(measurement.get("runtime"), arena, name, rules, reasons, metrics)
     return Verdict(promote=all(rules.values()) and bool(rules), reasons=reasons, metrics=metrics,
                    champion=champion, rules=rules)
+
+
+def _served(rt: dict[str, Any] | None, arena: ArenaSettings, name: str, rules: dict[str, bool],
+            reasons: list[str], metrics: dict[str, Any]) -> None:
+    """Rule 5: the GGUF adapter on the GGUF base in llama.cpp."""
+    if rt is None:
+        return
+    if not rt.get("measured"):
+        metrics["served"] = {"measured": False, "reason": rt.get("reason")}
+        if rt.get("refused"):
+            rules["served"] = False
+            reasons.append(f"served artifact refused: {rt.get('reason')}")
+        else:
+            reasons.append(f"served artifact not measured: {rt.get('reason')}")
+        return
+    served: dict[str, Any] = {"measured": True, "engine": rt.get("engine"), "base_sha256": rt.get("base_sha256"),
+                              "adapters": rt.get("adapters"), "probes_path": rt.get("probes_path"),
+                              "timings": rt.get("timings")}
+    agree = rt.get("agreement") or {}
+    mean = agree.get("mean")
+    ok = isinstance(mean, (int, float)) and math.isfinite(mean) and mean >= arena.served_agreement_min
+    rules["served_agreement"] = ok
+    served["agreement"] = agree
+    reasons.append(f"served (llama.cpp) agrees with the trainer on {mean if mean is not None else float('nan'):.1%} "
+                   f"of greedy tokens over {agree.get('n', 0)} frozen probes ({agree.get('exact_text', 0)} identical "
+                   f"texts): " + ("ok" if ok else f"below {arena.served_agreement_min:.0%}, the served artifact "
+                                  "is not what was trained"))
+    held = rt.get("heldout") or {}
+    cand = {r["index"]: r for r in held.get("candidate") or []}
+    champ = {r["index"]: r for r in held.get("champion") or []}
+    common = sorted(set(cand) & set(champ))
+    if common and all(math.isfinite(cand[i]["loss"]) for i in common):
+        diffs = [champ[i]["loss"] - cand[i]["loss"] for i in common]
+        point, low, high = paired_bootstrap_ci(diffs, [cand[i]["tokens"] for i in common],
+                                               samples=arena.bootstrap_samples, seed=arena.seed)
+        c_loss = _weighted_loss([cand[i] for i in common])
+        k_loss = _weighted_loss([champ[i] for i in common])
+        served["heldout"] = {"candidate_loss": c_loss, "champion_loss": k_loss, "improvement": point,
+                             "ci_low": low, "ci_high": high, "examples": len(common)}
+        rules["served_heldout"] = low > 0
+        reasons.append(f"served held-out loss {c_loss:.4f} vs {k_loss:.4f} ({name}): improvement {point:.4f}, "
+                       f"95% CI [{low:.4f}, {high:.4f}] " + ("above zero" if low > 0 else "does not lie above zero"))
+    else:
+        rules["served_heldout"] = False
+        reasons.append("served held-out loss could not be measured (no finite paired examples)")
+    general = rt.get("general") or {}
+    if general.get("candidate") and general.get("champion"):
+        g_c, g_k = _weighted_loss(general["candidate"]), _weighted_loss(general["champion"])
+        rel = (g_c - g_k) / g_k if g_k > 0 else float("inf")
+        ok = math.isfinite(g_c) and rel <= arena.forgetting_tolerance
+        served["forgetting"] = {"candidate_loss": g_c, "champion_loss": g_k, "relative_change": rel,
+                                "base_loss": _weighted_loss(general.get("base") or general["champion"])}
+        rules["served_forgetting"] = ok
+        reasons.append(f"served general-set loss {g_c:.4f} vs {g_k:.4f} ({rel:+.1%}): "
+                       + ("no forgetting beyond tolerance" if ok else
+                          f"forgets: worse by more than {arena.forgetting_tolerance:.0%}"))
+    ga = rt.get("general_answers") or {}
+    if ga.get("n"):
+        c, b = ga["candidate_chrf"] / 100.0, ga["base_chrf"] / 100.0
+        ok = c >= b - arena.general_answer_tolerance
+        served["general_answers"] = {k: v for k, v in ga.items() if k != "examples"}
+        rules["served_general_answers"] = ok
+        reasons.append(f"served general answers chrF {c * 100:.1f} vs base {b * 100:.1f} on {ga['n']} questions: "
+                       + ("ok" if ok else f"worse than the base by more than {arena.general_answer_tolerance * 100:.1f}"))
+    sg = rt.get("generation") or {}
+    served["generation"] = {k: v for k, v in sg.items() if k != "examples"}
+    metrics["served"] = served

@@ -1,8 +1,9 @@
 """The arena's measurements, run in the trainer's environment (torch, transformers, peft, sacrebleu).
 
     python -m academyd.arena.measure --base MODEL --candidate DIR [--champion DIR] --heldout FILE
-        --general FILE [--format alpaca|sharegpt] [--generation-sample N] [--max-new-tokens N]
-        [--seed N] [--cpu-threads N] [--device D]
+        --general FILE [--format alpaca|sharegpt] [--render chat|plain] [--generation-sample N]
+        [--max-new-tokens N] [--seed N] [--cpu-threads N] [--device D]
+        [--runtime llamacpp|none] [--out-dir DIR] [--general-sample N]
 
 Loads the base model once, the candidate (and the champion) as named LoRA adapters on it, and prints one
 JSON object on stdout:
@@ -10,7 +11,12 @@ JSON object on stdout:
      "general": {"candidate": [...], "champion": [...], "base": [...]},
      "generation": {"n", "candidate_exact_match", "champion_exact_match", "candidate_chrf",
                     "champion_chrf", "examples": [{index, prompt, reference, candidate, champion}]},
-     "skipped": {...}, "device": ...}
+     "skipped": {...}, "device": ...,
+     "runtime": {...}}                                        (see academyd.arena.served)
+With `--runtime llamacpp` (the default) and a base that has a GGUF (the default base does), the candidate
+(and champion) adapters are exported to GGUF in `--out-dir` and the served artifact is measured too, in
+llama.cpp: agreement with the trainer's greedy answers, held-out and general loss, exact match and chrF,
+general answers; `--out-dir/probes.json` keeps the frozen probes (academyd.arena.runtime).
 Exit codes as the trainer's: 0 ok, 2 bad input, 4 unexpected. The gate itself is `academyd.arena.gate`,
 in the daemon.
 """
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from academyd.trainer import spec as S
-from academyd.trainer.data import DataError, prompt_ids, read_examples, sharegpt_messages
+from academyd.trainer.data import DataError, prompt_ids, read_examples, rendered, sharegpt_messages
 
 
 def normalize(text: str) -> str:
@@ -52,6 +58,12 @@ def question_of(ex: dict[str, Any], fmt: str) -> str:
 
 
 def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
+    text, _ = generate_ids(model, tokenizer, ids, max_new_tokens)
+    return text
+
+
+def generate_ids(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> tuple[str, list[int]]:
+    """Greedy reply: (text without special tokens, the generated ids through the first EOS)."""
     import torch
 
     device = next(model.parameters()).device
@@ -64,8 +76,11 @@ def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) ->
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
-    text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-    return str(text).strip()
+    new = out[0, len(ids):].tolist()
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id) + 1]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return str(text).strip(), new
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", required=True, type=Path)
     p.add_argument("--general", required=True, type=Path)
     p.add_argument("--format", default="alpaca", choices=S.FORMATS)
+    p.add_argument("--render", default="chat", choices=S.RENDERS)
+    p.add_argument("--runtime", default="llamacpp", choices=("llamacpp", "none"))
+    p.add_argument("--out-dir", type=Path, help="where the GGUF adapters and probes.json are written")
+    p.add_argument("--general-sample", type=int, default=12, help="general questions answered in the runtime")
     p.add_argument("--generation-sample", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-length", type=int, default=2048)
@@ -93,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, adapter in (("candidate", a.candidate), ("champion", a.champion)):
             if adapter is not None and not (adapter / "adapter_config.json").is_file():
                 raise DataError(f"{label} adapter {adapter} has no adapter_config.json")
-        if Path(a.base).exists() and not (Path(a.base) / "config.json").is_file():
+        if Path(a.base).is_dir() and not (Path(a.base) / "config.json").is_file():
             raise DataError(f"base model {a.base} has no config.json")
     except DataError as exc:
         out.write(json.dumps({"error": "bad_input", "reason": str(exc)}) + "\n")
@@ -114,6 +133,7 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
     from sacrebleu.metrics import CHRF
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from academyd.trainer.base import materialize
     from academyd.trainer.evaluate import encode_all, heldout_loss
 
     if a.cpu_threads:
@@ -121,9 +141,10 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
     torch.manual_seed(a.seed)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model_dir, identity = materialize(a.base)
     # Both adapters are trained on the same base; the candidate's saved tokenizer is the one it learnt with.
     tokenizer = AutoTokenizer.from_pretrained(str(a.candidate))
-    base = AutoModelForCausalLM.from_pretrained(a.base, dtype=dtype).to(device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model = PeftModel.from_pretrained(base, str(a.candidate), adapter_name="candidate")
     if a.champion is not None:
         model.load_adapter(str(a.champion), adapter_name="champion")
@@ -139,9 +160,13 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
             yield
 
     pad_id = tokenizer.pad_token_id or 0
-    enc_held, skipped_held = encode_all(heldout, a.format, tokenizer, a.max_length)
-    enc_gen, skipped_gen = encode_all(general, "alpaca", tokenizer, a.max_length)
-    result: dict[str, Any] = {"device": device, "format": a.format, "champion_is_base": a.champion is None,
+    # Asked as the trainer taught it: through the chat template by default (the general set too).
+    heldout, fmt = rendered(heldout, a.format, a.render)
+    general, gfmt = rendered(general, "alpaca", a.render)
+    enc_held, skipped_held = encode_all(heldout, fmt, tokenizer, a.max_length)
+    enc_gen, skipped_gen = encode_all(general, gfmt, tokenizer, a.max_length)
+    result: dict[str, Any] = {"device": device, "format": a.format, "render": a.render, "base_identity": identity,
+                              "champion_is_base": a.champion is None,
                               "skipped": {"heldout": skipped_held, "general": skipped_gen},
                               "heldout": {}, "general": {}}
     for side in ("candidate", "champion"):
@@ -157,13 +182,16 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
     rng = random.Random(a.seed)
     picks = sorted(rng.sample(range(len(heldout)), min(a.generation_sample, len(heldout))))
     examples = []
+    trainer_ids: dict[int, list[int]] = {}
     for i in picks:
         ex = heldout[i]
-        ids = prompt_ids(ex, a.format, tokenizer)[-a.max_length:]
-        row: dict[str, Any] = {"index": i, "question": question_of(ex, a.format), "reference": reference_of(ex, a.format)}
+        ids = prompt_ids(ex, fmt, tokenizer)[-a.max_length:]
+        row: dict[str, Any] = {"index": i, "question": question_of(ex, fmt), "reference": reference_of(ex, fmt)}
         for side in ("candidate", "champion"):
             with using(side):
-                row[side] = generate(model, tokenizer, ids, a.max_new_tokens)
+                row[side], new = generate_ids(model, tokenizer, ids, a.max_new_tokens)
+            if side == "candidate":
+                trainer_ids[i] = new
         examples.append(row)
     gen: dict[str, Any] = {"n": len(examples), "examples": examples}
     if examples:
@@ -173,6 +201,14 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
             gen[f"{side}_exact_match"] = sum(normalize(h) == normalize(r) for h, r in zip(hyps, refs, strict=True)) / len(refs)
             gen[f"{side}_chrf"] = CHRF().corpus_score(hyps, [refs]).score
     result["generation"] = gen
+    if a.runtime == "llamacpp":
+        from academyd.arena.served import measure_served
+
+        sides = {"candidate": a.candidate, "champion": a.champion}
+        result["runtime"] = measure_served(
+            a, model=model, tokenizer=tokenizer, using=using, identity=identity, adapters=sides,
+            heldout=heldout, fmt=fmt, enc_held=enc_held, general=general, gfmt=gfmt, enc_gen=enc_gen,
+            picks=picks, trainer_answers={e["index"]: (e["candidate"], trainer_ids[e["index"]]) for e in examples})
     return result
 
 

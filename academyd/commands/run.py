@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _run(args: argparse.Namespace) -> int:
     from academyd import logs
     from academyd.app import App
+    from academyd.basemodel import BaseModelError
     from academyd.bus import BusError
     from academyd.dashboard.server import PageUnavailable
     from academyd.embedded import EmbeddedServerError
@@ -37,6 +38,6 @@ def _run(args: argparse.Namespace) -> int:
     app = App(settings)
     try:
         asyncio.run(app.run_once() if args.once else app.run())
-    except (BusError, EmbeddedServerError, PageUnavailable) as exc:
+    except (BusError, EmbeddedServerError, PageUnavailable, BaseModelError) as exc:
         return fail(str(exc), EXIT_FAILED)
     return 0

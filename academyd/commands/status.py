@@ -89,6 +89,10 @@ def render(s: dict[str, Any]) -> None:
         t.add_row("last run", f"{last['run_id']} {state}{extra}")
     if "champion" in s:
         t.add_row("champion", str(s.get("champion") or "base model"))
+    base = s.get("base_model")
+    if isinstance(base, dict):
+        t.add_row("base model", f"{base.get('name')} ({base.get('kind')}) {base.get('path')}")
+        t.add_row("  sha256", str(base.get("sha256")))
     if s.get("last_dataset"):
         ds = s["last_dataset"]
         t.add_row("last dataset", f"{ds.get('dataset_id')} ({ds.get('examples')} examples, {ds.get('heldout')} held out)"

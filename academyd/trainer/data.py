@@ -7,6 +7,11 @@ Alpaca lines are {"instruction", "input", "output"} rendered as Venom's prompt:
     ### Instruction:\n{instruction}\n\n[### Input:\n{input}\n\n]### Response:\n{output}<eos>
 ShareGPT lines are {"conversations": [{"from": "system|human|gpt", "value": ...}]} rendered with the
 tokenizer's chat template; the loss covers the assistant ("gpt") turns.
+
+Rendering (`render`): "chat" (the default everywhere) trains what serves: every example, Alpaca ones
+included, becomes chat messages (`as_chat`: instruction -> system, input -> user; an instruction alone
+-> user) rendered by the base model's own chat template, the way llama.cpp/Ollama/Venom ask. "plain" keeps
+the file's own form (Alpaca's `### Instruction:` prompt). The Alpaca/ShareGPT files are Venom's exports.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 IGNORE_INDEX = -100
+RENDERS = ("chat", "plain")
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -73,6 +79,30 @@ def alpaca_prompt(ex: dict[str, Any]) -> tuple[str, str]:
     if ex.get("input", "").strip():
         prompt += f"### Input:\n{ex['input']}\n\n"
     return prompt + "### Response:\n", ex["output"]
+
+
+def as_chat(ex: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The example as a ShareGPT conversation (unchanged when it is one)."""
+    if fmt == "sharegpt":
+        return ex
+    instruction, given = str(ex["instruction"]), str(ex.get("input", "")).strip()
+    turns = [{"from": "system", "value": instruction}, {"from": "human", "value": given}] if given else [
+        {"from": "human", "value": instruction}]
+    return {"conversations": [*turns, {"from": "gpt", "value": str(ex["output"])}]}
+
+
+def rendered(examples: list[dict[str, Any]], fmt: str, render: str) -> tuple[list[dict[str, Any]], str]:
+    """(examples, format) as they are tokenized: chat rendering turns everything into ShareGPT."""
+    if render == "chat" and fmt != "sharegpt":
+        return [as_chat(ex, fmt) for ex in examples], "sharegpt"
+    return examples, fmt
+
+
+def chat_messages(ex: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """The request of an example as chat messages (everything before the first reply): what is asked."""
+    msgs = sharegpt_messages(as_chat(ex, fmt))
+    first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return msgs[:first]
 
 
 def sharegpt_messages(ex: dict[str, Any]) -> list[dict[str, str]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from academyd.trainer import spec as S
-from academyd.trainer.data import IGNORE_INDEX, DataError, encode, prompt_ids, read_examples
+from academyd.trainer.data import IGNORE_INDEX, DataError, encode, prompt_ids, read_examples, rendered
 
 PROBE_TOP_K = 32
 
@@ -119,7 +119,10 @@ def load_model(base: str, adapter: str | None, device: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from academyd.trainer.base import materialize
+
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    base, _ = materialize(base)  # a GGUF base: its dequantized directory
     tokenizer = AutoTokenizer.from_pretrained(adapter or base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
     if adapter:
@@ -128,6 +131,15 @@ def load_model(base: str, adapter: str | None, device: str) -> tuple[Any, Any]:
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def _trained_render(adapter: str | None) -> str:
+    if adapter:
+        try:
+            return str(json.loads((Path(adapter).parent / S.SUMMARY_FILE).read_text()).get("render") or "plain")
+        except (OSError, ValueError):
+            pass
+    return "chat"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--format", default="alpaca", choices=S.FORMATS)
+    p.add_argument("--render", default=None, choices=S.RENDERS,
+                   help="chat template or plain (default: as the adapter was trained, from its run's summary.json; "
+                   "else chat)")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--probe", action="store_true")
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         examples = read_examples(a.data, a.format, what="held-out set")
-        if not (Path(a.base) / "config.json").is_file() and Path(a.base).exists():
+        if Path(a.base).is_dir() and not (Path(a.base) / "config.json").is_file():
             raise DataError(f"base model {a.base} has no config.json")
         if a.adapter and not (Path(a.adapter) / "adapter_config.json").is_file():
             raise DataError(f"adapter {a.adapter} has no adapter_config.json; pass a trained adapter directory")
@@ -159,18 +174,20 @@ def main(argv: list[str] | None = None) -> int:
 
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model(a.base, a.adapter, device)
-        encoded, skipped = encode_all(examples, a.format, tokenizer, a.max_length)
+        render = a.render or _trained_render(a.adapter)
+        examples, fmt = rendered(examples, a.format, render)
+        encoded, skipped = encode_all(examples, fmt, tokenizer, a.max_length)
         result: dict[str, Any] = {"base": a.base, "adapter": a.adapter, "format": a.format, "device": device,
                                   "skipped": skipped}
         pad_id = tokenizer.pad_token_id or 0
         result.update(heldout_loss(model, encoded, pad_id, batch_size=a.batch_size))
         if a.probe:
-            result["probe"] = probe(model, prompt_ids(examples[0], a.format, tokenizer))
+            result["probe"] = probe(model, prompt_ids(examples[0], fmt, tokenizer))
         if a.adapter and a.with_base:
             with model.disable_adapter():
                 base = heldout_loss(model, encoded, pad_id, batch_size=a.batch_size)
                 if a.probe:
-                    base["probe"] = probe(model, prompt_ids(examples[0], a.format, tokenizer))
+                    base["probe"] = probe(model, prompt_ids(examples[0], fmt, tokenizer))
             result["base_result"] = base
     except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into the protocol
         traceback.print_exc()

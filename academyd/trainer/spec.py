@@ -45,6 +45,7 @@ EVENT_TYPES = (EVENT_START, EVENT_PROGRESS, EVENT_CHECKPOINT, EVENT_DONE, EVENT_
 FINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
 
 FORMATS = ("alpaca", "sharegpt")
+RENDERS = ("chat", "plain")  # chat: through the base model's chat template (academyd.trainer.data)
 BACKENDS = ("auto", "unsloth", "peft")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -85,6 +86,10 @@ class Hyperparameters:
     save_total_limit: int = 2
     eval_steps: int = 0  # held-out loss every N steps; 0: only before and after training
     load_in_4bit: bool = False  # QLoRA; honoured by Unsloth on a GPU only
+    # Self-distillation against forgetting: this fraction of the dataset's size is added as replay
+    # examples, the base model's own greedy answers to general prompts (academyd/trainer/data/
+    # replay_prompts.txt, none of them in the arena's sets). Chat rendering only. 0: off.
+    replay_general: float = 0.0
     adjust: bool = True  # let plan_hyperparameters fit batch/epochs to data and memory
 
     @property
@@ -101,6 +106,7 @@ class TrainSpec:
     output_dir: str
     heldout_path: str | None = None
     format: str = "alpaca"
+    render: str = "chat"
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     seed: int = 3407
     backend: str = "auto"
@@ -135,6 +141,8 @@ class TrainSpec:
             problems.append(f"base_model must be an absolute path or a hub name, got the relative path {base!r}")
         if data.get("format", "alpaca") not in FORMATS:
             problems.append(f"format must be one of {FORMATS}, got {data.get('format')!r}")
+        if data.get("render", "chat") not in RENDERS:
+            problems.append(f"render must be one of {RENDERS}, got {data.get('render')!r}")
         if data.get("backend", "auto") not in BACKENDS:
             problems.append(f"backend must be one of {BACKENDS}, got {data.get('backend')!r}")
         seed = data.get("seed", 3407)
@@ -156,6 +164,7 @@ class TrainSpec:
             output_dir=data["output_dir"],
             heldout_path=data.get("heldout_path"),
             format=data.get("format", "alpaca"),
+            render=data.get("render", "chat"),
             hyperparameters=hp,
             seed=seed,
             backend=data.get("backend", "auto"),
@@ -224,6 +233,7 @@ def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
         (hp.save_steps >= 1, "save_steps must be >= 1"),
         (hp.save_total_limit >= 1, "save_total_limit must be >= 1"),
         (hp.eval_steps >= 0, "eval_steps must be >= 0"),
+        (0.0 <= hp.replay_general <= 4.0, "replay_general must be in [0, 4]"),
     ]
     problems += [f"hyperparameters.{msg}" for ok, msg in checks if not ok]
     return hp, problems

@@ -54,8 +54,16 @@ class Cancelled(BaseException):
 
 
 def check_base_model(base_model: str) -> str:
-    """Return 'local' or 'cache'; raise BadInput when the model cannot be loaded offline."""
+    """Return 'gguf', 'local' or 'cache'; raise BadInput when the model cannot be loaded offline."""
+    from academyd.basemodel import BUILTIN_NAME, BaseModelError, resolve_base
+
     path = Path(base_model).expanduser()
+    if base_model == BUILTIN_NAME or (path.is_file() and path.suffix.lower() == ".gguf"):
+        try:
+            resolve_base(base_model, trainer_python=Path(sys.executable))
+        except BaseModelError as exc:
+            raise BadInput(str(exc)) from None
+        return "gguf"
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BadInput(f"base model directory {path} has no config.json; point base_model at a "
@@ -123,9 +131,13 @@ def detect_device() -> tuple[str, str, int | None]:
     return "cpu", f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)", mem
 
 
-def load_backend(spec: S.TrainSpec, hp: S.Hyperparameters, device: str) -> tuple[Any, Any, str, str | None]:
-    """(peft model, tokenizer, backend name, why not unsloth). Unsloth first unless backend=peft."""
+def load_backend(spec: S.TrainSpec, hp: S.Hyperparameters, device: str,
+                 model_path: str | None = None) -> tuple[Any, Any, str, str | None]:
+    """(peft model, tokenizer, backend name, why not unsloth). Unsloth first unless backend=peft.
+
+    `model_path` is the loadable form of `spec.base_model` (a GGUF base's dequantized directory)."""
     note = None
+    model_path = model_path or spec.base_model
     if spec.backend in ("auto", "unsloth"):
         try:
             import unsloth  # noqa: F401  (must come before transformers: it patches it)
@@ -139,7 +151,7 @@ def load_backend(spec: S.TrainSpec, hp: S.Hyperparameters, device: str) -> tuple
             import torch
 
             model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=spec.base_model,
+                model_name=model_path,
                 max_seq_length=hp.max_length,
                 # Unsloth's auto dtype picks bf16 on CPUs with AVX512-BF16/AMX and fp32 elsewhere, so the same
                 # spec trained different numbers per CPU model: on the CPU we train in fp32, everywhere.
@@ -167,8 +179,8 @@ def load_backend(spec: S.TrainSpec, hp: S.Hyperparameters, device: str) -> tuple
     dtype = torch.float32
     if device == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=dtype, local_files_only=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, local_files_only=True).to(device)
     config = LoraConfig(
         r=hp.lora_r,
         lora_alpha=hp.lora_alpha,
@@ -224,8 +236,11 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def save_adapter(model: Any, tokenizer: Any, out_dir: Path, base_model: str) -> Path:
-    """Write the adapter into a temp dir and rename it into place: never a half-written adapter/."""
+def save_adapter(model: Any, tokenizer: Any, out_dir: Path, base_model: str,
+                 identity: dict[str, Any] | None = None) -> Path:
+    """Write the adapter into a temp dir and rename it into place: never a half-written adapter/.
+
+    `identity` (the base's, academyd.trainer.base) goes into `academy_base.json` beside the weights."""
     final = out_dir / S.ADAPTER_DIR
     tmp = out_dir / f".adapter.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,6 +250,10 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, base_model: str) -> 
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base_model  # what the spec named, not a resolved cache path
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    if identity is not None:
+        from academyd.trainer.base import IDENTITY_FILE
+
+        (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         if not (tmp / name).is_file():
             raise TrainingFailure("save_failed", f"saving the adapter wrote no {name}")
@@ -276,16 +295,39 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     device, device_desc, memory = detect_device()
     plan = S.plan_hyperparameters(spec.hyperparameters, n_examples=len(train), memory_bytes=memory, device=device)
     hp = plan.hyperparameters
-    model, tokenizer, backend, backend_note = load_backend(spec, hp, device)
+    from academyd.basemodel import BaseModelError
+    from academyd.trainer.base import materialize
+
+    try:
+        model_path, base_identity = materialize(spec.base_model)
+    except BaseModelError as exc:
+        raise BadInput(str(exc)) from None
+    model, tokenizer, backend, backend_note = load_backend(spec, hp, device, model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     pad_id = tokenizer.pad_token_id
 
     from academyd.trainer.evaluate import collate, encode_all, heldout_loss, probe
 
+    from academyd.trainer.data import rendered
+
+    # By default every example goes through the base model's chat template: the adapter learns what serves.
+    train, fmt = rendered(train, spec.format, spec.render)
+    heldout, _ = rendered(heldout, spec.format, spec.render)
+    n_dataset = len(train)
+    replay: list[dict[str, Any]] = []
+    t_replay = time.monotonic()
+    if hp.replay_general > 0 and fmt == "sharegpt":
+        from academyd.trainer.base import base_cache
+        from academyd.trainer.replay import replay_examples
+
+        replay = replay_examples(model_path, tokenizer, math.ceil(hp.replay_general * n_dataset),
+                                 base_sha256=base_identity["sha256"], cache_dir=base_cache(), device=device)
+        train = train + replay
+    replay_s = time.monotonic() - t_replay
     try:
-        enc_train, skipped = encode_all(train, spec.format, tokenizer, hp.max_length)
-        enc_heldout, heldout_skipped = encode_all(heldout, spec.format, tokenizer, hp.max_length)
+        enc_train, skipped = encode_all(train, fmt, tokenizer, hp.max_length)
+        enc_heldout, heldout_skipped = encode_all(heldout, fmt, tokenizer, hp.max_length)
     except DataError as exc:
         raise BadInput(str(exc)) from None
     if not enc_train:
@@ -305,6 +347,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         total_steps=steps,
         resumed_from=resume_step if resume_path else None,
         examples=len(enc_train),
+        replay_examples=len(replay),
         skipped_examples=skipped,
         heldout_examples=len(enc_heldout),
         hyperparameters=asdict(hp),
@@ -328,8 +371,8 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
 
     adapter_eval = heldout_loss(model, enc_heldout, pad_id, batch_size=hp.batch_size) if enc_heldout else None
     probe_ex = heldout[enc_heldout[0]["index"]] if enc_heldout else train[enc_train[0]["index"]]
-    fingerprint = probe(model, prompt_ids(probe_ex, spec.format, tokenizer))
-    adapter = save_adapter(model, tokenizer, out_dir, spec.base_model)
+    fingerprint = probe(model, prompt_ids(probe_ex, fmt, tokenizer))
+    adapter = save_adapter(model, tokenizer, out_dir, spec.base_model, base_identity)
 
     import torch
 
@@ -345,6 +388,9 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         "hyperparameters": asdict(hp),
         "plan_notes": list(plan.notes),
         "examples": len(enc_train),
+        "replay_examples": len(replay),
+        "replay_s": replay_s,
+        "render": spec.render,
         "skipped_examples": skipped,
         "heldout_examples": len(enc_heldout),
         "heldout_skipped": heldout_skipped,
@@ -369,6 +415,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         "train_duration_s": train_s,
         "duration_s": time.monotonic() - t_start,
         "adapter_path": str(adapter),
+        "base": base_identity,
         "probe": fingerprint,
     }
     if base_eval and adapter_eval:

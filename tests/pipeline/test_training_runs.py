@@ -5,12 +5,31 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 from datetime import timedelta
 from typing import Any
 
 from fixtures.nats import publish, wait_for
 from fixtures.trainer import FAST_HYPERPARAMETERS
 from test_end_to_end import listen, of, pipeline_settings, request, reversal_lesson
+
+
+async def test_a_lora_the_runtime_cannot_serve_is_refused_before_training(
+    make_settings, start_daemon, nc, tiny_base_model, trainer_python
+) -> None:
+    settings = pipeline_settings(make_settings, tiny_base_model, trainer_python,
+                                 hyperparameters={**FAST_HYPERPARAMETERS, "target_modules": ["q_proj", "embed_tokens"]})
+    d = await start_daemon(settings)
+    seen = await listen(nc)
+    await seed_lessons(nc, 60)
+    await wait_for(lambda: d.app.store.counts()["lesson.created"] == 60)
+    run_id = (await request(nc, "academy.cmd.train", {"force": True}))["run_id"]
+    await wait_for(lambda: of(seen, "academy.training.failed"), timeout=120)
+    failed = of(seen, "academy.training.failed")[0]
+    assert failed["run_id"] == run_id
+    assert "'embed_tokens' cannot be served by llama.cpp" in failed["reason"], failed
+    assert d.app.store.get_run(run_id)["state"] == "refused"
+    assert of(seen, "academy.training.started") == []  # no trainer was started
 
 
 async def seed_lessons(nc: Any, n: int) -> None:
@@ -52,12 +71,17 @@ async def test_a_restarted_daemon_reattaches_the_running_job(
 
 
 async def test_a_failing_training_is_reported_and_retried_with_backoff(
-    make_settings, start_daemon, nc, clock, tmp_path, trainer_python
+    make_settings, start_daemon, nc, clock, tmp_path, trainer_python, tiny_base_model
 ) -> None:
-    settings = pipeline_settings(make_settings, tmp_path / "no-such-model", trainer_python)
+    # A missing base is refused at daemon start (tests/model/test_basemodel.py); one that disappears
+    # afterwards fails the runs, which are reported and retried.
+    base = tmp_path / "base-that-goes"
+    shutil.copytree(tiny_base_model, base)
+    settings = pipeline_settings(make_settings, base, trainer_python)
     settings.policy.min_lessons = 50
     settings.policy.min_interval_h = 0
     d = await start_daemon(settings)
+    shutil.rmtree(base)
     seen = await listen(nc)
     await seed_lessons(nc, 80)
     await wait_for(lambda: of(seen, "academy.training.failed"), timeout=120)

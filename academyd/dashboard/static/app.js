@@ -121,6 +121,14 @@ function renderStatus(st) {
     $("champion-pill").className = "pill" + (c ? " good" : "");
   }
 
+  const base = st.base_model;
+  if (base && typeof base === "object") {
+    $("base-pill").textContent = `base: ${base.name} · sha256 ${String(base.sha256).slice(0, 12)}`;
+    $("base-pill").title = `${base.kind} ${base.path}\nsha256 ${base.sha256}`;
+  } else {
+    $("base-pill").textContent = "base: not resolved (this daemon does not train)";
+  }
+
   const th = st.threshold || {};
   const have = th.new_successful_lessons || 0, need = th.min_lessons || 1;
   const big = $("lessons-big");
