@@ -29,6 +29,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BadRequestError, NotFoundError
 
 from academyd.ingest import Inbound, StoreFault
