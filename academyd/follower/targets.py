@@ -20,6 +20,7 @@ import json
 import os
 import re
 import subprocess
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def _error_text(answer: Any) -> str:
     return str(answer)[:500]
 
 
-class Target:
+class Target(ABC):
     name = "target"
     probe_first = True
 
@@ -76,8 +77,8 @@ class Target:
         self._base: dict[str, Any] | None = None
 
     @property
-    def runtime(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def runtime(self) -> str: ...
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession()
@@ -94,17 +95,17 @@ class Target:
                 self._base = await asyncio.to_thread(_file_identity, self.cfg.base_gguf)
         return self._base
 
-    async def serving(self) -> str | None:
-        raise NotImplementedError
+    @abstractmethod
+    async def serving(self) -> str | None: ...
 
     async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
         return {}
 
-    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str: ...
 
-    async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def switch(self, version: str | None, files: dict[str, Any] | None) -> None: ...
 
     async def discard(self, version: str) -> None:
         return None

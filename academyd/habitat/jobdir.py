@@ -80,18 +80,13 @@ def _parts(rel: str | os.PathLike[str]) -> tuple[str, ...]:
 def _open_dir(root: Path, parts: tuple[str, ...], shown: str) -> int:
     """A descriptor of root/parts..., every component opened without following a symlink."""
     try:
-        fd = os.open(root, _DIR_FLAGS)
+        top = os.open(root, _DIR_FLAGS)
     except OSError as exc:
         raise _refusal(exc, str(root)) from None
     try:
-        for part in parts:
-            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    except OSError as exc:
-        os.close(fd)
-        raise _refusal(exc, shown) from None
-    return fd
+        return _open_dir_at(top, parts, shown)
+    finally:
+        os.close(top)
 
 
 def _refusal(exc: OSError, shown: str) -> OSError:
