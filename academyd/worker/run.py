@@ -99,6 +99,7 @@ class _Holding:
     rev: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     lost: str | None = None  # fenced or cut off: the job is someone else's now
+    stopped_logged: bool = False  # the heartbeat stopped the trainer and said so
     cancelled: bool = False  # the daemon asked
     stopping: bool = False  # this worker is shutting down
 
@@ -344,7 +345,12 @@ class Worker:
                     continue
                 await self._forward(h, ev)
                 if ev.get("type") == S.EVENT_CHECKPOINT:
-                    await self._upload_checkpoint(h, jobdir, ev)
+                    try:  # bounded: a store that stopped answering must not hold up the progress loop
+                        await asyncio.wait_for(self._upload_checkpoint(h, jobdir, ev),
+                                               timeout=self.settings.workers.ack_wait_s)
+                    except asyncio.TimeoutError:
+                        log.warning("checkpoint_upload_failed", run_id=run_id, step=ev.get("step"),
+                                    error="timed out")
             result = await self.habitat.result(handle)
         finally:
             heart.cancel()
@@ -352,8 +358,9 @@ class Worker:
                 await heart
             with contextlib.suppress(Exception):
                 await cancel_sub.unsubscribe()
-        log.info("trainer_stopped", run_id=run_id, worker=self.id, status=result.status.value,
-                 lost=h.lost, time=round(time.time(), 3))
+        if not h.stopped_logged:
+            log.info("trainer_stopped", run_id=run_id, worker=self.id, status=result.status.value,
+                     lost=h.lost, time=round(time.time(), 3))
         if h.lost is not None:
             log.warning("job_lost", run_id=run_id, worker=self.id, reason=h.lost)
             return  # not ours any more: no ack, no nak; the holder finishes it
@@ -392,6 +399,11 @@ class Worker:
                     h.lost = f"cut off from NATS for {time.monotonic() - last_ok:.1f} s (lease not refreshed)"
                 log.warning("trainer_stopping", run_id=h.run_id, worker=self.id, reason=h.lost, time=round(time.time(), 3))
                 await self.habitat.cancel(self._handle, grace_s=self.timing.heartbeat_s / 4)
+                # cancel() returns once the trainer's process group is gone: say so now, not when the progress
+                # loop gets round to it (it may be waiting on an upload to the unreachable store).
+                h.stopped_logged = True
+                log.info("trainer_stopped", run_id=h.run_id, worker=self.id, status="cancelled", lost=h.lost,
+                         time=round(time.time(), 3))
                 return
 
     async def _forward(self, h: _Holding, ev: dict[str, Any]) -> None:
