@@ -322,13 +322,18 @@ class FollowerSettings(BaseModel):
         default=None, description="Probe prompts when a version brings none (JSON list of {messages, expected}).",
     )
     require_base_identity: bool = Field(
-        default=False, description="Refuse an adapter whose GGUF does not name its base (general.base_model.*).",
+        default=True, description="Refuse an adapter whose GGUF does not name its base (general.base_model.*); "
+        "every adapter the Academy exports names it (false only for adapters made elsewhere).",
     )
     endpoint_url: str | None = Field(
         default=None, description="llamacpp: a running endpoint (python -m academyd.follower.endpoint); "
         "unset: the follower starts one on base_gguf.",
     )
-    base_gguf: Path | None = Field(default=None, description="llamacpp: the base model GGUF the endpoint serves.")
+    base_gguf: Path | None = Field(
+        default=None, description="The base model GGUF the runtime serves (llamacpp: the endpoint loads it; every "
+        "target: the base identity adapters are checked against). Unset: training.base_model when that is a GGUF "
+        "(the default SmolLM2 is).",
+    )
     runtime_python: Path | None = Field(
         default=None, description="llamacpp: an interpreter with llama-cpp-python (default: the trainer's).",
     )

@@ -90,9 +90,8 @@ class Target(ABC):
     async def base(self) -> dict[str, Any]:
         """The base's identity from `follower.base_gguf` (the file the runtime's base was made from), if set."""
         if self._base is None:
-            self._base = {}
-            if self.cfg.base_gguf is not None:
-                self._base = await asyncio.to_thread(_file_identity, self.cfg.base_gguf)
+            path = await asyncio.to_thread(base_gguf_of, self.settings)
+            self._base = {} if path is None else await asyncio.to_thread(_file_identity, path)
         return self._base
 
     @abstractmethod
@@ -116,6 +115,20 @@ class Target(ABC):
     async def _req(self, method: str, url: str, **kw: Any) -> tuple[int, Any]:
         assert self.session is not None, "start() first"
         return await _call(self.session, method, url, self.cfg.timeout_s, **kw)
+
+
+def base_gguf_of(settings: Settings) -> Path | None:
+    """`follower.base_gguf`, or else the Academy's own base when it is a GGUF (the default SmolLM2 is): the
+    follower beside a default install serves what the adapters were trained on, with nothing to configure."""
+    if settings.follower.base_gguf is not None:
+        return settings.follower.base_gguf
+    from academyd.basemodel import BaseModelError, resolve_base
+
+    try:
+        base = resolve_base(settings.training.base_model, trainer_python=settings.training.trainer_python)
+    except BaseModelError:
+        return None
+    return Path(base.gguf) if base.gguf else None
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
@@ -156,9 +169,11 @@ class LlamaCppTarget(Target):
 
     def _spawn(self) -> str:
         cfg = self.cfg
-        if cfg.base_gguf is None or not cfg.base_gguf.is_file():
-            raise TargetError(f"follower.base_gguf {cfg.base_gguf} is not a GGUF file: set it to the base model "
-                              "the endpoint serves, or follower.endpoint_url to join a running endpoint")
+        base_gguf = base_gguf_of(self.settings)
+        if base_gguf is None or not base_gguf.is_file():
+            raise TargetError(f"follower.base_gguf {base_gguf} is not a GGUF file (and training.base_model is not "
+                              "one): set it to the base model the endpoint serves, or follower.endpoint_url to join "
+                              "a running endpoint")
         python = cfg.runtime_python or self.settings.training.trainer_python or (REPO_ROOT / ".venv-trainer/bin/python")
         if not Path(python).exists():
             raise TargetError(f"no interpreter {python} for the llama.cpp endpoint: set follower.runtime_python to "
@@ -168,7 +183,7 @@ class LlamaCppTarget(Target):
         log_path = self.settings.follower_dir / "endpoint.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(python), "-m", "academyd.follower.endpoint", "--base", str(cfg.base_gguf), "--host", cfg.host,
+            [str(python), "-m", "academyd.follower.endpoint", "--base", str(base_gguf), "--host", cfg.host,
              "--port", str(cfg.port), "--threads", str(threads), "--served-name", cfg.served_name],
             stdout=subprocess.PIPE, stderr=open(log_path, "ab"), env=env,  # noqa: SIM115
         )

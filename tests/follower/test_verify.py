@@ -115,3 +115,21 @@ def test_arena_probes_file_is_read_with_its_gguf_sha256(tmp_path: Path, make_set
                       "max_tokens": 32}]
     assert announced_gguf_sha256(event) == "cc" * 32
     assert announced_gguf_sha256({**event, "gguf_sha256": "dd" * 32}) == "dd" * 32
+
+
+def test_the_follower_base_defaults_to_the_academys_own(make_settings: Any, smollm2_gguf: Path, tmp_path: Path) -> None:
+    """A follower beside a default install needs no base setting: it serves (and checks adapters against) the
+    SmolLM2 GGUF the Academy trains on; an explicit follower.base_gguf wins; a base that is no GGUF gives none."""
+    from academyd.follower.targets import base_gguf_of
+
+    assert make_settings().follower.require_base_identity is True
+    from academyd.basemodel import cached_sha256
+
+    found = base_gguf_of(make_settings())  # the wheel's file, in this environment or the trainer's
+    assert found is not None and found.name == smollm2_gguf.name and cached_sha256(found) == cached_sha256(smollm2_gguf)
+    other = tmp_path / "other.gguf"
+    assert base_gguf_of(make_settings(follower={"base_gguf": other})) == other
+    model_dir = tmp_path / "hf-dir"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    assert base_gguf_of(make_settings(training={"base_model": str(model_dir)})) is None
