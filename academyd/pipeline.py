@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from academyd import events
 from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
 from academyd.policy import failure_backoff
 from academyd.promotion import ANY
@@ -163,8 +164,7 @@ class Pipeline:
         self._kick()
 
     def _outbox(self, subject: str, event_id: str, body: dict[str, Any], now: datetime) -> None:
-        payload = {"schema_version": 1, "event_id": event_id, "at": iso(now), **body}
-        self.store.outbox_add(subject, payload, msg_id=event_id, now=now)
+        events.emit(self.store, subject, event_id, now, body)
 
     def _publish(self, subject: str, event_id: str, body: dict[str, Any]) -> None:
         now = self.now()
@@ -330,7 +330,10 @@ class Pipeline:
             self._send_progress(pending)
 
     def _send_progress(self, body: dict[str, Any]) -> None:
-        self._publish("academy.training.progress", f"{body['run_id']}-progress-{body.get('step', 0)}", body)
+        try:
+            self._publish("academy.training.progress", f"{body['run_id']}-progress-{body.get('step', 0)}", body)
+        except events.EventRefused as exc:  # a trainer event off the contract costs a progress line, not the run
+            log.warning("progress_refused", run_id=body["run_id"], error=str(exc))
 
     def _register(self, run: dict[str, Any], spec: TrainSpec, result: Any) -> str:
         from academyd.curator import get_dataset

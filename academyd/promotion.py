@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from academyd import events
 from academyd.registry import MANIFEST_FILE, Registry, RegistryError, adapter_sha256, champion_version
 from academyd.settings import Settings
 from academyd.store import Store, iso
@@ -388,17 +389,15 @@ def summary_metrics(row: dict[str, Any] | None, side: str = "candidate") -> dict
     return {k: v for k, v in out.items() if v is not None}
 
 
-def promoted_payload(row: dict[str, Any], previous: dict[str, Any] | None, artifacts: dict[str, Any], *,
-                     parent: str | None, reason: str, now: datetime) -> dict[str, Any]:
+def promoted_event(row: dict[str, Any], previous: dict[str, Any] | None, artifacts: dict[str, Any], *,
+                   parent: str | None, reason: str, now: datetime, active_adapter_path: str) -> events.Envelope:
+    """`model.promoted` for `row` (validated: EventRefused before anything moves)."""
     event_id = f"promoted-{row['version']}-{uuid.uuid4().hex[:8]}"
     if previous is not None:
         champion_metrics = summary_metrics(previous)
     else:  # against the base model: the champion side of this version's own evaluation
         champion_metrics = summary_metrics(row, side="champion")
-    return {
-        "schema_version": 1,
-        "event_id": event_id,
-        "at": iso(now),
+    return events.envelope("model.promoted", event_id, now, {
         "version": row["version"],
         "parent_version": parent,
         "base_model": row["base_model"],
@@ -415,9 +414,9 @@ def promoted_payload(row: dict[str, Any], previous: dict[str, Any] | None, artif
         "base_gguf": artifacts.get("base_gguf"),
         "probes_path": artifacts.get("probes_path"),
         "ollama_created": bool(artifacts.get("ollama")),
-        "active_adapter_path": None,  # filled by the caller
+        "active_adapter_path": active_adapter_path,
         "dataset_id": row.get("dataset_id"),
-    }
+    })
 
 
 def active_adapter_doc(row: dict[str, Any] | None, *, base_model: str, reason: str, now: datetime,
@@ -543,8 +542,9 @@ async def promote(store: Store, settings: Settings, version: str, *, reason: str
     previous = reg.champion()
     if previous is not None and previous["version"] == version:
         raise PromotionRefused(f"{version} is already the champion")
-    payload = promoted_payload(row, previous, artifacts, parent=row["parent"], reason=reason, now=now)
-    payload["active_adapter_path"] = str(settings.active_adapter_path)
+    event = promoted_event(row, previous, artifacts, parent=row["parent"], reason=reason, now=now,
+                           active_adapter_path=str(settings.active_adapter_path))
+    payload = event.payload
     with store.transaction() as conn:
         _compare_and_swap(conn, expected_champion, action="promote", to=version, basis=basis, reason=reason,
                           now=now)
@@ -555,7 +555,7 @@ async def promote(store: Store, settings: Settings, version: str, *, reason: str
                      (iso(now), json.dumps(_artifacts_record(artifacts)), version))
         _set_alias(conn, version, now)
         reg._history(version, "promoted", reason, now)
-        store.outbox_add("model.promoted", payload, msg_id=payload["event_id"], now=now)
+        events.enqueue(store, event, now)
     promoted = reg.get(version)
     write_active_adapter(settings, active_adapter_doc(promoted, base_model=row["base_model"], reason=reason,
                                                       now=now, payload=payload))
@@ -604,26 +604,28 @@ async def rollback(store: Store, settings: Settings, *, reason: str, now: dateti
     target = rollback_target(reg, champ)
     artifacts = await _prepare(settings, target, http_session, store) if target is not None else None
     rb_id = f"rolledback-{champ['version']}-{uuid.uuid4().hex[:8]}"
-    rolled = {"schema_version": 1, "event_id": rb_id, "at": iso(now), "from_version": champ["version"],
-              "to_version": target["version"] if target else None, "reason": reason,
-              "active_adapter_path": str(settings.active_adapter_path), "base_model": champ["base_model"]}
-    promoted = None
+    rolled_event = events.envelope("model.rolled_back", rb_id, now, {
+        "from_version": champ["version"], "to_version": target["version"] if target else None, "reason": reason,
+        "active_adapter_path": str(settings.active_adapter_path), "base_model": champ["base_model"]})
+    rolled = rolled_event.payload
+    promoted_ev = None
     if target is not None and artifacts is not None:
-        promoted = promoted_payload(target, champ, artifacts, parent=target["parent"],
-                                    reason=f"rollback from {champ['version']}: {reason}", now=now)
-        promoted["active_adapter_path"] = str(settings.active_adapter_path)
+        promoted_ev = promoted_event(target, champ, artifacts, parent=target["parent"],
+                                     reason=f"rollback from {champ['version']}: {reason}", now=now,
+                                     active_adapter_path=str(settings.active_adapter_path))
+    promoted = promoted_ev.payload if promoted_ev is not None else None
     with store.transaction() as conn:
         _compare_and_swap(conn, champ["version"], action="rollback", to=rolled["to_version"], basis=basis,
                           reason=reason, now=now)
         conn.execute("UPDATE models SET status='rejected' WHERE version=?", (champ["version"],))
         reg._history(champ["version"], "rolled_back", reason, now)
-        store.outbox_add("model.rolled_back", rolled, msg_id=rb_id, now=now)
-        if target is not None and promoted is not None and artifacts is not None:
+        events.enqueue(store, rolled_event, now)
+        if target is not None and promoted_ev is not None and artifacts is not None:
             conn.execute("UPDATE models SET status='champion', promoted_at=?, artifacts=? WHERE version=?",
                          (iso(now), json.dumps(_artifacts_record(artifacts)), target["version"]))
             _set_alias(conn, target["version"], now)
             reg._history(target["version"], "promoted", f"rollback from {champ['version']}: {reason}", now)
-            store.outbox_add("model.promoted", promoted, msg_id=promoted["event_id"], now=now)
+            events.enqueue(store, promoted_ev, now)
         else:
             conn.execute("DELETE FROM model_aliases WHERE alias='champion'")
     restored = reg.get(target["version"]) if target else None

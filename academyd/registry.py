@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from academyd import events
 from academyd.settings import Settings
 from academyd.store import Store, iso
 
@@ -228,14 +229,8 @@ class Registry:
         if row is None:
             raise RegistryError(f"no version {version} in the registry")
         event_id = f"eval-{version}-{uuid.uuid4().hex[:8]}"
-        payload = {
-            "schema_version": 1,
-            "event_id": event_id,
-            "at": iso(now),
-            "run_id": run_id or row["run_id"],
-            "version": version,
-            **verdict.to_event(),
-        }
+        event = events.envelope("academy.evaluation.finished", event_id, now,
+                                {"run_id": run_id or row["run_id"], "version": version, **verdict.to_event()})
         with self.store.transaction() as conn:
             status = row["status"] if verdict.promote or row["status"] == "champion" else "rejected"
             conn.execute(
@@ -244,13 +239,13 @@ class Registry:
             )
             self._history(version, "evaluated", ("promote: " if verdict.promote else "reject: ")
                           + "; ".join(verdict.reasons), now)
-            self.store.outbox_add("academy.evaluation.finished", payload, msg_id=event_id, now=now)
+            events.enqueue(self.store, event, now)
         metrics_path = self.version_dir(version) / "metrics.json"
         if metrics_path.parent.is_dir():
             from academyd.files import atomic_write_json
 
             atomic_write_json(metrics_path, verdict.to_event())
-        return payload
+        return event.payload
 
     def _history(self, version: str, action: str, reason: str, now: datetime) -> None:
         self.store.conn.execute(

@@ -15,12 +15,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic_core import to_json  # the hot path: pydantic-core's serializer, several times json's speed
+
+from academyd import events
+from academyd.clock import iso, parse_iso, utcnow  # noqa: F401  (re-exported: the store's time format)
 
 ACTIVE_RUN_STATES = ("requested", "curating", "training", "evaluating")
 RUN_STATES = (*ACTIVE_RUN_STATES, "succeeded", "failed", "refused", "cancelled")
@@ -250,23 +252,6 @@ MIGRATIONS.append((
 ))
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@lru_cache(maxsize=256)  # a batch stamps thousands of rows with the same `now`
-def iso(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).isoformat()
-
-
-def parse_iso(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
-
-
 class ActiveRunExists(Exception):
     """A run is already active; the database refuses a second one."""
 
@@ -477,7 +462,8 @@ class Store:
     # ------------------------------------------------------------ outbox
 
     def outbox_add(self, subject: str, payload: dict[str, Any], msg_id: str, now: datetime) -> bool:
-        """Queue an event for publishing; call inside the transaction that makes it true."""
+        """The outbox row writer under academyd.events (which builds and validates every event): call
+        `events.emit` / `events.enqueue`, not this, inside the transaction that makes the event true."""
         cur = self.conn.execute(
             "INSERT OR IGNORE INTO outbox(msg_id, subject, payload, created_at) VALUES (?,?,?,?)",
             (msg_id, subject, json.dumps(payload, ensure_ascii=False, default=str), iso(now)),
@@ -579,20 +565,8 @@ class Store:
                     " attempt) VALUES (?,?,?,?,?,?,?,?)",
                     (run_id, "requested", reason, int(forced), watermark, new_lessons, iso(now), attempt),
                 )
-                self.outbox_add(
-                    "academy.training.requested",
-                    {
-                        "schema_version": 1,
-                        "event_id": run_id,
-                        "at": iso(now),
-                        "run_id": run_id,
-                        "reason": reason,
-                        "forced": forced,
-                        "new_lessons": new_lessons,
-                    },
-                    msg_id=run_id,
-                    now=now,
-                )
+                events.emit(self, "academy.training.requested", run_id, now,
+                            {"run_id": run_id, "reason": reason, "forced": forced, "new_lessons": new_lessons})
         except sqlite3.IntegrityError as exc:
             if "runs_one_active" in str(exc) or "UNIQUE constraint failed: index" in str(exc):
                 raise ActiveRunExists(self.scalar(

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from academyd import events
 from academyd.curator import sources
 from academyd.curator.dedup import Deduper
 from academyd.curator.examples import ENCODER, SOURCES, Example
@@ -452,6 +453,10 @@ def _record(
     members: list[tuple[str, str, str]],
 ) -> None:
     slim = {k: v for k, v in manifest.items() if k != "lineage"}
+    # Built (and validated) before anything is written: a refused event leaves no dataset row behind.
+    built = (events.envelope("academy.dataset.built", result.dataset_id, now, result.event_payload(),
+                             msg_id=f"academy.dataset.built:{result.dataset_id}")
+             if announce and result.ok else None)
     with store.transaction():
         store.conn.execute(
             "INSERT INTO datasets(dataset_id, run_id, created_at, format, path, heldout_path, manifest_path,"
@@ -477,9 +482,8 @@ def _record(
         store.conn.executemany(
             "INSERT OR IGNORE INTO dataset_members(record_key, split, first_dataset_id) VALUES (?,?,?)", members
         )
-        if announce and result.ok:
-            payload = {"schema_version": 1, "event_id": result.dataset_id, "at": iso(now), **result.event_payload()}
-            store.outbox_add("academy.dataset.built", payload, f"academy.dataset.built:{result.dataset_id}", now)
+        if built is not None:
+            events.enqueue(store, built, now)
 
 
 _DATASET_COLUMNS = (

@@ -41,12 +41,13 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from academyd import events
 from academyd.follower.targets import Target, TargetError, make_target
 from academyd.follower.verify import Refused, check_base, check_files, gguf_keys
 from academyd.ingest import Inbound
 from academyd.settings import Settings
 from handlers import Ack, Outcome, Reject, Retry
-from schemas.models import ModelDeployed, ModelDeployFailed, ModelPromoted, ModelRolledBack
+from schemas.models import ModelPromoted, ModelRolledBack
 
 log = structlog.get_logger("academyd.follower")
 
@@ -61,8 +62,8 @@ TARGET_RETRIES = 4
 PROMPT_CHARS = 200
 
 
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+def _outcome_id(prefix: str, event: dict[str, Any]) -> str:
+    return f"{prefix}-{event['event_id']}"[:200]
 
 
 class State:
@@ -371,7 +372,8 @@ class Follower:
 
     def _common(self, subject: str, event: dict[str, Any], version: str | None, previous: str | None,
                 serving: str | None, probe: list[dict[str, Any]], agreement: float | None,
-                timings: dict[str, float], checks: dict[str, Any], t0: float | None, prefix: str) -> dict[str, Any]:
+                timings: dict[str, float], checks: dict[str, Any], t0: float | None) -> dict[str, Any]:
+        """The body both outcomes share (the envelope is academyd.events')."""
         now = self.clock()
         if t0 is not None:
             timings["total_s"] = time.perf_counter() - t0
@@ -381,7 +383,6 @@ class Follower:
         except (KeyError, ValueError):
             pass
         return {
-            "schema_version": 1, "event_id": f"{prefix}-{event['event_id']}"[:200], "at": _iso(now),
             "source_event_id": event["event_id"], "source_subject": subject, "version": version,
             "target": self.target.name, "runtime": self.target.runtime, "serving": serving, "previous": previous,
             "probe": probe, "agreement": agreement, "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -391,17 +392,18 @@ class Follower:
     def _deployed(self, subject: str, event: dict[str, Any], version: str | None, previous: str | None,
                   probe: list[dict[str, Any]], agreement: float | None, timings: dict[str, float],
                   checks: dict[str, Any], t0: float, *, noop: bool = False) -> tuple[str, dict[str, Any]]:
-        payload = {**self._common(subject, event, version, previous, version, probe, agreement, timings, checks,
-                                  t0, "deployed"), "noop": noop}
-        ModelDeployed.model_validate(payload)
-        return "model.deployed", payload
+        body = {**self._common(subject, event, version, previous, version, probe, agreement, timings, checks, t0),
+                "noop": noop}
+        return "model.deployed", events.envelope("model.deployed", _outcome_id("deployed", event), self.clock(),
+                                                 body).payload
 
     def _failed(self, subject: str, event: dict[str, Any], version: str | None, previous: str | None,
                 exc: Refused, timings: dict[str, float], probe: list[dict[str, Any]], agreement: float | None,
                 checks: dict[str, Any], t0: float | None = None) -> tuple[str, dict[str, Any]]:
-        payload = {**self._common(subject, event, version, previous, previous, probe, agreement, timings, checks,
-                                  t0, "deploy-failed"), "reason": exc.reason, "detail": exc.detail[:2000]}
-        ModelDeployFailed.model_validate(payload)
+        body = {**self._common(subject, event, version, previous, previous, probe, agreement, timings, checks, t0),
+                "reason": exc.reason, "detail": exc.detail[:2000]}
+        payload = events.envelope("model.deploy_failed", _outcome_id("deploy-failed", event), self.clock(),
+                                  body).payload
         log.warning("deploy_refused", version=version, reason=exc.reason, detail=exc.detail[:500],
                     still_serving=previous)
         return "model.deploy_failed", payload
