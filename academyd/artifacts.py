@@ -31,6 +31,8 @@ from typing import Any
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectMeta, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from academyd.files import replace_durably
+
 CHUNK = 1024 * 1024
 
 
@@ -177,7 +179,7 @@ async def get_file(store: ArtifactStore, name: str, dest: Path, *, sha256: str |
         part.unlink(missing_ok=True)
         raise ArtifactError(f"object {name} arrived with sha256 {got}, expected {sha256}: damaged or replaced; "
                             "it was not used")
-    os.replace(part, dest)
+    await asyncio.to_thread(replace_durably, part, dest)
     return Artifact(name=name, sha256=got, size=writer.size)
 
 
@@ -237,7 +239,7 @@ def _untar(archive: Path, dest: Path) -> None:
         tar.extractall(tmp, filter="data")
     if dest.exists():
         shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    replace_durably(tmp, dest)
 
 
 async def put_dir(store: ArtifactStore, name: str, src: Path, *, scratch: Path | None = None) -> Artifact:

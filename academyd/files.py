@@ -1,6 +1,11 @@
-"""The one way the daemon replaces a file that others read (active_adapter.json, a Modelfile, metrics):
-write a temporary file beside it, fsync it, rename it over the target, fsync the directory. A reader
-sees the old file or the new one, never half of one, and a power cut after the rename keeps the new one.
+"""The one way the Academy replaces a file that others read (active_adapter.json, a Modelfile, metrics,
+a job's control files, the trainer's summary and checkpoint markers, the follower's record, a dataset):
+write a temporary file beside it (a fresh name, opened O_EXCL|O_NOFOLLOW: a planted link is never written
+through), fsync it, rename it over the target, fsync the directory. A reader sees the old file or the new
+one, never half of one, and a power cut after the rename keeps the new one. What is written elsewhere and
+moved into place (a streamed download, a directory) lands with `replace_durably`.
+
+Imports only the standard library: the trainer's interpreter uses it too.
 """
 
 from __future__ import annotations
@@ -32,8 +37,17 @@ def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
-def atomic_write_json(path: Path, value: Any, *, mode: int = 0o644) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, default=str) + "\n", mode=mode)
+def atomic_write_json(path: Path, value: Any, *, mode: int = 0o644, indent: int | None = 2,
+                      sort_keys: bool = False, allow_nan: bool = True, ensure_ascii: bool = True) -> None:
+    text = json.dumps(value, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan, ensure_ascii=ensure_ascii,
+                      default=str)
+    atomic_write_text(path, text + "\n", mode=mode)
+
+
+def replace_durably(src: Path, dest: Path) -> None:
+    """Rename `src` (written and fsync'd by the caller: a file or a directory) over `dest`, durably."""
+    os.replace(src, dest)
+    fsync_dir(dest.parent)
 
 
 def fsync_dir(directory: Path) -> None:

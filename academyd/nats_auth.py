@@ -20,11 +20,12 @@ from the data directory; an agent is given `agent`'s (see README, "Talking to it
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from academyd.files import atomic_write_text
 
 if TYPE_CHECKING:
     from academyd.settings import NatsSettings
@@ -101,15 +102,7 @@ def ensure_credentials(nats_dir: Path) -> dict[str, str]:
         password = read_password(nats_dir, name)
         if password is None:
             password = secrets.token_urlsafe(32)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(password + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            atomic_write_text(path, password + "\n", mode=0o600)
         os.chmod(path, 0o600)
         found[name] = password
     return found

@@ -36,6 +36,7 @@ import aiohttp
 import structlog
 
 from academyd import events
+from academyd.files import atomic_write_json, atomic_write_text
 from academyd.registry import MANIFEST_FILE, Registry, RegistryError, adapter_sha256, champion_version
 from academyd.settings import Settings
 from academyd.store import Store, iso
@@ -261,7 +262,7 @@ async def build_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, 
     modelfile = vdir / "Modelfile"
     text = modelfile_text(from_=from_, adapter=gguf_path or adapter, template=template, parameters=params,
                           version=row["version"], family=family, system=system)
-    await asyncio.to_thread(write_atomic, modelfile, text)
+    await asyncio.to_thread(atomic_write_text, modelfile, text)
     probes = vdir / "arena" / "probes.json"
     return {"modelfile_path": str(modelfile), "gguf_path": str(gguf_path) if gguf_path else None,
             "template_family": family, "template": template, "parameters": params, "from": from_,
@@ -293,13 +294,6 @@ def reusable_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, Any
     if a.get("gguf_path") and not Path(a["gguf_path"]).is_file():
         return None
     return {k: v for k, v in a.items() if k != "ollama"}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` durably: a temporary file beside it, fsync'd, renamed, directory fsync'd."""
-    from academyd.files import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------- Ollama
@@ -438,7 +432,7 @@ def active_adapter_doc(row: dict[str, Any] | None, *, base_model: str, reason: s
 def write_active_adapter(settings: Settings, doc: dict[str, Any]) -> Path:
     path = settings.active_adapter_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write_json(path, doc)
     return path
 
 

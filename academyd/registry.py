@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from academyd import events
 from academyd.settings import Settings
 from academyd.store import Store, iso
+from schemas.models import version_name
 
 if TYPE_CHECKING:
     from academyd.arena import Verdict
@@ -193,7 +194,7 @@ class Registry:
             digest = hashlib.sha256(manifest.encode("utf-8")).hexdigest()
             with self.store.transaction() as conn:
                 seq = int(conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM models").fetchone()[0])
-                version = f"v{seq}"
+                version = version_name(seq)
                 target = models / version
                 if target.exists():  # left by a crash between rename and commit: the row never existed
                     shutil.rmtree(target)

@@ -8,6 +8,7 @@ instead of being silently ignored.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -18,6 +19,20 @@ SCHEMA_VERSION = 1
 # hundreds of kilobytes; nothing useful for training is that long, and it is rejected with the field named.
 TEXT_MAX = 64 * 1024
 LONG_TEXT_MAX = 256 * 1024
+
+# A model version's name: v1, v2, ... (the registry numbers them). The one pattern: the command schema, the
+# CLI, the page and the arena check names against it; ASCII digits only (a name becomes a directory).
+VERSION_PATTERN = r"v[0-9]+"
+VERSION_RE = re.compile(VERSION_PATTERN)
+
+
+def is_version(name: str) -> bool:
+    return VERSION_RE.fullmatch(name) is not None
+
+
+def version_name(seq: int) -> str:
+    return f"v{seq}"
+
 
 EventId = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:\-]+$", description="Unique id of this event.")
 
@@ -117,7 +132,7 @@ class DatasetCommand(Command):
 
 
 class PromoteCommand(Command):
-    version: str = Field(pattern=r"^v\d+$")
+    version: str = Field(pattern=rf"^{VERSION_PATTERN}$")
     reason: str = "manual"
 
 

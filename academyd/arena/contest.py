@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import structlog
 from academyd.arena.gate import Verdict, decide
 from academyd.arena.judge import JudgeError, judge
 from academyd.settings import Settings
+from schemas.models import is_version
 
 log = structlog.get_logger("academyd.arena")
 
@@ -105,7 +105,7 @@ async def evaluate(
     if champion is None and champion_adapter is not None:
         # The registry keeps adapters at models/<vN>/adapter: name the champion by its version.
         name = champion_adapter.parent.name
-        champion = name if re.fullmatch(r"v\d+", name) else str(champion_adapter)
+        champion = name if is_version(name) else str(champion_adapter)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = ["--base", base_model, "--candidate", str(candidate_adapter), "--heldout", str(heldout_path),
             "--general", str(GENERAL_SET), "--format", format, "--generation-sample", str(arena.generation_sample),

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from academyd.files import atomic_write_json
+
 PROBES_FILE = "probes.json"
 DEFAULT_CTX = 1024
 DEFAULT_MAX_TOKENS = 64
@@ -134,9 +136,7 @@ def answer(base_gguf: str | Path, adapter_gguf: str | Path | None, messages: Mes
 
 
 def write_probes(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False))
-    tmp.replace(path)
+    atomic_write_json(path, doc, indent=1, ensure_ascii=False, allow_nan=False)
 
 
 def read_probes(path: str | Path) -> dict[str, Any]:

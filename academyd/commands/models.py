@@ -11,7 +11,6 @@ Exit codes: 0 ok, 1 refused or failed, 2 bad input (unknown version, bad name, n
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 from academyd.commands.common import (
@@ -26,8 +25,8 @@ from academyd.commands.common import (
     settings_from,
 )
 from academyd.registry import RegistryError, connect_readonly, get_version, list_versions
+from schemas.models import is_version
 
-VERSION = re.compile(r"^v\d+$")
 STYLE = {"champion": "bold green", "candidate": "cyan", "retired": "dim", "rejected": "red"}
 
 
@@ -131,7 +130,7 @@ def _show(args: argparse.Namespace) -> int:
             if row is None:
                 return fail("there is no champion: Venom runs the base model", EXIT_FAILED)
             version = row[0]
-        if not VERSION.match(version):
+        if not is_version(version):
             return fail(f"{version!r} is not a version name; use v1, v2, ... or 'champion'", EXIT_USAGE)
         v = get_version(conn, version)
     finally:
@@ -173,7 +172,7 @@ def _reply(args: argparse.Namespace, reply: dict[str, Any], ok_text: str) -> int
 
 
 def _promote(args: argparse.Namespace) -> int:
-    if not VERSION.match(args.version):
+    if not is_version(args.version):
         return fail(f"{args.version!r} is not a version name; use v1, v2, ... (see `academyd models list`)",
                     EXIT_USAGE)
     settings = settings_from(args)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -25,6 +24,7 @@ from academyd.curator.dedup import Deduper
 from academyd.curator.examples import ENCODER, SOURCES, Example
 from academyd.curator.rules import trivial_reason
 from academyd.curator.split import assign, replay_sample
+from academyd.files import atomic_write_bytes
 from academyd.secrets import scanner as secret_scanner
 from academyd.settings import Settings
 from academyd.store import Store, iso
@@ -410,12 +410,7 @@ def _names(out_dir: Path, fmt: str, stamp: str, taken: set[str]) -> dict[str, An
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def _count_tokens(line: str) -> int:

@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import ipaddress
 import json
-import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,11 +26,11 @@ from academyd.dashboard import data
 from academyd.dashboard.live import LiveFeed
 from academyd.dashboard.metrics import make_registry, render
 from academyd.secrets import scanner
+from schemas.models import is_version
 
 log = structlog.get_logger("academyd.dashboard")
 
 STATIC = Path(__file__).parent / "static"
-VERSION_RE = re.compile(r"^v\d+$")
 KEEPALIVE_S = 15.0
 ENABLE_HINT = (
     "state changes from the page are disabled because no token is configured; set ACADEMY_HTTP__TOKEN "
@@ -293,7 +292,7 @@ class WebServer:
         if (refusal := self._authorized(request)) is not None:
             return refusal
         version = request.match_info["version"]
-        if not VERSION_RE.match(version):
+        if not is_version(version):
             return _error(400, f"{version!r} is not a version; versions look like v3")
         body = await self._body(request)
         return await self._pipeline_call("promote", version=version, reason=str(body.get("reason") or "page"))

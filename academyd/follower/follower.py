@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -42,6 +41,7 @@ import structlog
 from pydantic import ValidationError
 
 from academyd import events
+from academyd.files import atomic_write_json
 from academyd.follower.targets import Target, TargetError, make_target
 from academyd.follower.verify import Refused, check_base, check_files, gguf_keys
 from academyd.ingest import Inbound
@@ -81,13 +81,7 @@ class State:
     def save(self) -> None:
         while len(self.done) > KEEP_DONE:
             self.done.pop(next(iter(self.done)))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            json.dump({"serving": self.serving, "done": self.done, "known": self.known}, fh, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.path)
+        atomic_write_json(self.path, {"serving": self.serving, "done": self.done, "known": self.known}, indent=None)
 
 
 def _arena_probes(doc: dict[str, Any]) -> list[dict[str, Any]]:

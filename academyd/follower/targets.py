@@ -29,6 +29,7 @@ import structlog
 
 from academyd.follower.verify import Refused
 from academyd.settings import Settings
+from schemas.models import VERSION_PATTERN
 
 log = structlog.get_logger("academyd.follower")
 
@@ -356,7 +357,7 @@ class OllamaTarget(Target):
 def _version_of(modelfile: str) -> str | None:
     from academyd.promotion import OLLAMA_PREFIX
 
-    m = re.search(re.escape(OLLAMA_PREFIX) + r"(v\d+)", modelfile)
+    m = re.search(re.escape(OLLAMA_PREFIX) + f"({VERSION_PATTERN})", modelfile)
     return m.group(1) if m else None
 
 

@@ -49,6 +49,7 @@ from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
+from academyd.files import atomic_write_text
 from academyd.habitat import jobdir
 from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
 from academyd.habitat.jobdir import JobDir, UnsafeOutput
@@ -584,9 +585,7 @@ class DockerHabitat(ProcessHabitat):
             _write_json(jd / LIMIT_FILE, {"code": "memory_limit", "reason": (
                 f"memory limit {record.get('docker_memory_limit_mb')} MB exceeded (the container was "
                 "OOM-killed); raise training.memory_limit_mb or lower batch_size/max_length")})
-        tmp = jd / f".{EXIT_FILE}.tmp"
-        tmp.write_text(f"{int(state.get('ExitCode', -1))}\n")
-        os.replace(tmp, jd / EXIT_FILE)
+        atomic_write_text(jd / EXIT_FILE, f"{int(state.get('ExitCode', -1))}\n")
 
     # ------------------------------------------------------------ control
 

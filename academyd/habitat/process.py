@@ -41,6 +41,7 @@ from typing import Any
 import structlog
 
 import academyd
+from academyd.files import atomic_write_json
 from academyd.habitat import jobdir
 from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
 from academyd.trainer import spec as S
@@ -119,9 +120,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, sort_keys=True)
 
 
 def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from academyd.files import atomic_write_text
 
 PROMPTS = Path(__file__).parent / "data" / "replay_prompts.txt"
 MAX_NEW_TOKENS = 48
@@ -38,9 +39,7 @@ def replay_examples(model_dir: str, tokenizer: Any, n: int, *, base_sha256: str,
     else:
         rows = _generate(model_dir, tokenizer, qs, device, max_new_tokens)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     rows = [r for r in rows if r["conversations"][-1]["value"].strip()]
     return [rows[i % len(rows)] for i in range(n)] if rows else []
 

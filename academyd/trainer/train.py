@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from academyd.files import atomic_write_json
 from academyd.trainer import spec as S
 from academyd.trainer.data import DataError, prompt_ids, read_examples
 from academyd.trainer.events import EventWriter
@@ -221,12 +222,7 @@ def find_checkpoint(ckpt_dir: Path, spec_hash: str) -> tuple[Path | None, int]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data, sort_keys=True, allow_nan=False)
 
 
 def _fsync_tree(root: Path) -> None:
