@@ -1,5 +1,10 @@
 """The composition root: builds the daemon from settings, runs it, stops it in order.
 
+It wires the parts through their seams (academyd.seams): the outbox (`events.Outbox`, the EventSink),
+the trigger (`trigger.Trigger`, RunRequests), the champion (ChampionMoves), the pipeline (ModelActions),
+the status document (`status.StatusBuilder`), the endpoints (`endpoints.endpoints`) and the page; none of
+them knows `App`. What stays here: the order of start and stop, and the ingest callbacks.
+
 Start: store (migrated) -> embedded nats-server (unless a URL is given) -> connect -> streams ->
 consumer -> the `academy` service -> scheduler, outbox relay, page -> READY.
 Stop (SIGTERM/SIGINT): stop fetching, finish the batch in hand (ack after commit), flush the outbox,
@@ -11,41 +16,39 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
-from academyd import __version__, policy
+from academyd import __version__
+from academyd.basemodel import BaseModel, resolve_base
 from academyd.bus import Bus
 from academyd.champion import Champion, Monitor
+from academyd.clock import Clock, utcnow
+from academyd.dashboard import WebServer
 from academyd.embedded import EmbeddedServer
+from academyd.endpoints import endpoints
+from academyd.events import Outbox
 from academyd.health import Health
-from academyd.ingest import Inbound, Ingestor, StoreFault, decode
+from academyd.ingest import Inbound, Ingestor, StoreFault, decode, event_id_hint, safe_excerpt
 from academyd.nats_auth import DAEMON, as_identity
 from academyd.notify import Notifier
 from academyd.outbox import OutboxRelay
+from academyd.pipeline import Pipeline
+from academyd.seams import Counters, Listener
 from academyd.settings import Settings
-from academyd.store import ActiveRunExists, Store, iso, utcnow
+from academyd.status import StatusBuilder
+from academyd.store import Store
+from academyd.trigger import Trigger
 from handlers import Outcome, Reject
-from schemas.models import COMMANDS
 
 log = structlog.get_logger("academyd.app")
 
 # What the live views (the page, `train --follow`) hear: everything the Academy publishes, and the DLQ.
 LIVE_SUBJECTS = ["academy.training.>", "academy.dataset.>", "academy.evaluation.>", "academy.dlq.>", "model.>"]
 
-Clock = Callable[[], datetime]
-
-
-@dataclass
-class Counters:
-    """What only this process knows (/metrics reads it); stored and dead-lettered counts come from the store."""
-
-    duplicates: int = 0
-    batches: int = 0
+__all__ = ["App", "Clock", "Counters", "LIVE_SUBJECTS"]
 
 
 class App:
@@ -60,6 +63,9 @@ class App:
         self.relay: OutboxRelay | None = None
         self.champion: Champion | None = None
         self.monitor: Monitor | None = None
+        self.outbox: Outbox | None = None
+        self.trigger: Trigger | None = None
+        self.status_builder: StatusBuilder | None = None
         self.counters = Counters()
         self.health = Health(announce=self.notifier.status)
         self.stop_event = asyncio.Event()
@@ -67,11 +73,11 @@ class App:
         self.nats_url: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._scheduler: Any = None
-        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._listeners: list[Listener] = []
         self.started_at: datetime | None = None
-        self.pipeline: Any = None
-        self.web: Any = None
-        self.base: Any = None  # academyd.basemodel.BaseModel, resolved at start when this daemon trains
+        self.pipeline: Pipeline | None = None
+        self.web: WebServer | None = None
+        self.base: BaseModel | None = None  # resolved at start when this daemon trains
 
     # ------------------------------------------------------------ lifecycle
 
@@ -79,8 +85,9 @@ class App:
         s = self.settings
         if s.training.autorun:
             # A missing or unusable base model is an error now, not a failed run hours later.
-            from academyd.basemodel import resolve_base
-            from academyd.habitat.process import default_trainer_python
+            from academyd.habitat.process import (
+                default_trainer_python,  # the trainer's side: only when training
+            )
 
             self.base = await asyncio.to_thread(resolve_base, s.training.base_model,
                                                 trainer_python=s.training.trainer_python or default_trainer_python())
@@ -107,9 +114,17 @@ class App:
             connected=lambda: self.bus.nc is not None and self.bus.nc.is_connected,
             max_attempts=s.outbox.max_attempts, retention=timedelta(hours=s.outbox.retention_h),
         )
+        self.outbox = Outbox(self.store, kick=self.relay.kick)
+        self.trigger = Trigger(s, self.store, self.clock, self.outbox)
         self.champion = Champion(self.store, s, self.clock, on_commit=self.relay.kick)
         self.monitor = Monitor(self.store, s, self.clock, self.champion, interval_s=s.policy.tick_minutes * 60)
-        await self.bus.serve("academy", __version__, self._endpoints())
+        self.pipeline = Pipeline(s, self.store, self.clock, self.outbox, self.trigger, self.champion,
+                                 nc=self.bus.nc, base=self.base)
+        self.trigger.on_request(self.pipeline.wake)
+        self.status_builder = StatusBuilder(s, self.store, self.clock, self.health, lambda: self.nats_url)
+        self.status_builder.add(self.pipeline)
+        await self.bus.serve("academy", __version__,
+                             endpoints(self.status_builder, self.trigger, self.pipeline, self.champion))
         await self.bus.watch(LIVE_SUBJECTS, self._on_live)
         self._start_scheduler()
         await self._start_extensions()
@@ -126,15 +141,16 @@ class App:
 
     async def _start_extensions(self) -> None:
         """The training pipeline and the page."""
-        from academyd.pipeline import Pipeline
-
-        self.pipeline = Pipeline(self)
+        assert self.pipeline is not None and self.store is not None and self.status_builder is not None
+        assert self.trigger is not None
         await self.pipeline.start()
         if self.settings.http.enabled:
-            from academyd.dashboard import WebServer
-
-            self.web = WebServer(self)
+            self.web = WebServer(self.settings, store=self.store, health=self.health, ready=self.ready,
+                                 status=self.status_builder, runs=self.trigger, actions=self.pipeline,
+                                 pipeline=self.pipeline, live=self, counters=self.counters,
+                                 consumer_lag=self.bus.consumer_lag)
             await self.web.start()
+            self.status_builder.add(self.web)
 
     def _start_scheduler(self) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -269,8 +285,6 @@ class App:
             if self.store.scalar("SELECT 1 FROM inbox WHERE event_id=?", (event.event_id,)):
                 return None  # stored; only its ack was lost
             reason = Reject("max_deliveries", f"delivered {item.num_delivered} times without being stored")
-        from academyd.ingest import event_id_hint, safe_excerpt
-
         try:
             with self.store.transaction():
                 self.store.record_dlq(item.subject, reason.reason, reason.detail, event_id=event_id_hint(item),
@@ -280,110 +294,24 @@ class App:
         return reason
 
     def evaluate(self, trigger: str, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
-        """Run the policy now; record a run (and its outbox event) when it says yes."""
-        assert self.store is not None
-        now = self.clock()
-        snap = self.store.snapshot()
-        decision = policy.decide(self.settings.policy, snap, now, force=force)
-        if not decision.train:
-            log.debug("policy_no", trigger=trigger, reason=decision.reason)
-            return {"ok": False, "started": False, "reason": decision.reason, "active_run": snap.active_run}
-        why = reason or (f"forced: {trigger}" if force else decision.reason)
-        try:
-            run_id = self.store.create_run(
-                reason=why, forced=force, new_lessons=snap.new_successful_lessons, now=now,
-                attempt=snap.consecutive_failures + 1,
-            )
-        except ActiveRunExists as exc:
-            return {"ok": False, "started": False, "reason": f"run {exc} is active", "active_run": str(exc)}
-        log.info("training_requested", run_id=run_id, trigger=trigger, reason=why, forced=force)
-        if self.relay is not None:
-            self.relay.kick()
-        if self.pipeline is not None:
-            self.pipeline.wake()
-        return {"ok": True, "started": True, "run_id": run_id, "reason": why}
+        """Run the policy now; record a run (and its outbox event) when it says yes (academyd.trigger)."""
+        assert self.trigger is not None
+        return self.trigger.evaluate(trigger, force=force, reason=reason)
 
-    # ------------------------------------------------------------ status and commands
+    # ------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
-        assert self.store is not None
-        now = self.clock()
-        snap = self.store.snapshot()
-        p = self.settings.policy
-        decision = policy.decide(p, snap, now)
-        out: dict[str, Any] = {
-            "version": __version__,
-            "health": self.health.as_dict(),
-            "now": iso(now),
-            "nats_url": self.nats_url,
-            "counts": self.store.counts(),
-            "successful_lessons": int(self.store.scalar("SELECT COUNT(*) FROM lessons WHERE success=1")),
-            "threshold": {
-                "new_successful_lessons": snap.new_successful_lessons,
-                "min_lessons": p.min_lessons,
-                "min_interval_h": p.min_interval_h,
-                "last_training_ended": iso(snap.last_training_ended),
-                "quiet_hours": (
-                    f"{p.quiet_hours.start:%H:%M}-{p.quiet_hours.end:%H:%M}" if p.quiet_hours else None
-                ),
-                "consecutive_failures": snap.consecutive_failures,
-            },
-            "next_eligible": iso(decision.next_eligible) if decision.next_eligible else iso(now),
-            "decision": {"train": decision.train, "reason": decision.reason},
-            "active_run": self.store.active_run(),
-            "last_run": next(iter(self.store.recent_runs(1)), None),
-            "dlq": {"count": self.store.dlq_count(), "by_reason": self.store.dlq_by_reason()},
-            "outbox_pending": self.store.outbox_counts()["pending"],
-            "outbox_parked": self.store.outbox_parked(20),
-        }
-        if self.pipeline is not None:
-            out.update(self.pipeline.status())
-        if self.web is not None:
-            out["page_url"] = self.web.url
-        from academyd.secrets import redact_obj
-
-        return redact_obj(out)  # read without a token (the page, `academy.status`): never a secret in it
-
-    def _endpoints(self) -> dict[str, Any]:
-        async def status(body: dict[str, Any]) -> dict[str, Any]:
-            COMMANDS["academy.status"].model_validate(body)
-            return {"ok": True, **self.status()}
-
-        async def train(body: dict[str, Any]) -> dict[str, Any]:
-            cmd = _validated("academy.cmd.train", body)
-            return self.evaluate("command", force=cmd.force, reason=f"{cmd.reason} (forced)" if cmd.force else None)
-
-        async def dataset(body: dict[str, Any]) -> dict[str, Any]:
-            cmd = _validated("academy.cmd.dataset", body)
-            assert self.pipeline is not None
-            return await self.pipeline.build_dataset(reason=cmd.reason)
-
-        async def promote(body: dict[str, Any]) -> dict[str, Any]:
-            cmd = _validated("academy.cmd.promote", body)
-            assert self.champion is not None
-            return await self.champion.promote(cmd.version, reason=cmd.reason)
-
-        async def rollback(body: dict[str, Any]) -> dict[str, Any]:
-            cmd = _validated("academy.cmd.rollback", body)
-            assert self.champion is not None
-            return await self.champion.rollback(reason=cmd.reason)
-
-        return {
-            "academy.status": status,
-            "academy.cmd.train": train,
-            "academy.cmd.dataset": dataset,
-            "academy.cmd.promote": promote,
-            "academy.cmd.rollback": rollback,
-        }
+        assert self.status_builder is not None
+        return self.status_builder.status()
 
     # ------------------------------------------------------------ listeners (the page's live feed)
 
-    def add_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+    def add_listener(self, fn: Listener) -> None:
         """`fn(subject, payload)` for every event seen on the bus (LIVE_SUBJECTS, whoever published it:
         this daemon's outbox or a remote training worker), plus "ingest" after each stored batch."""
         self._listeners.append(fn)
 
-    def remove_listener(self, fn: Callable[[str, dict[str, Any]], None]) -> None:
+    def remove_listener(self, fn: Listener) -> None:
         if fn in self._listeners:
             self._listeners.remove(fn)
 
@@ -403,14 +331,3 @@ class App:
             payload = {"value": payload}
         self._emit(subject, payload)
 
-
-def _validated(subject: str, body: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    try:
-        return COMMANDS[subject].model_validate(body)
-    except ValidationError as exc:
-        raise ValueError(
-            f"bad {subject} request: "
-            + "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
-        ) from None

@@ -22,15 +22,21 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from academyd import events
+from academyd.clock import Clock
+from academyd.events import EventSink
 from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
 from academyd.policy import failure_backoff
 from academyd.promotion import ANY
 from academyd.runs import IllegalTransition
+from academyd.seams import ChampionMoves, RunRequests
+from academyd.settings import Settings
 from academyd.store import Store, iso
 from academyd.trainer.spec import SpecError, TrainSpec, spec_hash
 
 if TYPE_CHECKING:
-    from academyd.app import App
+    from nats.aio.client import Client as NATS
+
+    from academyd.basemodel import BaseModel
 
 log = structlog.get_logger("academyd.pipeline")
 
@@ -48,21 +54,27 @@ class RunFailed(Exception):
 
 
 class Pipeline:
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.settings = app.settings
+    """Depends on its seams (academyd.seams), not on the daemon: the store it moves runs in, the clock,
+    the event sink, the trigger it asks for the next run, the champion it promotes through, the NATS
+    connection (remote workers) and the resolved base model."""
+
+    def __init__(self, settings: Settings, store: Store, clock: Clock, sink: EventSink, runs: RunRequests,
+                 champion: ChampionMoves, *, nc: NATS | None = None, base: BaseModel | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.sink = sink
+        self.runs = runs
+        self.champion = champion
+        self.nc = nc
+        self.base = base
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._live: dict[str, Any] = {}
         self._habitat: Any = None
 
-    @property
-    def store(self) -> Store:
-        assert self.app.store is not None
-        return self.app.store
-
     def now(self) -> datetime:
-        return self.app.clock()
+        return self.clock()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -74,12 +86,12 @@ class Pipeline:
             log.warning("active_adapter_resynchronised")
         if self.settings.training.autorun:
             self._task = asyncio.create_task(self._loop(), name="pipeline")
-        elif self.app.bus.nc is not None:
+        elif self.nc is not None:
             # autorun=false: this daemon never trains on its own host. A run waits, recorded, until an
             # `academyd worker` is connected, then goes to the workers (the nats habitat) like any other.
             from academyd.habitat.nats import NatsHabitat
 
-            self._habitat = NatsHabitat(self.settings, self.app.bus.nc)
+            self._habitat = NatsHabitat(self.settings, self.nc)
             self._task = asyncio.create_task(self._loop(gate=self._habitat.any_worker), name="pipeline")
 
     def wake(self) -> None:
@@ -111,7 +123,7 @@ class Pipeline:
 
     def habitat(self) -> Any:
         if self._habitat is None:
-            self._habitat = habitat_for(self.settings, nc=self.app.bus.nc)
+            self._habitat = habitat_for(self.settings, nc=self.nc)
         return self._habitat
 
     # ------------------------------------------------------------ one run
@@ -146,7 +158,7 @@ class Pipeline:
     def _finish(self, run_id: str) -> None:
         self._set(run_id, "succeeded")
         log.info("run_succeeded", run_id=run_id)
-        self.app.evaluate("run-finished")
+        self.runs.evaluate("run-finished")
 
     def _fail(self, run_id: str, reason: str, refused: bool = False) -> None:
         now = self.now()
@@ -164,7 +176,7 @@ class Pipeline:
         self._kick()
 
     def _outbox(self, subject: str, event_id: str, body: dict[str, Any], now: datetime) -> None:
-        events.emit(self.store, subject, event_id, now, body)
+        self.sink.emit(subject, event_id, now, body)
 
     def _publish(self, subject: str, event_id: str, body: dict[str, Any]) -> None:
         now = self.now()
@@ -173,8 +185,7 @@ class Pipeline:
         self._kick()
 
     def _kick(self) -> None:
-        if self.app.relay is not None:
-            self.app.relay.kick()
+        self.sink.kick()
 
     # ------------------------------------------------------------ curation
 
@@ -221,7 +232,7 @@ class Pipeline:
         ds = get_dataset(self.store, run["dataset_id"])
         if ds is None:
             raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
-        base = self.app.base.path if self.app.base is not None else t.base_model
+        base = self.base.path if self.base is not None else t.base_model
         if not base:
             raise RunFailed("no base model configured: set training.base_model (ACADEMY_TRAINING__BASE_MODEL)")
         hp: dict[str, Any] = {"replay_general": t.replay_general, **t.hyperparameters}
@@ -268,9 +279,7 @@ class Pipeline:
         """Refuse, before training, a LoRA the configured runtimes cannot load (academyd.arena.limits)."""
         from academyd.arena.limits import serving_problems, serving_runtimes
 
-        hidden = None
-        if self.app.base is not None:
-            hidden = self.app.base.hidden_size
+        hidden = self.base.hidden_size if self.base is not None else None
         problems = serving_problems(hp, serving_runtimes(self.settings.arena), hidden_size=hidden)
         if problems:
             raise RunFailed("not servable: " + "; ".join(problems), refused=True)
@@ -412,14 +421,10 @@ class Pipeline:
     async def promote(self, version: str, *, reason: str = "manual", expected: Any = ANY,
                       basis: str | None = None) -> dict[str, Any]:
         """Through the champion service (compare-and-swap; see academyd.champion)."""
-        champion = self.app.champion
-        assert champion is not None
-        return await champion.promote(version, reason=reason, expected=expected, basis=basis)
+        return await self.champion.promote(version, reason=reason, expected=expected, basis=basis)
 
     async def rollback(self, *, reason: str = "manual") -> dict[str, Any]:
-        champion = self.app.champion
-        assert champion is not None
-        return await champion.rollback(reason=reason)
+        return await self.champion.rollback(reason=reason)
 
     # ------------------------------------------------------------ status
 
@@ -430,7 +435,7 @@ class Pipeline:
         champ = Registry(self.store, self.settings).champion()
         out: dict[str, Any] = {"training": None, "champion": champ["version"] if champ else None,
                                "last_dataset": latest_dataset(self.store),
-                               "base_model": self.app.base.to_dict() if self.app.base is not None else None}
+                               "base_model": self.base.to_dict() if self.base is not None else None}
         run = self.store.active_run()
         if run is not None and run["run_id"] in self._live:
             out["training"] = self._live[run["run_id"]]

@@ -177,7 +177,7 @@ def histogram(path: str | None) -> list[int] | None:
 # ---------------------------------------------------------------- models
 
 
-def models(app: Any) -> dict[str, Any]:
+def models(store: Store, settings: Settings) -> dict[str, Any]:
     """The registry's versions (a tree through parent versions) and the champion."""
     try:
         from academyd.registry import Registry
@@ -185,7 +185,7 @@ def models(app: Any) -> dict[str, Any]:
         if exc.name != "academyd.registry":
             raise
         return {"available": False, "models": [], "champion": None}
-    registry = Registry(app.store, app.settings)
+    registry = Registry(store, settings)
     versions = [_plain(v) for v in registry.list()]
     champion = _plain(registry.champion())
     if isinstance(champion, dict):

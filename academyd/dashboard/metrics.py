@@ -21,23 +21,30 @@ from prometheus_client.core import (
 )
 
 from academyd import __version__
+from academyd.dashboard.data import models
 from academyd.dashboard.live import LiveFeed
-from academyd.store import ACTIVE_RUN_STATES, RUN_STATES, parse_iso
+from academyd.health import Health
+from academyd.seams import Counters, StatusSource
+from academyd.settings import Settings
+from academyd.store import ACTIVE_RUN_STATES, RUN_STATES, Store, parse_iso
 
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 2 * 3600.0, 4 * 3600.0, 8 * 3600.0, 24 * 3600.0)
 TERMINAL_STATES = [s for s in RUN_STATES if s not in ACTIVE_RUN_STATES]
 
 
 class AcademyCollector:
-    def __init__(self, app: Any, feed: LiveFeed) -> None:
-        self.app = app
+    def __init__(self, store: Store, settings: Settings, counters: Counters, health: Health, feed: LiveFeed,
+                 pipeline: StatusSource | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.counters = counters
+        self.health = health
+        self.pipeline = pipeline
         self.feed = feed
         self.consumer_lag: int | None = None  # set by the handler (an async read) right before a scrape
 
     def collect(self) -> Iterator[Metric]:
-        app, store = self.app, self.app.store
-        if store is None:
-            return
+        store = self.store
         yield from self._info()
 
         ingested = CounterMetricFamily(
@@ -47,22 +54,22 @@ class AcademyCollector:
             ingested.add_metric([subject], n)
         yield ingested
         dup = CounterMetricFamily("academy_events_duplicate", "Inbound events dropped as duplicates since start")
-        dup.add_metric([], app.counters.duplicates)
+        dup.add_metric([], self.counters.duplicates)
         yield dup
         batches = CounterMetricFamily("academy_ingest_batches", "Inbound batches stored since start")
-        batches.add_metric([], app.counters.batches)
+        batches.add_metric([], self.counters.batches)
         yield batches
 
         degraded = GaugeMetricFamily("academy_degraded", "1 while a component is degraded (e.g. the store cannot "
                                      "take writes), per component", labels=["component", "reason"])
-        for component, problem in app.health.problems().items():
+        for component, problem in self.health.problems().items():
             degraded.add_metric([component, problem.reason], 1)
         yield degraded
         healthy = GaugeMetricFamily("academy_healthy", "1 when nothing is degraded")
-        healthy.add_metric([], 1 if app.health.ok else 0)
+        healthy.add_metric([], 1 if self.health.ok else 0)
         yield healthy
         faults = CounterMetricFamily("academy_degraded_episodes", "Times the daemon became degraded since start")
-        faults.add_metric([], app.health.faults)
+        faults.add_metric([], self.health.faults)
         yield faults
 
         dlq = CounterMetricFamily("academy_dlq", "Inbound events dead-lettered, per reason (durable)",
@@ -139,16 +146,14 @@ class AcademyCollector:
         yield info
 
     def _champion_version(self) -> str | None:
-        from academyd.dashboard.data import models
-
         try:
-            reg = models(self.app)
+            reg = models(self.store, self.settings)
         except Exception:
             reg = {"available": False}
         if reg.get("available"):
             return reg.get("champion")
-        if self.app.pipeline is not None:
-            champion = self.app.pipeline.status().get("champion")
+        if self.pipeline is not None:
+            champion = self.pipeline.status().get("champion")
             if isinstance(champion, dict):
                 champion = champion.get("version")
             return champion if isinstance(champion, str) else None
@@ -160,7 +165,7 @@ class AcademyCollector:
         g.add_metric([], snap.new_successful_lessons)
         yield g
         t = GaugeMetricFamily("academy_training_threshold_lessons", "New successful lessons needed to train")
-        t.add_metric([], self.app.settings.policy.min_lessons)
+        t.add_metric([], self.settings.policy.min_lessons)
         yield t
         o = GaugeMetricFamily("academy_outbox_pending", "Outbound events not yet published")
         counts = store.outbox_counts()
@@ -179,7 +184,7 @@ class AcademyCollector:
         yield seen
         loss = GaugeMetricFamily("academy_training_loss", "Latest training loss of the active run", labels=["run_id"])
         step = GaugeMetricFamily("academy_training_step", "Latest step of the active run", labels=["run_id"])
-        run = self.app.store.active_run()
+        run = self.store.active_run()
         point = self.feed.latest(run["run_id"]) if run else None
         if run and point:
             if point.get("loss") is not None:
@@ -204,11 +209,10 @@ def _evaluations_by_verdict(store: Any) -> dict[str, int] | None:
     ).fetchall())
 
 
-def make_registry(app: Any, feed: LiveFeed) -> tuple[CollectorRegistry, AcademyCollector]:
+def make_registry(collector: AcademyCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    collector = AcademyCollector(app, feed)
     registry.register(collector)  # type: ignore[arg-type]
-    return registry, collector
+    return registry
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,8 +25,12 @@ from aiohttp import web
 
 from academyd.dashboard import data
 from academyd.dashboard.live import LiveFeed
-from academyd.dashboard.metrics import make_registry, render
+from academyd.dashboard.metrics import AcademyCollector, make_registry, render
+from academyd.health import Health
+from academyd.seams import Counters, LiveEvents, ModelActions, RunRequests, StatusSource
 from academyd.secrets import scanner
+from academyd.settings import Settings
+from academyd.store import Store
 from schemas.models import is_version
 
 log = structlog.get_logger("academyd.dashboard")
@@ -68,13 +73,28 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 class WebServer:
-    """Serves the page on `settings.http.host:port` (port 0: a free port; `url` says which)."""
+    """Serves the page on `settings.http.host:port` (port 0: a free port; `url` says which).
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.settings = app.settings.http
+    Depends on its seams (academyd.seams), not on the daemon: the store it reads, the health and
+    readiness it reports, the status document, the trigger (POST /api/train), the pipeline's model
+    actions (promote, rollback; None: not in this daemon), the live events and the consumer lag."""
+
+    def __init__(self, settings: Settings, *, store: Store, health: Health, ready: asyncio.Event,
+                 status: StatusSource, runs: RunRequests, actions: ModelActions | None, pipeline: StatusSource | None,
+                 live: LiveEvents, counters: Counters, consumer_lag: Callable[[], Awaitable[int | None]]) -> None:
+        self.daemon_settings = settings
+        self.settings = settings.http
+        self.store = store
+        self.health = health
+        self.ready = ready
+        self.status_source = status
+        self.runs = runs
+        self.actions = actions
+        self.live = live
+        self.consumer_lag = consumer_lag
         self.feed = LiveFeed()
-        self.registry, self.collector = make_registry(app, self.feed)
+        self.collector = AcademyCollector(store, settings, counters, health, self.feed, pipeline)
+        self.registry = make_registry(self.collector)
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -87,7 +107,7 @@ class WebServer:
         return f"http://{shown}:{self._port or self.settings.port}"
 
     async def start(self) -> None:
-        self.app.add_listener(self.feed.on_event)
+        self.live.add_listener(self.feed.on_event)
         webapp = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
         r = webapp.router
         r.add_get("/", self._index)
@@ -112,7 +132,7 @@ class WebServer:
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
-            self.app.remove_listener(self.feed.on_event)
+            self.live.remove_listener(self.feed.on_event)
             raise PageUnavailable(
                 exc.errno, f"cannot serve the Academy page on {self.settings.host}:{self.settings.port}: "
                 f"{exc.strerror}. Pick another port (ACADEMY_HTTP__PORT, 0 = any free port) or disable the page "
@@ -126,8 +146,12 @@ class WebServer:
                         hint="reads are open to the network; set http.token to allow state changes")
         log.info("page_ready", url=self.url, state_changes="token" if self.settings.token else "disabled")
 
+    def status(self) -> dict[str, Any]:
+        """This server's part of `academy.status`."""
+        return {"page_url": self.url}
+
     async def stop(self) -> None:
-        self.app.remove_listener(self.feed.on_event)
+        self.live.remove_listener(self.feed.on_event)
         self.feed.close()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -188,45 +212,45 @@ class WebServer:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        health = self.app.health
+        health = self.health
         if not health.ok:  # e.g. the store cannot take writes: ingest waits (nothing is lost)
-            return _json({"ok": False, "ready": self.app.ready.is_set(), "reason": health.summary(),
+            return _json({"ok": False, "ready": self.ready.is_set(), "reason": health.summary(),
                           **health.as_dict()}, status=503)
-        return _json({"ok": True, "ready": self.app.ready.is_set(), "state": "healthy"})
+        return _json({"ok": True, "ready": self.ready.is_set(), "state": "healthy"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        self.collector.consumer_lag = await self.app.bus.consumer_lag()
+        self.collector.consumer_lag = await self.consumer_lag()
         body = render(self.registry)
         text, types, ok = scanner().clean(body.decode())
         if types:  # a label value that holds a secret: the scrape gets the redacted text (or nothing)
             body = (text if ok else "# withheld: a metric holds a secret that could not be redacted\n").encode()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    def _store(self) -> Any:
-        if self.app.store is None:
+    def _store(self) -> Store:
+        if self._runner is None:
             raise web.HTTPServiceUnavailable(text='{"ok": false, "error": "the daemon is stopping"}',
                                              content_type="application/json")
-        return self.app.store
+        return self.store
 
     async def _status(self, request: web.Request) -> web.Response:
         self._store()
-        s = self.app.status()
+        s = self.status_source.status()
         run = s.get("active_run")
         s["live"] = self.feed.latest(run["run_id"]) if run else None
         s["page"] = {
             "state_changes": "token" if self.settings.token else "disabled",
             "hint": None if self.settings.token else ENABLE_HINT,
-            "pipeline": self.app.pipeline is not None,
+            "pipeline": self.actions is not None,
         }
         return _json(s)
 
     async def _runs(self, request: web.Request) -> web.Response:
         limit = _limit(request, 20, 200)
-        return _json({"runs": data.runs(self._store(), self.app.settings, self.feed, limit)})
+        return _json({"runs": data.runs(self._store(), self.daemon_settings, self.feed, limit)})
 
     async def _loss(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
-        out = data.loss_points(self._store(), self.app.settings, self.feed, run_id)
+        out = data.loss_points(self._store(), self.daemon_settings, self.feed, run_id)
         if out is None:
             return _error(404, f"no run {run_id!r}; GET /api/runs lists them")
         return _json(out)
@@ -239,8 +263,7 @@ class WebServer:
         return _json(out)
 
     async def _models(self, request: web.Request) -> web.Response:
-        self._store()
-        return _json(data.models(self.app))
+        return _json(data.models(self._store(), self.daemon_settings))
 
     async def _dlq(self, request: web.Request) -> web.Response:
         store = self._store()
@@ -284,7 +307,7 @@ class WebServer:
             return _error(400, "force must be true or false")
         reason = str(body.get("reason") or "from the page")[:500]
         self._store()
-        result = self.app.evaluate("page", force=force, reason=f"page: {reason}" + (" (forced)" if force else ""))
+        result = self.runs.evaluate("page", force=force, reason=f"page: {reason}" + (" (forced)" if force else ""))
         log.info("page_train", started=result.get("started"), force=force, reason=result.get("reason"))
         return _json(result, status=200 if result.get("started") else 409)
 
@@ -304,7 +327,7 @@ class WebServer:
         return await self._pipeline_call("rollback", reason=str(body.get("reason") or "page"))
 
     async def _pipeline_call(self, action: str, **kw: Any) -> web.Response:
-        pipeline = self.app.pipeline
+        pipeline = self.actions
         if pipeline is None:
             return _error(503, f"{action} needs the training pipeline, which this build of academyd does not "
                           "include yet")
