@@ -26,7 +26,7 @@ from academyd.clock import Clock
 from academyd.events import EventSink
 from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
 from academyd.policy import failure_backoff
-from academyd.promotion import ANY
+from academyd.promotion import ANY, sync_active_adapter_async
 from academyd.runs import IllegalTransition
 from academyd.seams import ChampionMoves, RunRequests
 from academyd.settings import Settings
@@ -79,10 +79,8 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        from academyd.promotion import sync_active_adapter
-
-        # active_adapter.json is written after the promotion commits: repair a crash in between.
-        if sync_active_adapter(self.store, self.settings, self.now()):
+        # active_adapter.json is written after the promotion commits: repair a crash in between (off the loop).
+        if await sync_active_adapter_async(self.settings, self.now()):
             log.warning("active_adapter_resynchronised")
         if self.settings.training.autorun:
             self._task = asyncio.create_task(self._loop(), name="pipeline")

@@ -28,6 +28,7 @@ import asyncio
 import json
 import sqlite3
 import uuid
+import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -436,6 +437,35 @@ def write_active_adapter(settings: Settings, doc: dict[str, Any]) -> Path:
     return path
 
 
+_WRITE_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _write_lock() -> asyncio.Lock:
+    return _WRITE_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+
+async def write_active_adapter_async(settings: Settings, doc: dict[str, Any]) -> Path:
+    """`write_active_adapter` off the event loop (an fsync'd file and directory). Moves call it right after
+    their commit without yielding first, and the lock is first-come first-served: the file is written in
+    commit order, so it ends naming the last champion committed."""
+    async with _write_lock():
+        return await asyncio.to_thread(write_active_adapter, settings, doc)
+
+
+async def sync_active_adapter_async(settings: Settings, now: datetime) -> bool:
+    """`sync_active_adapter` off the event loop, on a connection of its own (the daemon's is the loop's)."""
+
+    def work() -> bool:
+        store = Store(settings.db_path)
+        try:
+            return sync_active_adapter(store, settings, now)
+        finally:
+            store.close()
+
+    async with _write_lock():
+        return await asyncio.to_thread(work)
+
+
 def sync_active_adapter(store: Store, settings: Settings, now: datetime) -> bool:
     """Rewrite `active_adapter.json` when it does not name the registry's champion; True if rewritten.
     Only versions the registry knows are touched: with no champion and no file, nothing is written."""
@@ -551,8 +581,8 @@ async def promote(store: Store, settings: Settings, version: str, *, reason: str
         reg._history(version, "promoted", reason, now)
         events.enqueue(store, event, now)
     promoted = reg.get(version)
-    write_active_adapter(settings, active_adapter_doc(promoted, base_model=row["base_model"], reason=reason,
-                                                      now=now, payload=payload))
+    await write_active_adapter_async(settings, active_adapter_doc(promoted, base_model=row["base_model"],
+                                                                  reason=reason, now=now, payload=payload))
     log.info("model.promoted", version=version, previous=previous["version"] if previous else None, reason=reason)
     return payload
 
@@ -623,9 +653,9 @@ async def rollback(store: Store, settings: Settings, *, reason: str, now: dateti
         else:
             conn.execute("DELETE FROM model_aliases WHERE alias='champion'")
     restored = reg.get(target["version"]) if target else None
-    write_active_adapter(settings, active_adapter_doc(restored, base_model=champ["base_model"],
-                                                      reason=f"rollback from {champ['version']}: {reason}", now=now,
-                                                      payload=promoted))
+    await write_active_adapter_async(settings, active_adapter_doc(
+        restored, base_model=champ["base_model"], reason=f"rollback from {champ['version']}: {reason}", now=now,
+        payload=promoted))
     log.info("model.rolled_back", from_version=champ["version"], to_version=rolled["to_version"], reason=reason)
     return {**rolled, "rolled_back": rolled, "promoted": promoted}
 

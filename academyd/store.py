@@ -348,6 +348,11 @@ class Store:
             raise
         self._depth = 0
 
+    # Outside ingest, a transaction commits on the loop: measured on this project's 2-core VM (WAL,
+    # synchronous=FULL, 200 one-row commits) 0.33 ms median, 0.83 ms at most. Moving those COMMITs to a
+    # thread would let other coroutines join the open transaction of the loop's one connection (this
+    # class is not thread-safe), for under a millisecond: they stay here.
+    #
     # An open-coded transaction for a caller that commits elsewhere (ingest commits on a worker thread so
     # that the fsync overlaps the event loop): begin() ... commit() or rollback(); nested transaction()
     # calls inside join it.
