@@ -85,9 +85,7 @@ class App:
         s = self.settings
         if s.training.autorun:
             # A missing or unusable base model is an error now, not a failed run hours later.
-            from academyd.habitat.process import (
-                default_trainer_python,  # the trainer's side: only when training
-            )
+            from academyd.habitat.process import default_trainer_python  # a habitat's module: when training
 
             self.base = await asyncio.to_thread(resolve_base, s.training.base_model,
                                                 trainer_python=s.training.trainer_python or default_trainer_python())

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import ValidationError
 
@@ -84,6 +84,7 @@ def emit(outbox: OutboxWriter, subject: str, event_id: str, now: datetime, body:
     return event
 
 
+@runtime_checkable
 class EventSink(Protocol):
     """Where a component's events go: `emit` queues one inside the caller's open transaction (validated:
     EventRefused, nothing queued); `kick` says the transaction committed, so publish soon."""

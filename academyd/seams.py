@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from academyd.clock import Clock
 from academyd.events import EventSink
@@ -28,16 +28,19 @@ __all__ = ["ChampionMoves", "Clock", "Counters", "EventSink", "Listener", "LiveE
 Listener = Callable[[str, dict[str, Any]], None]
 
 
+@runtime_checkable
 class RunRequests(Protocol):
     def evaluate(self, trigger: str, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
         """Run the policy now; record a run (and its event) when it says yes. Returns what happened."""
         ...
 
 
+@runtime_checkable
 class StatusSource(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
 class ChampionMoves(Protocol):
     async def promote(self, version: str, *, reason: str = "manual", expected: Any = ...,
                       basis: str | None = None) -> dict[str, Any]: ...
@@ -46,6 +49,7 @@ class ChampionMoves(Protocol):
                        basis: str | None = None) -> dict[str, Any]: ...
 
 
+@runtime_checkable
 class ModelActions(Protocol):
     async def promote(self, version: str, *, reason: str = "manual") -> dict[str, Any]: ...
 
@@ -54,6 +58,7 @@ class ModelActions(Protocol):
     async def build_dataset(self, reason: str = "manual") -> dict[str, Any]: ...
 
 
+@runtime_checkable
 class LiveEvents(Protocol):
     def add_listener(self, fn: Listener) -> None: ...
 
