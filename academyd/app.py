@@ -3,7 +3,8 @@
 It wires the parts through their seams (academyd.seams): the outbox (`events.Outbox`, the EventSink),
 the trigger (`trigger.Trigger`, RunRequests), the champion (ChampionMoves), the pipeline (ModelActions),
 the status document (`status.StatusBuilder`), the endpoints (`endpoints.endpoints`) and the page; none of
-them knows `App`. What stays here: the order of start and stop, and the ingest callbacks.
+them knows `App`. The bus's inbound callbacks are `intake.Intake`'s. What stays here: the order of
+start and stop, the listeners of the live feed, and the attributes tests and commands read.
 
 Start: store (migrated) -> embedded nats-server (unless a URL is given) -> connect -> streams ->
 consumer -> the `academy` service -> scheduler, outbox relay, page -> READY.
@@ -31,7 +32,8 @@ from academyd.embedded import EmbeddedServer
 from academyd.endpoints import endpoints
 from academyd.events import Outbox
 from academyd.health import Health
-from academyd.ingest import Inbound, Ingestor, StoreFault, decode, event_id_hint, safe_excerpt
+from academyd.ingest import Ingestor
+from academyd.intake import Intake
 from academyd.nats_auth import DAEMON, as_identity
 from academyd.notify import Notifier
 from academyd.outbox import OutboxRelay
@@ -41,7 +43,6 @@ from academyd.settings import Settings
 from academyd.status import StatusBuilder
 from academyd.store import Store
 from academyd.trigger import Trigger
-from handlers import Outcome, Reject
 
 log = structlog.get_logger("academyd.app")
 
@@ -66,6 +67,7 @@ class App:
         self.outbox: Outbox | None = None
         self.trigger: Trigger | None = None
         self.status_builder: StatusBuilder | None = None
+        self.intake: Intake | None = None
         self.counters = Counters()
         self.health = Health(announce=self.notifier.status)
         self.stop_event = asyncio.Event()
@@ -103,10 +105,6 @@ class App:
             await self.embedded.start()
             self.nats_url = self.embedded.url
             self.bus.cfg = as_identity(s.nats, DAEMON, self.embedded.passwords[DAEMON])
-        await self.bus.connect(self.nats_url)
-        await self.bus.ensure_streams()
-        await self.bus.bind_consumer()
-        await self.bus.watch_max_deliveries(self._on_exhausted)
         self.relay = OutboxRelay(
             self.store, self.bus.publish, self.clock,
             connected=lambda: self.bus.nc is not None and self.bus.nc.is_connected,
@@ -116,6 +114,12 @@ class App:
         self.trigger = Trigger(s, self.store, self.clock, self.outbox)
         self.champion = Champion(self.store, s, self.clock, on_commit=self.relay.kick)
         self.monitor = Monitor(self.store, s, self.clock, self.champion, interval_s=s.policy.tick_minutes * 60)
+        self.intake = Intake(s, self.store, self.ingestor, self.clock, self.health, self.counters, self.trigger,
+                             poke_monitor=self.monitor.poke, emit=self._emit)
+        await self.bus.connect(self.nats_url)
+        await self.bus.ensure_streams()
+        await self.bus.bind_consumer()
+        await self.bus.watch_max_deliveries(self.intake.on_exhausted)
         self.pipeline = Pipeline(s, self.store, self.clock, self.outbox, self.trigger, self.champion,
                                  nc=self.bus.nc, base=self.base)
         self.trigger.on_request(self.pipeline.wake)
@@ -166,7 +170,8 @@ class App:
             self.monitor.poke()
 
     async def consume(self) -> None:
-        await self.bus.consume(self.on_batch, self.stop_event, self.probe_store)
+        assert self.intake is not None
+        await self.bus.consume(self.intake.on_batch, self.stop_event, self.intake.probe_store)
 
     async def run(self, install_signals: bool = True) -> None:
         """Start, consume until SIGTERM/SIGINT (or `request_stop`), then stop cleanly."""
@@ -187,7 +192,8 @@ class App:
             while True:
                 before = self.bus.stats.fetched
                 once = asyncio.Event()
-                task = asyncio.create_task(self.bus.consume(self.on_batch, once, self.probe_store))
+                assert self.intake is not None
+                task = asyncio.create_task(self.bus.consume(self.intake.on_batch, once, self.intake.probe_store))
                 await asyncio.sleep(self.settings.nats.fetch_timeout_s * 2)
                 once.set()
                 await task
@@ -239,57 +245,7 @@ class App:
                 self.notifier.watchdog()
             await asyncio.sleep(self.notifier.watchdog_interval_s)
 
-    # ------------------------------------------------------------ ingest and the trigger
-
-    async def on_batch(self, batch: list[Inbound]) -> list[Outcome]:
-        assert self.ingestor is not None
-        try:
-            result = await self.ingestor.process_async(batch, self.clock())
-        except StoreFault as fault:
-            self.health.degrade("store", fault.reason, self.clock())
-            raise
-        if not self.health.ok:
-            self.health.recover("store")
-        c = self.counters
-        c.batches += 1
-        c.duplicates += result.duplicates
-        try:  # committed: what follows must not cost the batch its acks (the tick re-runs the policy)
-            if result.stored.get("lesson.created"):
-                self.evaluate("ingest")
-            if result.stored.get("task.completed") and self.monitor is not None:
-                self.monitor.poke()  # the watch runs in its own task: never on the ack path
-        except Exception as exc:
-            log.warning("after_ingest_failed", error=f"{type(exc).__name__}: {exc}")
-        self._emit("ingest", {"stored": result.stored, "duplicates": result.duplicates, "rejected": result.rejected})
-        return result.outcomes
-
-    async def probe_store(self) -> None:
-        """While degraded: a real write on a worker thread; raises StoreFault until the store heals."""
-        assert self.ingestor is not None
-        try:
-            await asyncio.to_thread(self.ingestor.probe)
-        except StoreFault as fault:
-            self.health.degrade("store", fault.reason, self.clock())
-            raise
-        self.health.recover("store")
-
-    async def _on_exhausted(self, item: Inbound) -> Reject | None:
-        """The server stopped delivering `item` (MAX_DELIVERIES): why, for its dead letter; None if stored."""
-        assert self.store is not None
-        event = decode(item, self.settings.nats.max_payload_bytes)
-        if isinstance(event, Reject):
-            reason = event
-        else:
-            if self.store.scalar("SELECT 1 FROM inbox WHERE event_id=?", (event.event_id,)):
-                return None  # stored; only its ack was lost
-            reason = Reject("max_deliveries", f"delivered {item.num_delivered} times without being stored")
-        try:
-            with self.store.transaction():
-                self.store.record_dlq(item.subject, reason.reason, reason.detail, event_id=event_id_hint(item),
-                                      stream_seq=item.stream_seq, excerpt=safe_excerpt(item.data), now=self.clock())
-        except Exception as exc:  # the store is faulted: the stream copy still goes out
-            log.warning("dlq_record_failed", stream_seq=item.stream_seq, error=repr(exc))
-        return reason
+    # ------------------------------------------------------------ the trigger
 
     def evaluate(self, trigger: str, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
         """Run the policy now; record a run (and its outbox event) when it says yes (academyd.trigger)."""

@@ -366,8 +366,9 @@ class Follower:
 
     def _common(self, subject: str, event: dict[str, Any], version: str | None, previous: str | None,
                 serving: str | None, probe: list[dict[str, Any]], agreement: float | None,
-                timings: dict[str, float], checks: dict[str, Any], t0: float | None) -> dict[str, Any]:
-        """The body both outcomes share (the envelope is academyd.events')."""
+                timings: dict[str, float], checks: dict[str, Any], t0: float | None
+                ) -> tuple[datetime, dict[str, Any]]:
+        """When, and the body both outcomes share (the envelope is academyd.events')."""
         now = self.clock()
         if t0 is not None:
             timings["total_s"] = time.perf_counter() - t0
@@ -376,7 +377,7 @@ class Follower:
             timings["since_event_s"] = max(0.0, (now - at).total_seconds())
         except (KeyError, ValueError):
             pass
-        return {
+        return now, {
             "source_event_id": event["event_id"], "source_subject": subject, "version": version,
             "target": self.target.name, "runtime": self.target.runtime, "serving": serving, "previous": previous,
             "probe": probe, "agreement": agreement, "timings": {k: round(v, 4) for k, v in timings.items()},
@@ -386,18 +387,16 @@ class Follower:
     def _deployed(self, subject: str, event: dict[str, Any], version: str | None, previous: str | None,
                   probe: list[dict[str, Any]], agreement: float | None, timings: dict[str, float],
                   checks: dict[str, Any], t0: float, *, noop: bool = False) -> tuple[str, dict[str, Any]]:
-        body = {**self._common(subject, event, version, previous, version, probe, agreement, timings, checks, t0),
-                "noop": noop}
-        return "model.deployed", events.envelope("model.deployed", _outcome_id("deployed", event), self.clock(),
-                                                 body).payload
+        now, body = self._common(subject, event, version, previous, version, probe, agreement, timings, checks, t0)
+        return "model.deployed", events.envelope("model.deployed", _outcome_id("deployed", event), now,
+                                                 {**body, "noop": noop}).payload
 
     def _failed(self, subject: str, event: dict[str, Any], version: str | None, previous: str | None,
                 exc: Refused, timings: dict[str, float], probe: list[dict[str, Any]], agreement: float | None,
                 checks: dict[str, Any], t0: float | None = None) -> tuple[str, dict[str, Any]]:
-        body = {**self._common(subject, event, version, previous, previous, probe, agreement, timings, checks, t0),
-                "reason": exc.reason, "detail": exc.detail[:2000]}
-        payload = events.envelope("model.deploy_failed", _outcome_id("deploy-failed", event), self.clock(),
-                                  body).payload
+        now, body = self._common(subject, event, version, previous, previous, probe, agreement, timings, checks, t0)
+        payload = events.envelope("model.deploy_failed", _outcome_id("deploy-failed", event), now,
+                                  {**body, "reason": exc.reason, "detail": exc.detail[:2000]}).payload
         log.warning("deploy_refused", version=version, reason=exc.reason, detail=exc.detail[:500],
                     still_serving=previous)
         return "model.deploy_failed", payload

@@ -14,6 +14,7 @@ from academyd.champion import Champion
 from academyd.dashboard import WebServer
 from academyd.dashboard.metrics import AcademyCollector
 from academyd.events import EventSink, Outbox
+from academyd.intake import Intake
 from academyd.pipeline import Pipeline
 from academyd.status import StatusBuilder
 from academyd.trigger import Trigger
@@ -21,7 +22,7 @@ from academyd.trigger import Trigger
 ROOT = Path(__file__).resolve().parents[2]
 # The parts App wires through the seams; a cycle through any of them (even a lazy import) fails.
 CORE = {"academyd.app", "academyd.pipeline", "academyd.events", "academyd.seams", "academyd.status",
-        "academyd.trigger", "academyd.endpoints", "academyd.clock", "academyd.store", "academyd.outbox",
+        "academyd.trigger", "academyd.endpoints", "academyd.intake", "academyd.clock", "academyd.store", "academyd.outbox",
         "academyd.dashboard", "academyd.dashboard.server", "academyd.dashboard.metrics", "academyd.dashboard.data",
         "academyd.champion", "academyd.champion.service", "academyd.champion.monitor", "academyd.promotion",
         "academyd.registry"}
@@ -119,7 +120,7 @@ def test_nothing_below_the_root_imports_app() -> None:
 
 
 def test_the_parts_take_their_seams_not_the_daemon() -> None:
-    for part in (Pipeline, WebServer, AcademyCollector, Trigger, StatusBuilder, Outbox, Champion):
+    for part in (Pipeline, WebServer, AcademyCollector, Trigger, StatusBuilder, Outbox, Champion, Intake):
         for name, param in inspect.signature(part.__init__).parameters.items():
             annotation = str(param.annotation)
             assert name != "app" and "App" not in annotation and annotation != "Any", (part.__name__, name)
