@@ -313,7 +313,7 @@ class Pipeline:
         if result.status is not JobStatus.SUCCEEDED or not result.adapter_path:
             raise RunFailed(f"training {result.status.value}: {result.reason or 'no reason given'}"
                             + (f" (exit {result.exit_code})" if result.exit_code is not None else ""))
-        return self._register(run, spec, result)
+        return await self._register(run, spec, result)
 
     async def _forward_progress(self, run_id: str, habitat: Any, handle: JobHandle) -> None:
         """Trainer events -> `academy.training.progress`, at most `progress_per_s` a second."""
@@ -342,18 +342,28 @@ class Pipeline:
         except events.EventRefused as exc:  # a trainer event off the contract costs a progress line, not the run
             log.warning("progress_refused", run_id=body["run_id"], error=str(exc))
 
-    def _register(self, run: dict[str, Any], spec: TrainSpec, result: Any) -> str:
+    async def _register(self, run: dict[str, Any], spec: TrainSpec, result: Any) -> str:
         from academyd.curator import get_dataset
         from academyd.registry import Registry
 
-        registry = Registry(self.store, self.settings)
         summary = dict(result.summary or {})
         summary.setdefault("spec_hash", spec_hash(spec))
         summary.setdefault("spec", spec.to_dict())
-        model = registry.add_candidate(
-            run_id=run["run_id"], adapter_src=Path(result.adapter_path), run_summary=summary,
-            dataset=get_dataset(self.store, run["dataset_id"]), base_model=spec.base_model, now=self.now(),
-        )
+        settings, now = self.settings, self.now()
+
+        def work() -> dict[str, Any]:
+            # Copying and hashing the adapter (megabytes, for a large base gigabytes) runs on a worker
+            # thread with a connection of its own, like curation: the loop keeps acking.
+            store = Store(settings.db_path)
+            try:
+                return Registry(store, settings).add_candidate(
+                    run_id=run["run_id"], adapter_src=Path(result.adapter_path), run_summary=summary,
+                    dataset=get_dataset(store, run["dataset_id"]), base_model=spec.base_model, now=now,
+                )
+            finally:
+                store.close()
+
+        model = await asyncio.to_thread(work)
         version = model["version"]
         self._publish("academy.training.finished", f"{run['run_id']}-finished", {
             "run_id": run["run_id"], "version": version, "adapter_path": model.get("adapter_path"),
