@@ -76,11 +76,10 @@ def _loss_file(settings: Settings, run: dict[str, Any]) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def loss_points(store: Store, settings: Settings, feed: LiveFeed, run_id: str) -> dict[str, Any] | None:
-    run = store.get_run(run_id)
-    live = feed.points(run_id)
-    if run is None and not live:
-        return None
+def loss_curve(settings: Settings, run_id: str, run: dict[str, Any] | None,
+               live: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chart of `run` (its store row, or None for a run only the live feed knows): the loss file, or
+    `live` (the feed's points) when they are more. Reads a file: the page calls it on a worker thread."""
     points: list[dict[str, Any]] = []
     source = "none"
     path = _loss_file(settings, run) if run else None

@@ -250,10 +250,11 @@ class WebServer:
 
     async def _loss(self, request: web.Request) -> web.Response:
         run_id = request.match_info["run_id"]
-        out = data.loss_points(self._store(), self.daemon_settings, self.feed, run_id)
-        if out is None:
+        # The store and the live ring on the loop (both are the loop's), the loss file off it.
+        run, live = self._store().get_run(run_id), self.feed.points(run_id)
+        if run is None and not live:
             return _error(404, f"no run {run_id!r}; GET /api/runs lists them")
-        return _json(out)
+        return _json(await asyncio.to_thread(data.loss_curve, self.daemon_settings, run_id, run, live))
 
     async def _datasets(self, request: web.Request) -> web.Response:
         out = data.datasets(self._store(), _limit(request, 5, 50))
