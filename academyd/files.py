@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,21 @@ def atomic_write_json(path: Path, value: Any, *, mode: int = 0o644, indent: int 
     text = json.dumps(value, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan, ensure_ascii=ensure_ascii,
                       default=str)
     atomic_write_text(path, text + "\n", mode=mode)
+
+
+def copy_durably(src: Path, dest: Path) -> None:
+    """Copy `src` over `dest` the same way: a fresh temporary beside it, fsync'd, renamed, directory fsync'd."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as fh:
+            shutil.copyfileobj(fh, out, 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        replace_durably(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def replace_durably(src: Path, dest: Path) -> None:

@@ -20,6 +20,9 @@ and every rollback (manual, command, the post-promotion watch):
 Rolling back from a version whose ancestors are all gone (v1, or parents rolled back before) returns
 Venom to the base model: `model.rolled_back` with `to_version: null`, no `model.promoted` (nothing is
 promoted), the alias is cleared and `active_adapter.json` says `"adapter_path": null` ("no adapter").
+
+The Modelfile text is academyd.modelfile's, the Ollama client academyd.ollama's, active_adapter.json
+academyd.active_adapter's; this module builds a version's artifacts once and makes the moves.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import asyncio
 import json
 import sqlite3
 import uuid
-import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,44 +39,40 @@ import aiohttp
 import structlog
 
 from academyd import events
-from academyd.files import atomic_write_json, atomic_write_text
+from academyd.active_adapter import (
+    METRIC_KEYS,
+    active_adapter_doc,
+    summary_metrics,
+    sync_active_adapter,
+    sync_active_adapter_async,
+    write_active_adapter,
+    write_active_adapter_async,
+)
+from academyd.files import atomic_write_text, copy_durably, replace_durably
+from academyd.modelfile import (
+    ALPACA_TEMPLATE,
+    OLLAMA_TEMPLATES,
+    default_system,
+    model_parameters,
+    modelfile_text,
+    ollama_template,
+    tokenizer_facts,
+)
+from academyd.ollama import OLLAMA_PREFIX, OllamaError, ollama_create
 from academyd.registry import MANIFEST_FILE, Registry, RegistryError, adapter_sha256, champion_version
 from academyd.settings import Settings
 from academyd.store import Store, iso
 
 log = structlog.get_logger("academyd.promotion")
 
-OLLAMA_PREFIX = "venom-adapter-"
-METRIC_KEYS = ("heldout_loss", "heldout_perplexity", "exact_match", "chrf", "general_loss")
-
-# (marker, stop, Ollama template (Go text/template)) for the chat-template families we can recognise in a tokenizer's
-# Jinja template. Anything else gets no TEMPLATE line: Ollama then uses the base model's own template.
-OLLAMA_TEMPLATES = {
-    "chatml": (
-        "<|im_start|>",
-        "<|im_end|>",
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-    ),
-    "llama3": (
-        "<|start_header_id|>",
-        "<|eot_id|>",
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
-    ),
-    "gemma": (
-        "<start_of_turn>",
-        "<end_of_turn>",
-        "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
-        "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n",
-    ),
-    "mistral": (
-        "[INST]",
-        "</s>",
-        "{{- range .Messages }}{{ if eq .Role \"user\" }}[INST] {{ .Content }} [/INST]"
-        "{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}",
-    ),
-}
-
+# Moved to their own modules (academyd.modelfile, academyd.ollama, academyd.active_adapter); still
+# importable from here.
+__all__ = ["ALPACA_TEMPLATE", "ANY", "METRIC_KEYS", "OLLAMA_PREFIX", "OLLAMA_TEMPLATES", "OllamaError",
+           "PromotionRefused", "StaleChampion", "active_adapter_doc", "build_artifacts", "default_system",
+           "model_parameters", "modelfile_text", "ollama_create", "ollama_template", "promote", "promoted_event",
+           "reusable_artifacts", "rollback", "rollback_target", "summary_metrics", "sync_active_adapter",
+           "sync_active_adapter_async", "tokenizer_facts", "verify_files", "write_active_adapter",
+           "write_active_adapter_async"]
 
 class PromotionRefused(Exception):
     """The promotion or rollback was not done; the message says what is wrong and what to do."""
@@ -97,10 +95,6 @@ ANY: Any = _Any()
 """`expected` for a move that does not care which version is champion (tests, a one-off script)."""
 
 
-class OllamaError(Exception):
-    """Ollama's API failed; the message names the endpoint and what it answered."""
-
-
 # ---------------------------------------------------------------- files
 
 
@@ -118,75 +112,6 @@ def verify_files(row: dict[str, Any]) -> None:
         raise PromotionRefused(f"{row['version']}: adapter checksum mismatch (registered {row['adapter_sha256'][:16]}..., "
                                f"found {digest[:16]}...): the files at {adapter} changed since registration; "
                                f"compare with {adapter.parent / MANIFEST_FILE} (sha256sum -c)")
-
-
-def ollama_template(chat_template: str | None) -> tuple[str | None, str | None, str | None]:
-    """(family, Ollama TEMPLATE, end-of-turn stop) for a tokenizer's Jinja chat template; Nones when the
-    family is not recognised."""
-    if not chat_template:
-        return None, None, None
-    for family, (marker, stop, template) in OLLAMA_TEMPLATES.items():
-        if marker in chat_template:
-            return family, template, stop
-    return None, None, None
-
-
-def tokenizer_facts(adapter_dir: Path) -> dict[str, Any]:
-    """The chat template and EOS token the adapter's saved tokenizer declares (plain JSON, no transformers)."""
-    facts: dict[str, Any] = {"chat_template": None, "eos_token": None}
-    cfg_path = adapter_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        facts["chat_template"] = cfg.get("chat_template")
-        eos = cfg.get("eos_token")
-        facts["eos_token"] = eos.get("content") if isinstance(eos, dict) else eos
-    jinja = adapter_dir / "chat_template.jinja"
-    if facts["chat_template"] is None and jinja.is_file():
-        facts["chat_template"] = jinja.read_text()
-    if isinstance(facts["chat_template"], list):  # several named templates: take "default"
-        named = {t.get("name"): t.get("template") for t in facts["chat_template"] if isinstance(t, dict)}
-        facts["chat_template"] = named.get("default") or next(iter(named.values()), None)
-    return facts
-
-
-def _param_lines(params: dict[str, Any]) -> list[str]:
-    lines = []
-    for key, value in params.items():
-        for v in value if isinstance(value, list) else [value]:
-            lines.append(f"PARAMETER {key} {json.dumps(v) if isinstance(v, str) else v}")
-    return lines
-
-
-def modelfile_text(*, from_: str, adapter: Path, template: str | None, parameters: dict[str, Any],
-                   version: str, family: str | None, system: str | None = None) -> str:
-    lines = [f"# venom-adapter-{version}, written by academyd", f"FROM {from_}", f"ADAPTER {adapter}"]
-    if template is not None:
-        lines.append(f"# TEMPLATE: the prompt form the adapter was trained with ({family})")
-        lines.append(f'TEMPLATE """{template}"""')
-    else:
-        lines.append("# no TEMPLATE: the tokenizer's chat template is not a known family; Ollama uses the base's")
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
-    lines += _param_lines(parameters)
-    return "\n".join(lines) + "\n"
-
-
-def model_parameters(settings: Settings, *stops: str | None) -> dict[str, Any]:
-    """`arena.modelfile_parameters` with the given stop strings (end of turn, EOS) added to `stop`."""
-    params = dict(settings.arena.modelfile_parameters)
-    have = params.get("stop") or []
-    have = list(have) if isinstance(have, list) else [have]
-    for stop in stops:
-        if stop and stop not in have:
-            have.append(stop)
-    if have:
-        params["stop"] = have
-    return params
-
-
-# Venom's Alpaca prompt as an Ollama template (what an adapter trained with render = "plain" on Alpaca expects).
-ALPACA_TEMPLATE = ("{{ if .System }}### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}{{ else }}"
-                   "### Instruction:\n{{ .Prompt }}{{ end }}\n\n### Response:\n")
 
 
 def _trained_render(row: dict[str, Any]) -> str:
@@ -220,12 +145,8 @@ async def build_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, 
     elif base is None:
         notes.append(f"no GGUF adapter: the base model {row['base_model']} cannot be resolved")
     elif (vdir / "arena" / "candidate.gguf").is_file():
-        # The very file the arena judged in llama.cpp (and whose sha256 its probes.json records).
-        import shutil
-
-        tmp = vdir / "adapter.gguf.tmp"
-        shutil.copyfile(vdir / "arena" / "candidate.gguf", tmp)
-        tmp.replace(vdir / "adapter.gguf")
+        # The very file the arena judged in llama.cpp (and whose sha256 its probes.json records); off the loop.
+        await asyncio.to_thread(copy_durably, vdir / "arena" / "candidate.gguf", vdir / "adapter.gguf")
         gguf_path = vdir / "adapter.gguf"
         notes.append("GGUF adapter: the one the arena measured in llama.cpp")
     else:
@@ -234,7 +155,7 @@ async def build_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, 
             await run_trainer_module(settings, "academyd.arena.export_gguf",
                                      [str(adapter), str(tmp), "--base", row["base_model"]],
                                      time_limit_s=600, what="the GGUF export")
-            await asyncio.to_thread(tmp.replace, vdir / "adapter.gguf")
+            await asyncio.to_thread(replace_durably, tmp, vdir / "adapter.gguf")
             gguf_path = vdir / "adapter.gguf"
         except ArenaError as exc:
             notes.append(f"no GGUF adapter: {exc}")
@@ -273,17 +194,6 @@ async def build_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, 
             "adapter_sha256": row["adapter_sha256"], "gguf": settings.arena.gguf}
 
 
-def default_system(chat_template: str | None) -> str | None:
-    """The system prompt a chat template adds when a conversation has none (SmolLM2's does): the Modelfile
-    says it as SYSTEM, so Ollama's prompt is the one the adapter was trained on."""
-    import re
-
-    if not chat_template or "messages[0]['role'] != 'system'" not in chat_template:
-        return None
-    m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", chat_template, re.S)
-    return m.group(1) if m else None
-
-
 def reusable_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, Any] | None:
     """The artifacts an earlier promotion of this version built, when they are still there and were
     built from the same adapter with the same GGUF setting: built once per version, not per move."""
@@ -297,91 +207,7 @@ def reusable_artifacts(settings: Settings, row: dict[str, Any]) -> dict[str, Any
     return {k: v for k, v in a.items() if k != "ollama"}
 
 
-# ---------------------------------------------------------------- Ollama
-
-
-async def _ollama_call(session: aiohttp.ClientSession, method: str, url: str, timeout_s: float,
-                       **kw: Any) -> tuple[int, Any]:
-    try:
-        async with session.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout_s), **kw) as resp:
-            body = await resp.read()
-            try:
-                data = json.loads(body) if body else None
-            except ValueError:
-                data = body.decode(errors="replace")[:500]
-            return resp.status, data
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise OllamaError(f"Ollama at {url} unreachable: {type(exc).__name__}: {exc}") from None
-
-
-async def ollama_create(
-    settings: Settings, row: dict[str, Any], artifacts: dict[str, Any], *,
-    http_session: aiohttp.ClientSession | None = None,
-) -> dict[str, Any]:
-    """Create `venom-adapter-<version>` in Ollama: upload the adapter blobs, then `POST /api/create`."""
-    base = (settings.arena.ollama_url or "").rstrip("/")
-    timeout = settings.arena.ollama_timeout_s
-    name = OLLAMA_PREFIX + row["version"]
-    if artifacts.get("gguf_path"):
-        files = {"adapter.gguf": Path(artifacts["gguf_path"])}
-    else:
-        adapter = Path(row["adapter_path"])
-        files = {n: adapter / n for n in ("adapter_model.safetensors", "adapter_config.json") if (adapter / n).is_file()}
-    own = http_session is None
-    session = http_session or aiohttp.ClientSession()
-    try:
-        adapters: dict[str, str] = {}
-        for fname, path in files.items():
-            digest = "sha256:" + await asyncio.to_thread(_sha256, path)
-            status, _ = await _ollama_call(session, "HEAD", f"{base}/api/blobs/{digest}", timeout)
-            if status == 404:
-                data = await asyncio.to_thread(path.read_bytes)
-                status, answer = await _ollama_call(session, "POST", f"{base}/api/blobs/{digest}", timeout, data=data)
-                if status not in (200, 201):
-                    raise OllamaError(f"Ollama refused the blob {fname} ({digest}): HTTP {status} {answer}")
-            elif status != 200:
-                raise OllamaError(f"Ollama {base}/api/blobs answered HTTP {status} for {fname}")
-            adapters[fname] = digest
-        body: dict[str, Any] = {"model": name, "from": artifacts["from"], "adapters": adapters,
-                                "parameters": artifacts["parameters"], "stream": False}
-        if artifacts.get("template"):
-            body["template"] = artifacts["template"]
-        status, answer = await _ollama_call(session, "POST", f"{base}/api/create", timeout, json=body)
-        if status != 200 or (isinstance(answer, dict) and answer.get("error")):
-            err = answer.get("error") if isinstance(answer, dict) else answer
-            raise OllamaError(f"Ollama could not create {name} from {artifacts['from']}: HTTP {status}: {err}")
-        return {"model": name, "adapters": adapters, "status": (answer or {}).get("status", "success")}
-    finally:
-        if own:
-            await session.close()
-
-
-def _sha256(path: Path) -> str:
-    from academyd.registry import sha256_file
-
-    return sha256_file(path)
-
-
 # ---------------------------------------------------------------- payloads and active_adapter.json
-
-
-def summary_metrics(row: dict[str, Any] | None, side: str = "candidate") -> dict[str, Any]:
-    """The headline numbers of a version's own evaluation (its `candidate` side), flat."""
-    if row is None:
-        return {}
-    m = row.get("metrics") or {}
-    held, gen, forget = m.get("heldout") or {}, m.get("generation") or {}, m.get("forgetting") or {}
-    out = {
-        "heldout_loss": held.get(f"{side}_loss"),
-        "heldout_perplexity": held.get(f"{side}_perplexity"),
-        "exact_match": gen.get(f"{side}_exact_match"),
-        "chrf": gen.get(f"{side}_chrf"),
-        "general_loss": forget.get(f"{side}_loss"),
-    }
-    if side == "candidate" and held.get("improvement") is not None:
-        out.update(improvement=held["improvement"], ci_low=held.get("ci_low"), ci_high=held.get("ci_high"),
-                   compared_with=m.get("champion"))
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def promoted_event(row: dict[str, Any], previous: dict[str, Any] | None, artifacts: dict[str, Any], *,
@@ -412,81 +238,6 @@ def promoted_event(row: dict[str, Any], previous: dict[str, Any] | None, artifac
         "active_adapter_path": active_adapter_path,
         "dataset_id": row.get("dataset_id"),
     })
-
-
-def active_adapter_doc(row: dict[str, Any] | None, *, base_model: str, reason: str, now: datetime,
-                       payload: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What `active_adapter.json` says. `adapter_path: null` means: no adapter, run the base model."""
-    if row is None:
-        return {"adapter_id": None, "version": None, "adapter_path": None, "adapter_sha256": None,
-                "gguf_path": None, "modelfile_path": None, "ollama_model": None, "base_model": base_model,
-                "activated_at": iso(now), "reason": reason, "source": "academyd"}
-    artifacts = row.get("artifacts") or {}
-    return {"adapter_id": row["version"], "version": row["version"], "adapter_path": row["adapter_path"],
-            "adapter_sha256": row["adapter_sha256"], "gguf_path": artifacts.get("gguf_path"),
-            "modelfile_path": artifacts.get("modelfile_path"), "ollama_model": OLLAMA_PREFIX + row["version"],
-            "base_model": row["base_model"], "parent_version": row.get("parent"), "activated_at": iso(now),
-            "reason": reason, "source": "academyd",
-            "metrics": (payload or {}).get("metrics") or summary_metrics(row)}
-
-
-def write_active_adapter(settings: Settings, doc: dict[str, Any]) -> Path:
-    path = settings.active_adapter_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, doc)
-    return path
-
-
-_WRITE_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _write_lock() -> asyncio.Lock:
-    return _WRITE_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-
-
-async def write_active_adapter_async(settings: Settings, doc: dict[str, Any]) -> Path:
-    """`write_active_adapter` off the event loop (an fsync'd file and directory). Moves call it right after
-    their commit without yielding first, and the lock is first-come first-served: the file is written in
-    commit order, so it ends naming the last champion committed."""
-    async with _write_lock():
-        return await asyncio.to_thread(write_active_adapter, settings, doc)
-
-
-async def sync_active_adapter_async(settings: Settings, now: datetime) -> bool:
-    """`sync_active_adapter` off the event loop, on a connection of its own (the daemon's is the loop's)."""
-
-    def work() -> bool:
-        store = Store(settings.db_path)
-        try:
-            return sync_active_adapter(store, settings, now)
-        finally:
-            store.close()
-
-    async with _write_lock():
-        return await asyncio.to_thread(work)
-
-
-def sync_active_adapter(store: Store, settings: Settings, now: datetime) -> bool:
-    """Rewrite `active_adapter.json` when it does not name the registry's champion; True if rewritten.
-    Only versions the registry knows are touched: with no champion and no file, nothing is written."""
-    reg = Registry(store, settings)
-    champ = reg.champion()
-    path = settings.active_adapter_path
-    current = None
-    if path.is_file():
-        try:
-            current = json.loads(path.read_text()).get("version")
-        except (ValueError, AttributeError):
-            current = "?"
-    want = champ["version"] if champ else None
-    if current == want and (path.is_file() or champ is None):
-        return False
-    if champ is None and not path.is_file():
-        return False
-    base = champ["base_model"] if champ else (settings.training.base_model or "")
-    write_active_adapter(settings, active_adapter_doc(champ, base_model=base, reason="resynchronised at start",
-                                                      now=now))
-    return True
 
 
 # ---------------------------------------------------------------- promote / rollback

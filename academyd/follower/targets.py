@@ -312,12 +312,12 @@ class OllamaTarget(Target):
             self._serving = version
 
     def tag(self, version: str | None) -> str:
-        from academyd.promotion import OLLAMA_PREFIX
+        from academyd.ollama import OLLAMA_PREFIX
 
         return OLLAMA_PREFIX + version if version else self.base_name
 
     async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
-        from academyd.promotion import OllamaError, ollama_create
+        from academyd.ollama import OllamaError, ollama_create
 
         tag = self.tag(version)
         status, _ = await self._req("POST", f"{self.url}/api/show", json_body={"model": tag})
@@ -355,7 +355,7 @@ class OllamaTarget(Target):
 
 
 def _version_of(modelfile: str) -> str | None:
-    from academyd.promotion import OLLAMA_PREFIX
+    from academyd.ollama import OLLAMA_PREFIX
 
     m = re.search(re.escape(OLLAMA_PREFIX) + f"({VERSION_PATTERN})", modelfile)
     return m.group(1) if m else None
