@@ -281,7 +281,8 @@ class ArenaSettings(BaseModel):
     )
     served_agreement_min: float = Field(
         default=0.85, ge=0.0, le=1.0,
-        description="Least teacher-forced top-1 agreement of llama.cpp with the trainer's greedy answers.",
+        description="Least teacher-forced top-1 agreement of llama.cpp with the trainer's greedy answers "
+        "(measured in tests/arena/test_served.py: the correct artifact 0.99, wrong ones 0.50 or less).",
     )
     general_answer_tolerance: float = Field(
         default=0.05, ge=0.0, description="How much lower (chrF/100) the candidate's general answers may score than the base's.",
