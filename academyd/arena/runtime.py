@@ -85,9 +85,14 @@ class Runtime:
 
     def answer(self, messages: Messages, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> str:
         """The greedy reply to a chat, through the model's chat template."""
+        return self.complete(messages, max_tokens=max_tokens)[0]
+
+    def complete(self, messages: Messages, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[str, bool]:
+        """(greedy reply, whether it ended by itself): False when `max_tokens` cut it off."""
         out = self.llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, top_p=1.0,
                                               max_tokens=max_tokens, seed=0)
-        return str(out["choices"][0]["message"]["content"] or "").strip()
+        choice = out["choices"][0]
+        return str(choice["message"]["content"] or "").strip(), choice.get("finish_reason") != "length"
 
     def _logits(self, ids: Sequence[int]) -> Any:
         if len(ids) > self.n_ctx:

@@ -5,9 +5,16 @@ questions right after 3 epochs on 60 phrasings, base 3 of 4). Mixing in the base
 answers to general prompts keeps its general behaviour the target for everything that is not a house
 fact. No outside data is needed: the base writes its own targets.
 
-`replay_examples(model_dir, tokenizer, n, ...)` returns up to `n` ShareGPT examples (one user turn, the
-base's reply), generated once per (base identity, prompts, length) and cached beside the dequantized base.
-The prompts (`data/replay_prompts.txt`) overlap neither the arena's general set nor the runtime's probes.
+`replay_examples(model_dir, tokenizer, n, ...)` returns up to `n` ShareGPT examples (the prompt's turns,
+the base's reply), generated once per (base identity, prompts, length, engine) and cached beside the
+dequantized base. The prompts (`data/replay_prompts.txt`) come in both shapes the curator writes: a
+question alone (one user turn) and `INSTRUCTION :: INPUT` (a system turn and a user turn, as an Alpaca
+line with an input is asked), alternating so that any prefix has both. They overlap neither the arena's
+general set nor the runtime's probes.
+
+The answers are generated in llama.cpp on the base GGUF when there is one (what serves, and about 10x
+faster on the CPU than transformers' generate: 396 s for 40 answers on 2 busy cores); otherwise (a model
+directory) with transformers on the dequantized model.
 """
 
 from __future__ import annotations
@@ -21,30 +28,77 @@ from academyd.files import atomic_write_text
 
 PROMPTS = Path(__file__).parent / "data" / "replay_prompts.txt"
 MAX_NEW_TOKENS = 48
+SEPARATOR = " :: "
+
+Messages = list[dict[str, str]]
 
 
-def prompts() -> list[str]:
-    return [line.strip() for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+def prompts() -> list[Messages]:
+    """The replay prompts as chat messages (`INSTRUCTION :: INPUT` lines as a system and a user turn)."""
+    out: list[Messages] = []
+    for line in PROMPTS.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        system, sep, user = line.partition(SEPARATOR)
+        out.append([{"role": "system", "content": system.strip()}, {"role": "user", "content": user.strip()}]
+                   if sep else [{"role": "user", "content": line}])
+    return out
+
+
+def _llama_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure: fall back to transformers
+        return False
+    return True
 
 
 def replay_examples(model_dir: str, tokenizer: Any, n: int, *, base_sha256: str, cache_dir: Path,
-                    device: str = "cpu", max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict[str, Any]]:
+                    device: str = "cpu", max_new_tokens: int = MAX_NEW_TOKENS,
+                    base_gguf: str | None = None) -> list[dict[str, Any]]:
     if n <= 0:
         return []
     qs = prompts()[:n]  # no more than are used (generation is most of replay's cost)
-    key = hashlib.sha256(json.dumps([base_sha256, qs, max_new_tokens, tokenizer.chat_template]).encode()).hexdigest()
+    engine = "llama.cpp" if base_gguf and _llama_available() else "transformers"
+    key = hashlib.sha256(json.dumps([base_sha256, qs, max_new_tokens, tokenizer.chat_template, engine]).encode()
+                         ).hexdigest()
     path = cache_dir / f"replay-{key[:24]}.jsonl"
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        rows = _generate(model_dir, tokenizer, qs, device, max_new_tokens)
+        if engine == "llama.cpp":
+            assert base_gguf is not None
+            replies = _generate_llamacpp(base_gguf, qs, max_new_tokens)
+        else:
+            replies = _generate_transformers(model_dir, tokenizer, qs, device, max_new_tokens)
+        rows = [_row(q, text, finished) for q, (text, finished) in zip(qs, replies, strict=True)]
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     rows = [r for r in rows if r["conversations"][-1]["value"].strip()]
     return [rows[i % len(rows)] for i in range(n)] if rows else []
 
 
-def _generate(model_dir: str, tokenizer: Any, qs: list[str], device: str, max_new_tokens: int) -> list[dict[str, Any]]:
+def _row(messages: Messages, answer: str, finished: bool) -> dict[str, Any]:
+    if not finished:
+        # Cut off by the length limit: end at the last full sentence, or the adapter would learn to stop
+        # mid-sentence (the chat template closes every reply with end-of-turn); nothing whole: no example.
+        answer = answer[: answer.rindex(".") + 1] if "." in answer else ""
+    role = {"system": "system", "user": "human"}
+    conv = [{"from": role[m["role"]], "value": m["content"]} for m in messages]
+    return {"conversations": [*conv, {"from": "gpt", "value": answer.strip()}]}
+
+
+def _generate_llamacpp(base_gguf: str, qs: list[Messages], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """Greedy answers of the base GGUF in llama.cpp, through the chat template in the GGUF."""
+    from academyd.arena.runtime import open_runtime
+
+    with open_runtime(base_gguf, None, n_ctx=512) as rt:
+        return [rt.complete(q, max_tokens=max_new_tokens) for q in qs]
+
+
+def _generate_transformers(model_dir: str, tokenizer: Any, qs: list[Messages], device: str,
+                           max_new_tokens: int) -> list[tuple[str, bool]]:
     """Greedy answers of the plain base model, in batches (left padding), through its chat template."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -54,24 +108,19 @@ def _generate(model_dir: str, tokenizer: Any, qs: list[str], device: str, max_ne
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = []
+    out_rows: list[tuple[str, bool]] = []
     try:
         for start in range(0, len(qs), 8):
             chunk = qs[start : start + 8]
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                   add_generation_prompt=True) for q in chunk]
+            texts = [tokenizer.apply_chat_template(q, tokenize=False, add_generation_prompt=True) for q in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad():
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                      eos_token_id=tokenizer.eos_token_id)
-            for q, seq in zip(chunk, out[:, batch["input_ids"].shape[1]:], strict=True):
+            for seq in out[:, batch["input_ids"].shape[1]:]:
                 answer = tokenizer.decode(seq, skip_special_tokens=True).strip()
-                if tokenizer.eos_token_id not in seq.tolist() and "." in answer:
-                    # Cut off by the length limit: end at the last full sentence, or the adapter would
-                    # learn to stop mid-sentence (the chat template closes every reply with end-of-turn).
-                    answer = answer[: answer.rindex(".") + 1]
-                rows.append({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": answer}]})
+                out_rows.append((answer, tokenizer.eos_token_id in seq.tolist()))
     finally:
         tokenizer.padding_side = side
         del model
-    return rows
+    return out_rows

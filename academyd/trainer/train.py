@@ -318,7 +318,8 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         from academyd.trainer.replay import replay_examples
 
         replay = replay_examples(model_path, tokenizer, math.ceil(hp.replay_general * n_dataset),
-                                 base_sha256=base_identity["sha256"], cache_dir=base_cache(), device=device)
+                                 base_sha256=base_identity["sha256"], cache_dir=base_cache(), device=device,
+                                 base_gguf=base_identity.get("gguf"))
         train = train + replay
     replay_s = time.monotonic() - t_replay
     try:
