@@ -234,11 +234,9 @@ class Pipeline:
         base = self.base.path if self.base is not None else t.base_model
         if not base:
             raise RunFailed("no base model configured: set training.base_model (ACADEMY_TRAINING__BASE_MODEL)")
-        hp: dict[str, Any] = {"replay_general": t.replay_general, **t.hyperparameters}
-        if t.epochs is not None:
-            hp["epochs"] = t.epochs
-        if t.learning_rate is not None:
-            hp["learning_rate"] = t.learning_rate
+        # The recipe's settings, then the hyperparameters entries (which win).
+        recipe = {"replay_general": t.replay_general, "epochs": t.epochs, "learning_rate": t.learning_rate}
+        hp: dict[str, Any] = {**{k: v for k, v in recipe.items() if v is not None}, **t.hyperparameters}
         if t.max_seq_length is not None:
             hp["max_length"] = t.max_seq_length
         self._check_servable(hp)

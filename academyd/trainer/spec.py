@@ -90,6 +90,9 @@ class Hyperparameters:
     # examples, the base model's own greedy answers to general prompts (academyd/trainer/data/
     # replay_prompts.txt, none of them in the arena's sets). Chat rendering only. 0: off.
     replay_general: float = 0.0
+    # How replay rows are learnt: "kl" the base's whole next-token distribution (self-distillation with the
+    # adapter off), "ce" its greedy text as labels (sharpens the model: the general set's loss rose > 20 %).
+    replay_loss: str = "kl"
     adjust: bool = True  # let plan_hyperparameters fit batch/epochs to data and memory
 
     @property
@@ -234,6 +237,7 @@ def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
         (hp.save_total_limit >= 1, "save_total_limit must be >= 1"),
         (hp.eval_steps >= 0, "eval_steps must be >= 0"),
         (0.0 <= hp.replay_general <= 4.0, "replay_general must be in [0, 4]"),
+        (hp.replay_loss in ("kl", "ce"), "replay_loss must be 'kl' or 'ce'"),
     ]
     problems += [f"hyperparameters.{msg}" for ok, msg in checks if not ok]
     return hp, problems

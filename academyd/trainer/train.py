@@ -324,6 +324,9 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     replay_s = time.monotonic() - t_replay
     try:
         enc_train, skipped = encode_all(train, fmt, tokenizer, hp.max_length)
+        if hp.replay_loss == "kl":
+            # Replay rows learn the base's whole next-token distribution (see _distill_loss), not its greedy text.
+            enc_train = [{**e, "distill": int(e["index"] >= n_dataset)} for e in enc_train]
         enc_heldout, heldout_skipped = encode_all(heldout, fmt, tokenizer, hp.max_length)
     except DataError as exc:
         raise BadInput(str(exc)) from None
@@ -435,7 +438,42 @@ class _TokenCounter:
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         out = self._collate(batch, self._pad_id)
         self.tokens += int(out["attention_mask"].sum())
+        if any("distill" in x for x in batch):
+            import torch
+
+            out["distill"] = torch.tensor([bool(x.get("distill")) for x in batch], dtype=torch.bool)
         return out
+
+
+def _distill_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+    """Cross-entropy on the dataset's rows, KL(base || model) on the replay rows, over response tokens.
+
+    Hard labels from the base's greedy replies sharpen the model (measured: the general set's loss on its
+    references rose 23-27 % within 10 steps while the greedy answers stayed as good); the base's full
+    distribution, computed with the adapter switched off, keeps what it does not know it does not know."""
+    import torch
+    import torch.nn.functional as F
+
+    distill = inputs.pop("distill")
+    labels = inputs["labels"]
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    shift = logits[:, :-1, :].float()
+    target = labels[:, 1:]
+    mask = target != -100
+    per_token = F.cross_entropy(shift.transpose(1, 2), target.clamp(min=0), reduction="none")
+    rows = distill.nonzero(as_tuple=True)[0]
+    if rows.numel():
+        with torch.no_grad(), model.disable_adapter():
+            teacher = model(input_ids=inputs["input_ids"][rows], attention_mask=inputs["attention_mask"][rows]).logits
+        t_logp = F.log_softmax(teacher[:, :-1, :].float(), dim=-1)
+        s_logp = F.log_softmax(shift[rows], dim=-1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        per_token = per_token.index_put((rows,), kl)
+    if num_items_in_batch is not None and getattr(trainer, "model_accepts_loss_kwargs", False):
+        denom = num_items_in_batch
+    else:
+        denom = mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / denom
 
 
 def _make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, device, ckpt_dir, h, events,
@@ -479,7 +517,17 @@ def _make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, de
     # TrainerCallback is mixed in here, not at import time: transformers may only load after unsloth.
     callback_cls = type("ProtocolCallback", (_ProtocolCallback, TrainerCallback), {})
     callback = callback_cls(events, Path(spec.output_dir) / S.LOSS_FILE, counter, h, steps)
-    trainer = Trainer(
+    trainer_cls = Trainer
+    if hp.replay_loss == "kl":
+        def compute_loss(self: Any, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if "distill" not in inputs:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            loss = _distill_loss(self, model, inputs, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+
+        trainer_cls = type("DistillTrainer", (Trainer,), {"compute_loss": compute_loss})
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=enc_train,

