@@ -17,8 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from academyd.follower import Follower
-from fixtures.follower import ChatClient, Outcomes, install_version, publish_event, rolled_back
+from fixtures.follower import ChatClient, Outcomes, install_version, publish_event, rolled_back, start_follower
 from schemas.models import ModelDeployed, ModelDeployFailed
 
 pytestmark = pytest.mark.slow
@@ -27,18 +26,6 @@ pytestmark = pytest.mark.slow
 def follower_settings(make_settings: Any, smollm2_gguf: Path, llama_python: Path, **extra: Any) -> Any:
     return make_settings(follower={"target": "llamacpp", "base_gguf": smollm2_gguf, "runtime_python": llama_python,
                                    "port": 0, "threads": 1, "ack_wait_s": 10.0, **extra})
-
-
-async def start_follower(settings: Any) -> tuple[Follower, asyncio.Event, asyncio.Task[None]]:
-    follower = Follower(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(follower.run(stop))
-    ready = asyncio.create_task(follower.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=180, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()  # raises what made the follower fail to start
-    assert ready in done, "the follower did not start within 180 s"
-    return follower, stop, task
 
 
 async def health(url: str) -> dict[str, Any]:

@@ -37,9 +37,8 @@ import pytest
 
 from academyd.arena.contest import GENERAL_SET
 from academyd.arena.gate import paired_bootstrap_ci
-from academyd.follower import Follower
 from academyd.trainer.data import chat_messages
-from fixtures.follower import ChatClient, Outcomes
+from fixtures.follower import ChatClient, Outcomes, start_follower
 from fixtures.house import answered, heldout_questions, house_lessons
 from fixtures.nats import publish, wait_for
 from fixtures.realmodel import THREADS, trainer_json
@@ -85,18 +84,6 @@ def chrf(hyps: dict[str, list[str]], refs: list[str], tmp: Path) -> dict[str, An
             "print(json.dumps({k: {'corpus': m.corpus_score(v, [d['refs']]).score, 'sentences': "
             "[m.sentence_score(h, [r]).score for h, r in zip(v, d['refs'])]} for k, v in d['hyps'].items()}))")
     return trainer_json(["-c", code, str(path)], timeout=120)
-
-
-async def start_follower(settings: Any) -> tuple[Follower, asyncio.Event, asyncio.Task[None]]:
-    follower = Follower(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(follower.run(stop))
-    ready = asyncio.create_task(follower.ready.wait())
-    done, _ = await asyncio.wait({task, ready}, timeout=180, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()  # raises what made the follower fail to start
-    assert ready in done, "the follower did not start within 180 s"
-    return follower, stop, task
 
 
 @pytest.mark.timeout(1500)
