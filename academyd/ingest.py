@@ -281,6 +281,14 @@ class _Isolate(Exception):
     """The fast path met an exception it cannot attribute without savepoints: redo the batch slowly."""
 
 
+class _Undo(Exception):
+    """A handler's Retry or Reject: its savepoint is rolled back, the outcome stands."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(type(outcome).__name__)
+        self.outcome = outcome
+
+
 class Ingestor:
     """Writes a batch of inbound messages to the store in one transaction."""
 
@@ -399,24 +407,19 @@ class Ingestor:
 
     def _guarded(self, item: Inbound, event: Event, handler: Handler, ctx: HandlerContext) -> Outcome:
         """The handler inside a savepoint: a Retry, a Reject or an exception leaves no partial rows."""
-        conn = self.store.conn
-        conn.execute("SAVEPOINT ev")
         try:
-            if not self.store.claim(event.event_id, item.subject, item.stream_seq, ctx.now):
-                conn.execute("RELEASE ev")
-                return Ack(duplicate=True)
-            outcome = handler(event, ctx)
+            with self.store.transaction():  # nested in the batch's: a savepoint
+                if not self.store.claim(event.event_id, item.subject, item.stream_seq, ctx.now):
+                    return Ack(duplicate=True)
+                outcome = handler(event, ctx)
+                if not isinstance(outcome, Ack):
+                    raise _Undo(outcome)
+        except _Undo as undo:
+            return undo.outcome
         except Exception as exc:
             if store_fault(exc) is not None:
                 raise  # the store itself is in trouble (disk, lock): the whole batch is released
-            conn.execute("ROLLBACK TO ev")
-            conn.execute("RELEASE ev")
             return self._failed(item, event, exc)
-        if isinstance(outcome, Ack):
-            conn.execute("RELEASE ev")
-        else:
-            conn.execute("ROLLBACK TO ev")
-            conn.execute("RELEASE ev")
         return outcome
 
     def _failed(self, item: Inbound, event: Event, exc: Exception) -> Outcome:
