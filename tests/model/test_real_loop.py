@@ -21,6 +21,8 @@ What differs from the defaults, and why (CI: 2 cores, this test's budget about 8
 - `arena.generation_sample` / `max_new_tokens`: fewer, shorter greedy generations in transformers;
 - threads: THREADS (tests/fixtures/realmodel.py); ports: free ones.
 Printed: accuracy base vs new with intervals, general chrF base vs new, seconds per phase.
+bench/bench_recipe.py runs this test once per trainer seed (ACADEMY_REAL_LOOP_SEED, default 1) and reads the
+figures from ACADEMY_REAL_LOOP_FIGURES (a JSON file written when that is set): the recipe across seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ from fixtures.realmodel import THREADS, trainer_json
 pytestmark = pytest.mark.slow
 
 ASK_TOKENS = 32
+SEED = int(os.environ.get("ACADEMY_REAL_LOOP_SEED") or 1)
 EVENTS = ["academy.dataset.built", "academy.training.>", "academy.evaluation.finished", "model.>"]
 
 
@@ -95,7 +99,7 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
     settings = make_settings(
         policy={"min_lessons": 100, "min_interval_h": 0},
         training={"autorun": True, "habitat": "process", "trainer_python": str(trainer_python),
-                  "cpu_threads": THREADS, "seed": 1},
+                  "cpu_threads": THREADS, "seed": SEED},
         arena={"generation_sample": 6, "max_new_tokens": ASK_TOKENS, "cpu_threads": THREADS},
         follower={"target": "llamacpp", "base_gguf": smollm2_gguf, "runtime_python": llama_python, "port": 0,
                   "threads": THREADS, "ack_wait_s": 10.0},
@@ -141,6 +145,11 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
                        timeout=1200, interval=0.5)
         assert of("academy.training.failed") == [], of("academy.training.failed")
         verdict = of("academy.evaluation.finished")[0]
+        if os.environ.get("ACADEMY_REAL_LOOP_FIGURES"):  # a refusal is a figure too (bench_recipe.py)
+            Path(os.environ["ACADEMY_REAL_LOOP_FIGURES"]).write_text(json.dumps(
+                {"seed": SEED, "verdict": verdict["verdict"], "reasons": verdict["reasons"],
+                 "verdict_rules": verdict["metrics"].get("rules"), "metrics": verdict["metrics"]},
+                ensure_ascii=False, default=str))
         assert verdict["verdict"] == "promote", json.dumps(verdict["reasons"], indent=1)
         # Venom keeps asking while the follower swaps.
         client.start()
@@ -210,7 +219,10 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
         "seconds": {k: round(v, 1) for k, v in phases.items()},
         "examples": [{"q": q, "base": b, "new": a} for q, b, a in zip(held[:4], base_held, new_held, strict=False)],
     }
+    figures.update(seed=SEED, verdict=verdict["verdict"], reasons=verdict["reasons"], metrics=verdict["metrics"])
     print("\nREAL LOOP " + json.dumps(figures, indent=1, ensure_ascii=False, default=str))
+    if os.environ.get("ACADEMY_REAL_LOOP_FIGURES"):
+        Path(os.environ["ACADEMY_REAL_LOOP_FIGURES"]).write_text(json.dumps(figures, ensure_ascii=False, default=str))
 
     # What a user checks.
     assert low > 0, f"the new model is not measurably better on held-out questions: {figures['heldout_accuracy']}"
