@@ -46,8 +46,11 @@ def _run(args: argparse.Namespace) -> int:
             return fail(f"--model takes REF=PATH, got {item!r}", EXIT_USAGE)
         models[ref] = str(Path(path).resolve())
     logs.configure(settings.log_level, settings.log_format)
-    worker = Worker(settings, work_dir=args.work_dir, worker_id=args.id, models=models, gpu=args.gpu,
-                    cpu_threads=args.cpu_threads, trainer_python=args.trainer_python)
+    try:
+        worker = Worker(settings, work_dir=args.work_dir, worker_id=args.id, models=models, gpu=args.gpu,
+                        cpu_threads=args.cpu_threads, trainer_python=args.trainer_python)
+    except HabitatError as exc:
+        return fail(str(exc), EXIT_USAGE)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

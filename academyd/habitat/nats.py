@@ -27,18 +27,22 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
-from academyd.artifacts import Artifact, ArtifactError, delete_prefix, get_dir, get_file, put_file
+from academyd.artifacts import ArtifactError, delete_prefix, get_dir, get_file, put_file
 from academyd.habitat.base import Habitat, HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
 from academyd.settings import Settings
 from academyd.trainer import spec as S
 from academyd.worker.protocol import (
-    FINAL_STATES,
-    SCHEMA_VERSION,
+    Advertisement,
+    ArtifactRef,
+    CancelMessage,
+    ForwardedEvent,
+    JobMessage,
+    Lease,
     Timing,
     Wire,
+    WireError,
     artifact_name,
     cancel_subject,
-    dumps,
     events_subject,
     job_subject,
 )
@@ -76,7 +80,7 @@ class NatsHabitat:
             self._wire = await Wire.open(self.js, self.settings, create=True)
         return self._wire
 
-    async def workers(self) -> list[dict[str, Any]]:
+    async def workers(self) -> list[Advertisement]:
         """The workers advertised now; none (and nothing created) when no worker ever connected."""
         if self._wire is None:
             from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -99,8 +103,9 @@ class NatsHabitat:
                          "only on `academyd worker` processes)")
         return bool(ads)
 
-    async def _lease(self, run_id: str) -> tuple[dict[str, Any] | None, int]:
-        """The lease, asked again while the cluster cannot answer (a node died, a leader is being elected)."""
+    async def _lease(self, run_id: str) -> tuple[Lease | None, int]:
+        """The lease, asked again while the cluster cannot answer (a node died, a leader is being elected).
+        None: no lease, or one that is not valid (not trusted: the job is not over for the daemon)."""
         wire = await self.wire()
         for attempt in range(10_000):
             _check_cancelled()
@@ -121,37 +126,32 @@ class NatsHabitat:
     async def start(self, job: TrainingJob) -> JobHandle:
         wire = await self.wire()
         run_id = job.run_id
-        lease, _ = await self._lease(run_id)
+        lease, rev = await self._lease(run_id)
         handle = self._handle(run_id)
         spec = job.spec
         out = Path(handle.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "job-spec.json").write_text(json.dumps({"spec": spec.to_dict(), "spec_hash": S.spec_hash(spec)}))
-        if (lease or {}).get("state") in FINAL_STATES or await self._job_queued(run_id):
+        if (lease is not None and lease.final) or await self._job_queued(run_id):
             return handle  # already dispatched (a daemon restart between publish and commit): follow it
-        inputs: dict[str, Any] = {}
+        inputs: dict[str, ArtifactRef] = {}
         try:
-            inputs["dataset"] = (await put_file(wire.artifacts, artifact_name(run_id, "dataset.jsonl"),
-                                                Path(spec.dataset_path))).to_dict()
+            inputs["dataset"] = ArtifactRef.of(await put_file(wire.artifacts, artifact_name(run_id, "dataset.jsonl"),
+                                                              Path(spec.dataset_path)))
             if spec.heldout_path:
-                inputs["heldout"] = (await put_file(wire.artifacts, artifact_name(run_id, "heldout.jsonl"),
-                                                    Path(spec.heldout_path))).to_dict()
+                inputs["heldout"] = ArtifactRef.of(await put_file(
+                    wire.artifacts, artifact_name(run_id, "heldout.jsonl"), Path(spec.heldout_path)))
         except OSError as exc:
             raise HabitatError(f"cannot read the dataset to send to workers: {exc}") from None
-        requires_gpu = self.settings.workers.require_gpu
-        body = {
-            "schema_version": SCHEMA_VERSION,
-            "run_id": run_id,
-            "spec": spec.to_dict(),
-            "spec_hash": S.spec_hash(spec),
-            "base_model": spec.base_model,
-            "inputs": inputs,
-            "requires_gpu": requires_gpu,
-            "time_limit_s": job.time_limit_s,
-            "memory_limit_mb": job.memory_limit_mb,
-        }
-        msg_id = f"job-{run_id}-{S.spec_hash(spec)[:16]}" + (f"-{int(time.time())}" if lease else "")
-        await self.js.publish(job_subject(run_id, requires_gpu), dumps(body), headers={"Nats-Msg-Id": msg_id})
+        requires_gpu = bool(self.settings.workers.require_gpu)
+        try:
+            body = JobMessage.build(run_id=run_id, spec=spec.to_dict(), spec_hash=S.spec_hash(spec),
+                                    base_model=spec.base_model, inputs=inputs, requires_gpu=requires_gpu,
+                                    time_limit_s=job.time_limit_s, memory_limit_mb=job.memory_limit_mb).encode()
+        except WireError as exc:
+            raise HabitatError(f"job {run_id} cannot be sent to workers: {exc.detail}") from None
+        msg_id = f"job-{run_id}-{S.spec_hash(spec)[:16]}" + (f"-{int(time.time())}" if rev else "")
+        await self.js.publish(job_subject(run_id, requires_gpu), body, headers={"Nats-Msg-Id": msg_id})
         log.info("job_dispatched", run_id=run_id, requires_gpu=requires_gpu, subject=job_subject(run_id, requires_gpu))
         return handle
 
@@ -180,7 +180,7 @@ class NatsHabitat:
 
     async def status(self, handle: JobHandle) -> JobStatus:
         lease, _ = await self._lease(handle.run_id)
-        state = (lease or {}).get("state")
+        state = lease.state if lease is not None else None
         if state == "succeeded":
             return JobStatus.SUCCEEDED
         if state == "failed":
@@ -195,22 +195,30 @@ class NatsHabitat:
         ads = await wire.advertised()
         if not ads:
             return "waiting for a worker: none is connected (start `academyd worker` on a host with the trainer)"
-        if requires_gpu and not any(a.get("gpu") for a in ads):
+        if requires_gpu and not any(a.gpu for a in ads):
             return (f"waiting for a worker with a GPU: {len(ads)} connected, none has one "
                     "(training.require_gpu / workers.require_gpu is set)")
-        busy = [a for a in ads if a.get("job")]
+        busy = [a for a in ads if a.job]
         return f"waiting for a free worker: {len(ads)} connected, {len(busy)} busy"
 
     async def progress(self, handle: JobHandle) -> AsyncIterator[dict[str, Any]]:
         wire = await self.wire()
         run_id = handle.run_id
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[ForwardedEvent] = asyncio.Queue()
+        dropped = 0
 
         async def on_event(msg: Any) -> None:
-            with contextlib.suppress(ValueError, TypeError):
-                body = json.loads(msg.data)
-                if isinstance(body, dict) and isinstance(body.get("event"), dict):
-                    await queue.put(body)
+            nonlocal dropped
+            try:
+                body = ForwardedEvent.decode(msg.data)
+                if body.run_id != run_id:
+                    raise WireError("foreign", f"an event of run {body.run_id} on {msg.subject}")
+            except WireError as exc:
+                dropped += 1
+                if dropped <= 10 or dropped % 100 == 0:  # a flood of them is one line in a hundred
+                    log.warning("event_dropped", run_id=run_id, dropped=dropped, reason=str(exc))
+                return
+            await queue.put(body)
 
         sub = None
         while sub is None:
@@ -227,15 +235,14 @@ class NatsHabitat:
                 lease, _ = await self._lease(run_id)
                 while not queue.empty():
                     body = queue.get_nowait()
-                    ev = body["event"]
-                    if ev.get("type") in FORWARDED:
-                        yield {**ev, "worker": body.get("worker"), "attempt": body.get("attempt")}
-                state = (lease or {}).get("state")
-                if state in FINAL_STATES:
+                    if body.event.type in FORWARDED:
+                        yield {**body.event.model_dump(exclude_unset=True), "worker": body.worker,
+                               "attempt": body.attempt}
+                if lease is not None and lease.final:
                     self.note = None
-                    yield self._final_event(lease or {})
+                    yield self._final_event(lease)
                     return
-                if lease is None or state == "released":
+                if lease is None or lease.state == "released":
                     if time.monotonic() - last_note > 2.0:
                         with contextlib.suppress(Exception):
                             self.note = await self._explain_wait(wire, bool(requires_gpu))
@@ -248,60 +255,58 @@ class NatsHabitat:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    def _final_event(self, lease: dict[str, Any]) -> dict[str, Any]:
-        if lease.get("state") == "succeeded":
-            return {"type": S.EVENT_DONE, "time": round(time.time(), 3), "worker": lease.get("worker"),
-                    "summary": (lease.get("result") or {}).get("summary_inline")}
+    def _final_event(self, lease: Lease) -> dict[str, Any]:
+        if lease.state == "succeeded" and lease.result is not None:
+            return {"type": S.EVENT_DONE, "time": round(time.time(), 3), "worker": lease.worker,
+                    "summary": lease.result.summary_inline.model_dump()}
         return {"type": S.EVENT_ERROR, "time": round(time.time(), 3), "origin": "worker",
-                "worker": lease.get("worker"), "status": lease.get("state"), "code": lease.get("error_code"),
-                "reason": lease.get("reason"), "exit_code": lease.get("exit_code")}
+                "worker": lease.worker, "status": lease.state, "code": lease.error_code,
+                "reason": lease.reason, "exit_code": lease.exit_code}
 
     async def result(self, handle: JobHandle) -> JobResult:
         wire = await self.wire()
         while True:
             lease, _ = await self._lease(handle.run_id)
-            if lease is not None and lease.get("state") in FINAL_STATES:
+            if lease is not None and lease.final:
                 break
             _check_cancelled()
             await asyncio.sleep(self.poll_s)
-        state = lease["state"]
-        if state != "succeeded":
+        state = lease.state
+        if state != "succeeded" or lease.result is None:
             status = JobStatus.FAILED if state == "failed" else JobStatus.CANCELLED
-            return JobResult(status=status, exit_code=lease.get("exit_code"),
-                             reason=f"on worker {lease.get('worker')}: {lease.get('reason') or state}",
-                             summary=None, adapter_path=None, error_code=lease.get("error_code"))
+            return JobResult(status=status, exit_code=lease.exit_code,
+                             reason=f"on worker {lease.worker}: {lease.reason or state}",
+                             summary=None, adapter_path=None, error_code=lease.error_code)
         try:
             adapter, summary = await self._fetch_result(wire, handle, lease)
         except ArtifactError as exc:
             return JobResult(status=JobStatus.FAILED, exit_code=None, reason=f"result of worker "
-                             f"{lease.get('worker')} unusable: {exc}", summary=None, adapter_path=None,
+                             f"{lease.worker} unusable: {exc}", summary=None, adapter_path=None,
                              error_code="artifact")
         with contextlib.suppress(Exception):  # the checkpoints served their purpose; the bucket TTL is the backstop
             await delete_prefix(wire.artifacts, artifact_name(handle.run_id, "ckpt/"))
         return JobResult(status=JobStatus.SUCCEEDED, exit_code=S.EXIT_OK, reason=None, summary=summary,
                          adapter_path=str(adapter))
 
-    async def _fetch_result(self, wire: Wire, handle: JobHandle, lease: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    async def _fetch_result(self, wire: Wire, handle: JobHandle, lease: Lease) -> tuple[Path, dict[str, Any]]:
         from academyd.registry import adapter_sha256
 
-        res = lease.get("result") or {}
+        res = lease.result
+        assert res is not None  # a succeeded lease has one (Lease validates it)
         out = Path(handle.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        summary_art = Artifact.from_dict(res["summary"])
-        await get_file(wire.artifacts, summary_art.name, out / S.SUMMARY_FILE, sha256=summary_art.sha256)
-        if res.get("loss"):
-            loss = Artifact.from_dict(res["loss"])
-            await get_file(wire.artifacts, loss.name, out / S.LOSS_FILE, sha256=loss.sha256)
-        adapter_art = Artifact.from_dict(res["adapter"])
+        await get_file(wire.artifacts, res.summary.name, out / S.SUMMARY_FILE, sha256=res.summary.sha256)
+        if res.loss is not None:
+            await get_file(wire.artifacts, res.loss.name, out / S.LOSS_FILE, sha256=res.loss.sha256)
         adapter_dir = out / S.ADAPTER_DIR
-        await get_dir(wire.artifacts, adapter_art.name, adapter_dir, sha256=adapter_art.sha256)
+        await get_dir(wire.artifacts, res.adapter.name, adapter_dir, sha256=res.adapter.sha256)
         local = await asyncio.to_thread(adapter_sha256, adapter_dir)
-        if local != res.get("adapter_sha256"):
-            raise ArtifactError(f"the adapter's files hash to {local}, the worker computed {res.get('adapter_sha256')}")
+        if local != res.adapter_sha256:
+            raise ArtifactError(f"the adapter's files hash to {local}, the worker computed {res.adapter_sha256}")
         summary = json.loads((out / S.SUMMARY_FILE).read_text())
         # The job's identity is the daemon's spec; the worker's (its local paths) is kept beside it.
-        summary["worker"] = {"id": lease.get("worker"), "attempt": lease.get("attempt"),
-                             "spec_hash": summary.get("spec_hash"), "adapter_sha256": res.get("adapter_sha256")}
+        summary["worker"] = {"id": lease.worker, "attempt": lease.attempt,
+                             "spec_hash": summary.get("spec_hash"), "adapter_sha256": res.adapter_sha256}
         spec = json.loads((out / "job-spec.json").read_text()) if (out / "job-spec.json").exists() else None
         if spec:
             summary["spec"], summary["spec_hash"] = spec["spec"], spec["spec_hash"]
@@ -312,16 +317,19 @@ class NatsHabitat:
     async def cancel(self, handle: JobHandle, *, grace_s: float = 10.0) -> None:
         wire = await self.wire()
         lease, rev = await wire.lease(handle.run_id)
-        if lease is not None and lease.get("state") in FINAL_STATES:
+        if lease is not None and lease.final:
             return
-        await self.nc.publish(cancel_subject(handle.run_id), dumps({"grace_s": grace_s}))
-        if lease is None:  # nobody holds it: take it off the queue and record the end
+        await self.nc.publish(cancel_subject(handle.run_id), CancelMessage.build(grace_s=grace_s).encode())
+        if lease is None:  # nobody (that we trust) holds it: take it off the queue and record the end
             for gpu in (False, True):
                 with contextlib.suppress(Exception):
                     await self.js.purge_stream(self.settings.workers.jobs_stream, subject=job_subject(handle.run_id, gpu))
+            end = Lease.build(run_id=handle.run_id, state="cancelled", reason="cancelled before a worker took it")
             with contextlib.suppress(Exception):
-                await wire.leases.create(handle.run_id, dumps({"run_id": handle.run_id, "state": "cancelled",
-                                                               "reason": "cancelled before a worker took it"}))
+                if rev:  # an entry that is not a valid lease: replaced, on its revision
+                    await wire.leases.update(handle.run_id, end.encode(), last=rev)
+                else:
+                    await wire.leases.create(handle.run_id, end.encode())
 
     def status_note(self) -> str | None:
         return self.note

@@ -22,10 +22,11 @@ The job message is acked after the result is stored, verified and recorded in th
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Self
 
+import structlog
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -36,14 +37,19 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from academyd.artifacts import ArtifactStore, ensure_bucket
+from academyd.artifacts import Artifact, ArtifactStore, ensure_bucket
 from academyd.settings import Settings
+from academyd.trainer import spec as S
+
+log = structlog.get_logger("academyd.worker.protocol")
 
 SCHEMA_VERSION = 1
 CAPABILITIES = ("any", "gpu")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 # Lease states: training (held), released (given back on a clean stop: take it at once), and the finals.
+LEASE_STATES = ("training", "released", *FINAL_STATES)
 
 
 def job_subject(run_id: str, requires_gpu: bool) -> str:
@@ -66,6 +72,11 @@ def artifact_name(run_id: str, what: str) -> str:
     return f"runs/{run_id}/{what}"
 
 
+def dead_letter_subject(subject: str) -> str:
+    """Where a rejected job message is kept: the Academy's DLQ stream (`academy.dlq.>`), by its subject."""
+    return f"academy.dlq.{subject}"
+
+
 @dataclass(frozen=True)
 class Timing:
     """Heartbeat arithmetic from the job ack wait A: beat A/4, a holder stops after A/2 without a refresh,
@@ -86,12 +97,331 @@ class Timing:
         return self.ack_wait_s * 3 / 4
 
 
-def dumps(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+# ---------------------------------------------------------------- the messages and records
+#
+# One pydantic model per message and record, used on both ends: `build` validates what is about to be
+# sent (a malformed message is never sent: WireError), `decode` checks what arrived (WireError: the caller
+# rejects it and logs why). Strict: JSON types as they are (no "3" for 3, no 1 for true), no NaN, required
+# fields required, and a bound on everything a peer controls (the bytes first, then each string).
+#
+# Extra fields: refused on the job message, the lease and the cancel (a worker must not run a job with an
+# instruction it does not understand; the lease is the fence and carries the result the daemon trusts: a
+# field nobody here wrote means a writer that is not ours). Ignored on the advertisement (informational:
+# a newer worker may say more about itself without looking absent). Kept on a forwarded trainer event
+# (the trainer owns its event fields; the ones the daemon reads are typed here).
+
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"  # one subject token, one path component, one KV key
+WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}"  # a KV key (hostname-pid by default)
+SHA256_PATTERN = r"[0-9a-f]{64}"
+# runs/<run_id>/<what>[/<what>...], no "." or ".." component (academyd.worker.protocol.artifact_name).
+ARTIFACT_NAME_PATTERN = rf"runs/{RUN_ID_PATTERN}(/[A-Za-z0-9_][A-Za-z0-9_.-]{{0,199}}){{1,4}}"
+RUN_ID_RE = re.compile(RUN_ID_PATTERN)
+WORKER_ID_RE = re.compile(WORKER_ID_PATTERN)
+
+# Bytes a message or record may have before it is parsed (each is a few KB when well formed).
+JOB_MAX_BYTES = 256 * 1024
+EVENT_MAX_BYTES = 64 * 1024
+LEASE_MAX_BYTES = 64 * 1024
+ADVERT_MAX_BYTES = 16 * 1024
+CANCEL_MAX_BYTES = 1024
+REASON_MAX = 4000  # characters of a failure reason kept in the lease (the worker's log has the rest)
+DLQ_EXCERPT_BYTES = 64 * 1024  # as academyd.bus
+
+RunId = Field(pattern=rf"^{RUN_ID_PATTERN}$", description="The daemon's run id.")
+WorkerId = Field(pattern=rf"^{WORKER_ID_PATTERN}$", description="A worker's id (its key in academy_workers).")
+Sha256 = Field(pattern=rf"^{SHA256_PATTERN}$", description="sha256, lower-case hex.")
 
 
-def loads(data: bytes | None) -> Any:
-    return json.loads(data) if data else None
+class WireError(ValueError):
+    """A message or record that is not what the wire says: `code` (for logs and dead letters), the detail."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def describe(exc: ValidationError) -> str:
+    """A pydantic error as one line (field path: message; ...), never the offending value itself."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {' '.join(str(e['msg']).split())}"
+                     for e in exc.errors())
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class WireModel(_Part):
+    """A top-level message or record: carries `schema_version`; `build` to send, `decode` to receive."""
+
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    schema_version: int = Field(description=f"Version of the worker wire; this academyd speaks {SCHEMA_VERSION}.")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is not understood here (this academyd speaks {SCHEMA_VERSION}): "
+                             "run the same academyd release on the daemon and its workers")
+        return v
+
+    @classmethod
+    def build(cls, **fields: Any) -> Self:
+        """The message to send, validated (WireError `unsendable`: a bug on this side, nothing is sent)."""
+        try:
+            return cls.model_validate({"schema_version": SCHEMA_VERSION, **fields})
+        except ValidationError as exc:
+            raise WireError("unsendable", f"{cls.__name__} does not match the wire: {describe(exc)}") from None
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> Self:
+        """What arrived, checked (WireError `too_large` or `invalid`)."""
+        data = data or b""
+        if len(data) > cls.MAX_BYTES:
+            raise WireError("too_large", f"{cls.__name__} of {len(data)} bytes (at most {cls.MAX_BYTES})")
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise WireError("invalid", f"not a valid {cls.__name__}: {describe(exc)}") from None
+
+    def encode(self) -> bytes:
+        data = self.model_dump_json(exclude_unset=True).encode()
+        if len(data) > self.MAX_BYTES:
+            raise WireError("unsendable", f"{type(self).__name__} of {len(data)} bytes (at most {self.MAX_BYTES})")
+        return data
+
+
+class ArtifactRef(_Part):
+    """An object in the artifact store (academyd.artifacts.Artifact): its name, sha256 and size."""
+
+    name: str = Field(max_length=600, pattern=rf"^{ARTIFACT_NAME_PATTERN}$")
+    sha256: str = Sha256
+    size: int = Field(ge=0)
+
+    @classmethod
+    def of(cls, art: Artifact) -> ArtifactRef:
+        return cls(name=art.name, sha256=art.sha256, size=art.size)
+
+    def artifact(self) -> Artifact:
+        return Artifact(name=self.name, sha256=self.sha256, size=self.size)
+
+    def belongs_to(self, run_id: str) -> bool:
+        return self.name.startswith(artifact_name(run_id, ""))
+
+
+class JobInputs(_Part):
+    dataset: ArtifactRef
+    heldout: ArtifactRef | None = None
+
+
+class JobMessage(WireModel):
+    """`academy.jobs.train.<any|gpu>.<run_id>`: a training job, as the daemon dispatches it."""
+
+    MAX_BYTES: ClassVar[int] = JOB_MAX_BYTES
+
+    run_id: str = RunId
+    spec: dict[str, Any] = Field(description="The daemon's TrainSpec (to_dict); its paths are the daemon's.")
+    spec_hash: str = Sha256
+    base_model: str = Field(min_length=1, max_length=4096, description="The daemon's reference (a worker maps it).")
+    inputs: JobInputs
+    requires_gpu: bool
+    time_limit_s: float | None = Field(default=None, gt=0)
+    memory_limit_mb: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        spec = S.TrainSpec.from_dict(self.spec)  # SpecError (a ValueError) names every bad field
+        if S.spec_hash(spec) != self.spec_hash:
+            raise ValueError("spec_hash is not the hash of spec")
+        if spec.base_model != self.base_model:
+            raise ValueError("base_model is not the spec's base_model")
+        if spec.run_id is not None and spec.run_id != self.run_id:
+            raise ValueError("spec.run_id is not run_id")
+        for what, art in (("dataset", self.inputs.dataset), ("heldout", self.inputs.heldout)):
+            if art is not None and not art.belongs_to(self.run_id):
+                raise ValueError(f"inputs.{what} is not an artifact of run {self.run_id}")
+        return self
+
+    def train_spec(self) -> S.TrainSpec:
+        return S.TrainSpec.from_dict(self.spec)
+
+    def check_subject(self, subject: str) -> None:
+        """The job came on its own subject (the run id and capability it names); WireError otherwise."""
+        if subject != job_subject(self.run_id, self.requires_gpu):
+            raise WireError("subject_mismatch", f"a job for {self.run_id} (requires_gpu={self.requires_gpu}) "
+                            f"arrived on {subject}")
+
+
+class TrainerEvent(_Part):
+    """One trainer event (academyd.trainer.events); the fields the daemon reads are typed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["start", "progress", "checkpoint", "done", "error"]
+    time: float
+    step: int | None = Field(default=None, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    eval_loss: float | None = None
+
+    @model_validator(mode="after")
+    def _step_where_needed(self) -> Self:
+        if self.type in (S.EVENT_PROGRESS, S.EVENT_CHECKPOINT) and self.step is None:
+            raise ValueError(f"a {self.type} event needs its step")
+        return self
+
+
+class ForwardedEvent(WireModel):
+    """`academy.jobs.events.<run_id>`: a trainer event as the worker that holds the job forwards it."""
+
+    MAX_BYTES: ClassVar[int] = EVENT_MAX_BYTES
+
+    run_id: str = RunId
+    worker: str = WorkerId
+    attempt: int = Field(ge=1)
+    event: TrainerEvent
+
+
+class CancelMessage(WireModel):
+    """`academy.jobs.cancel.<run_id>` (core NATS): the daemon asks the holder to stop."""
+
+    MAX_BYTES: ClassVar[int] = CANCEL_MAX_BYTES
+
+    grace_s: float = Field(ge=0, le=3600)
+
+
+class GpuInfo(_Part):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=200)
+    memory_mb: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+
+class Advertisement(WireModel):
+    """KV academy_workers `<worker id>`: what a worker has, refreshed every heartbeat (the bucket's TTL)."""
+
+    model_config = ConfigDict(extra="ignore")
+    MAX_BYTES: ClassVar[int] = ADVERT_MAX_BYTES
+
+    worker: str = WorkerId
+    host: str = Field(max_length=255)
+    platform: str = Field(max_length=500)
+    gpu: GpuInfo | None = None
+    cpu_threads: int = Field(ge=1)
+    trainer: dict[str, str] = Field(default_factory=dict, max_length=16,
+                                    description="python, torch, transformers, peft, trl: their versions.")
+    job: str | None = Field(default=None, pattern=rf"^{RUN_ID_PATTERN}$", description="The run it trains.")
+    at: float
+
+    @field_validator("trainer")
+    @classmethod
+    def _short(cls, v: dict[str, str]) -> dict[str, str]:
+        if any(len(k) > 50 or len(x) > 100 for k, x in v.items()):
+            raise ValueError("a trainer package name or version is too long")
+        return v
+
+
+class Checkpoint(_Part):
+    step: int = Field(ge=0)
+    artifact: ArtifactRef
+    worker: str = WorkerId
+
+
+class SummaryInline(_Part):
+    """The few summary fields the daemon's done event carries before it downloads summary.json."""
+
+    backend: str | None = Field(default=None, max_length=50)
+    final_loss: float | None = None
+    steps: int | None = Field(default=None, ge=0)
+    resumed_from: int | None = Field(default=None, ge=0)
+    duration_s: float | None = Field(default=None, ge=0)
+
+
+class JobOutcome(_Part):
+    """What a worker sends back: the adapter (a tar), its manifest sha256, the summary and the loss log."""
+
+    adapter: ArtifactRef
+    adapter_sha256: str = Sha256
+    summary: ArtifactRef
+    loss: ArtifactRef | None = None
+    summary_inline: SummaryInline
+
+
+class Lease(WireModel):
+    """KV academy_leases `<run_id>`: who holds the job, its last checkpoint, how it ended. The fence."""
+
+    MAX_BYTES: ClassVar[int] = LEASE_MAX_BYTES
+
+    run_id: str = RunId
+    state: Literal["training", "released", "succeeded", "failed", "cancelled"]
+    worker: str | None = Field(default=None, pattern=rf"^{WORKER_ID_PATTERN}$")
+    host: str | None = Field(default=None, max_length=255)
+    attempt: int = Field(default=0, ge=0, le=1_000_000)
+    checkpoint: Checkpoint | None = None
+    beat: float | None = None
+    result: JobOutcome | None = None
+    reason: str | None = Field(default=None, max_length=REASON_MAX)
+    error_code: str | None = Field(default=None, max_length=100)
+    exit_code: int | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.state in ("training", "released") and (self.worker is None or self.attempt < 1):
+            raise ValueError(f"a {self.state} lease names its worker and attempt")
+        if (self.state == "succeeded") != (self.result is not None):
+            raise ValueError("a result exactly when the state is succeeded")
+        arts = [self.checkpoint.artifact] if self.checkpoint else []
+        if self.result is not None:
+            arts += [self.result.adapter, self.result.summary, *([self.result.loss] if self.result.loss else [])]
+        if any(not a.belongs_to(self.run_id) for a in arts):
+            raise ValueError(f"an artifact that is not run {self.run_id}'s")
+        return self
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def changed(self, **changes: Any) -> Lease:
+        """This lease with `changes`, validated (WireError `unsendable`)."""
+        return Lease.build(**{**self.model_dump(exclude={"schema_version"}), **changes})
+
+
+def clip(text: str | None, limit: int = REASON_MAX) -> str | None:
+    """A reason short enough for the lease (its end kept: that is where a traceback says what failed)."""
+    if text is None or len(text) <= limit:
+        return text
+    return "..." + text[-(limit - 3):]
+
+
+async def dead_letter_job(js: Any, msg: Any, error: WireError) -> bool:
+    """Keep a rejected job message in the DLQ stream, with why (the headers academyd.bus writes); False if
+    that failed (no DLQ stream, no permission: the worker's log line is then the only record)."""
+    meta = getattr(msg, "metadata", None)
+    stream = getattr(meta, "stream", None) or "jobs"
+    stream_seq = getattr(getattr(meta, "sequence", None), "stream", None) or 0
+    data = bytes(msg.data or b"")
+    headers = {
+        "Academy-Reason": f"job_{error.code}",
+        "Academy-Detail": "".join(c if c.isprintable() else " " for c in error.detail[:1000]),
+        "Academy-Original-Subject": msg.subject,
+        "Academy-Stream-Seq": str(stream_seq),
+        "Nats-Msg-Id": f"dlq-{stream}-{stream_seq}",  # a redelivered copy is not dead-lettered twice
+    }
+    if len(data) > DLQ_EXCERPT_BYTES:
+        headers["Academy-Truncated"] = str(len(data))
+        data = data[:DLQ_EXCERPT_BYTES]
+    try:
+        await js.publish(dead_letter_subject(msg.subject), data, headers=headers)
+    except Exception as exc:
+        log.warning("job_dead_letter_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 @dataclass
@@ -140,18 +470,37 @@ class Wire:
         artifacts = await ensure_bucket(js, w.artifacts_bucket, replicas=n.replicas, ttl_s=w.artifacts_ttl_h * 3600)
         return cls(js=js, settings=settings, artifacts=artifacts, workers=workers, leases=leases)
 
-    async def lease(self, run_id: str) -> tuple[dict[str, Any] | None, int]:
-        """The lease record of `run_id` and its revision (None, 0 when there is none)."""
+    # Entries that were not trusted, by (key, revision): each is logged once, not at every poll.
+    _untrusted: set[tuple[str, int]] = field(default_factory=set)
+
+    def _distrust(self, what: str, key: str, rev: int, reason: str) -> None:
+        if (key, rev) not in self._untrusted:
+            self._untrusted.add((key, rev))
+            if len(self._untrusted) > 10_000:
+                self._untrusted.clear()
+            log.warning(f"{what}_untrusted", key=key, revision=rev, reason=reason)
+
+    async def lease(self, run_id: str) -> tuple[Lease | None, int]:
+        """The lease of `run_id` and its revision: (None, 0) when there is none; (None, revision) when the
+        entry is not a valid lease of `run_id` (written by a third party, or damaged): nothing in it is
+        trusted, but its revision still counts for the fence (a taker waits it out as for a silent holder)."""
         try:
             entry = await self.leases.get(run_id)
         except NotFoundError:
             return None, 0
-        value = loads(entry.value)
-        return (value if isinstance(value, dict) else None), int(entry.revision or 0)
+        rev = int(entry.revision or 0)
+        try:
+            lease = Lease.decode(entry.value)
+            if lease.run_id != run_id:
+                raise WireError("foreign", f"the lease under {run_id} is run {lease.run_id}'s")
+        except WireError as exc:
+            self._distrust("lease", run_id, rev, str(exc))
+            return None, rev
+        return lease, rev
 
-    async def advertised(self) -> list[dict[str, Any]]:
-        """Every worker whose advertisement has not expired."""
-        out: list[dict[str, Any]] = []
+    async def advertised(self) -> list[Advertisement]:
+        """Every worker whose advertisement has not expired and is valid (anything else is absent)."""
+        out: list[Advertisement] = []
         try:
             keys = await self.workers.keys()
         except NotFoundError:  # nats-py raises NoKeysError (a NotFoundError) on an empty bucket
@@ -163,9 +512,15 @@ class Wire:
                 entry = await self.workers.get(key)
             except NotFoundError:
                 continue
-            ad = loads(entry.value)
-            if isinstance(ad, dict):
-                out.append(ad)
+            rev = int(entry.revision or 0)
+            try:
+                ad = Advertisement.decode(entry.value)
+                if ad.worker != key:
+                    raise WireError("foreign", f"the advertisement under {key} is worker {ad.worker}'s")
+            except WireError as exc:
+                self._distrust("advertisement", key, rev, str(exc))
+                continue
+            out.append(ad)
         return out
 
 

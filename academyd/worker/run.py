@@ -27,22 +27,35 @@ from typing import Any
 import nats
 import structlog
 from nats.js.errors import KeyWrongLastSequenceError
+from pydantic import ValidationError
 
-from academyd.artifacts import Artifact, ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file
+from academyd.artifacts import ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file
 from academyd.habitat.base import HabitatError, JobStatus, TrainingJob
 from academyd.habitat.process import ProcessHabitat, package_root
 from academyd.settings import Settings
 from academyd.trainer import spec as S
 from academyd.worker.protocol import (
-    FINAL_STATES,
+    WORKER_ID_PATTERN,
+    WORKER_ID_RE,
+    Advertisement,
+    ArtifactRef,
+    CancelMessage,
+    Checkpoint,
+    ForwardedEvent,
+    JobMessage,
+    JobOutcome,
+    Lease,
+    SummaryInline,
     Timing,
     Wire,
+    WireError,
     artifact_name,
     cancel_subject,
+    clip,
     consumer_name,
-    dumps,
+    dead_letter_job,
+    describe,
     events_subject,
-    loads,
 )
 
 log = structlog.get_logger("academyd.worker")
@@ -95,7 +108,7 @@ class _Holding:
     """The job in hand: its lease (as last written) and revision, and why it must stop, if it must."""
 
     run_id: str
-    lease: dict[str, Any]
+    lease: Lease
     rev: int
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     lost: str | None = None  # fenced or cut off: the job is someone else's now
@@ -111,6 +124,9 @@ class Worker:
         self.settings = settings
         self.work_dir = work_dir.resolve()
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        if WORKER_ID_RE.fullmatch(self.id) is None:
+            raise HabitatError(f"worker id {self.id!r} is not usable (it is a key in the workers bucket): give "
+                               f"--id matching {WORKER_ID_PATTERN}")
         self.models = dict(models or {})
         self.gpu_mode = gpu
         self.cpu_threads = cpu_threads
@@ -130,6 +146,10 @@ class Worker:
     async def run(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.caps = await asyncio.to_thread(probe_capabilities, self.habitat.trainer_python, gpu=self.gpu_mode)
+        try:
+            self._advertisement()
+        except WireError as exc:
+            raise HabitatError(f"this host's capabilities cannot be advertised: {exc.detail}") from None
         await self._connect()
         if self.wire is None:  # stopped while waiting for the streams
             await self.nc.close()
@@ -210,13 +230,16 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), 5)
 
+    def _advertisement(self) -> bytes:
+        return Advertisement.build(worker=self.id, host=socket.gethostname(), platform=platform.platform(),
+                                   **self.caps, job=self.holding.run_id if self.holding else None,
+                                   at=round(time.time(), 3)).encode()
+
     async def _advertise(self) -> None:
         assert self.wire is not None
         while True:
-            ad = {"worker": self.id, "host": socket.gethostname(), "platform": platform.platform(),
-                  **self.caps, "job": self.holding.run_id if self.holding else None, "at": round(time.time(), 3)}
             with contextlib.suppress(Exception):
-                await self.wire.workers.put(self.id, dumps(ad))
+                await self.wire.workers.put(self.id, self._advertisement())
             await asyncio.sleep(self.timing.heartbeat_s)
 
     async def _next(self, subs: list[Any]) -> Any:
@@ -235,14 +258,22 @@ class Worker:
 
     # ------------------------------------------------------------ one job
 
+    async def _reject(self, msg: Any, error: WireError) -> None:
+        """A job message that is not one: terminated (never redelivered), dead-lettered, the worker goes on."""
+        kept = await dead_letter_job(self.js, msg, error)
+        log.warning("job_rejected", worker=self.id, subject=msg.subject, code=error.code, reason=error.detail,
+                    bytes=len(msg.data or b""), dead_lettered=kept)
+        with contextlib.suppress(Exception):
+            await msg.term()
+
     async def _run_job(self, msg: Any) -> None:
         try:
-            job = loads(msg.data)
-            run_id = str(job["run_id"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("job_unreadable", data=msg.data[:200])
-            await msg.term()
+            job = JobMessage.decode(msg.data)
+            job.check_subject(msg.subject)
+        except WireError as exc:
+            await self._reject(msg, exc)
             return
+        run_id = job.run_id
         try:
             taken = await self._acquire(msg, run_id)
         except Exception as exc:  # the cluster cannot answer now: the job comes back after its ack wait
@@ -253,7 +284,7 @@ class Worker:
         self.holding = taken
         try:
             await self._train(msg, job, taken)
-        except (ArtifactError, HabitatError, S.SpecError, OSError) as exc:
+        except (ArtifactError, HabitatError, S.SpecError, WireError, OSError) as exc:
             if taken.lost is None:
                 await self._finish(msg, taken, "failed", reason=str(exc), error_code="worker")
         finally:
@@ -265,20 +296,22 @@ class Worker:
         assert self.wire is not None
         while True:
             lease, rev = await self.wire.lease(run_id)
-            state = (lease or {}).get("state")
-            if state in FINAL_STATES:
-                log.info("job_already_finished", run_id=run_id, state=state)
+            if lease is not None and lease.final:
+                log.info("job_already_finished", run_id=run_id, state=lease.state)
                 await msg.ack()
                 return None
-            new = {"run_id": run_id, "worker": self.id, "host": socket.gethostname(), "state": "training",
-                   "attempt": int((lease or {}).get("attempt", 0)) + 1,
-                   "checkpoint": (lease or {}).get("checkpoint")}
+            # An entry that is not a valid lease (lease None, rev > 0) is trusted for nothing (no attempt, no
+            # checkpoint) but waited out as a holder would be: its writer may still be refreshing it.
+            new = Lease.build(run_id=run_id, worker=self.id, host=socket.gethostname(), state="training",
+                              attempt=(lease.attempt if lease else 0) + 1,
+                              checkpoint=lease.checkpoint if lease else None)
             try:
-                if lease is None:
-                    return _Holding(run_id, new, await self.wire.leases.create(run_id, dumps(new)))
-                if state != "released":
+                if rev == 0:
+                    return _Holding(run_id, new, await self.wire.leases.create(run_id, new.encode()))
+                if lease is None or lease.state != "released":
                     # Held: take it only after a full window of silence, so its holder has stopped by then.
-                    log.info("lease_wait", run_id=run_id, holder=lease.get("worker"), wait_s=self.timing.takeover_wait_s)
+                    holder = lease.worker if lease else "(not a valid lease)"
+                    log.info("lease_wait", run_id=run_id, holder=holder, wait_s=self.timing.takeover_wait_s)
                     deadline = time.monotonic() + self.timing.takeover_wait_s
                     while time.monotonic() < deadline:
                         with contextlib.suppress(Exception):
@@ -288,10 +321,10 @@ class Worker:
                         if now_rev != rev:
                             break
                     if (await self.wire.lease(run_id))[1] != rev:
-                        log.info("lease_alive", run_id=run_id, holder=lease.get("worker"))
+                        log.info("lease_alive", run_id=run_id, holder=holder)
                         await msg.nak(delay=self.settings.workers.ack_wait_s)
                         return None
-                return _Holding(run_id, new, await self.wire.leases.update(run_id, dumps(new), last=rev))
+                return _Holding(run_id, new, await self.wire.leases.update(run_id, new.encode(), last=rev))
             except KeyWrongLastSequenceError:
                 continue  # someone else moved first: look again
 
@@ -301,43 +334,49 @@ class Worker:
         async with h.lock:
             if h.lost is not None:
                 return False
-            value = {**h.lease, **changes, "beat": round(time.time(), 3)}
+            value = h.lease.changed(**changes, beat=round(time.time(), 3))  # WireError: a bug here, not sent
             try:
-                h.rev = await self.wire.leases.update(h.run_id, dumps(value), last=h.rev)
+                h.rev = await self.wire.leases.update(h.run_id, value.encode(), last=h.rev)
             except KeyWrongLastSequenceError:
                 h.lost = "fenced: another worker holds the lease"
                 return False
             h.lease = value
             return True
 
-    def _local_spec(self, job: dict[str, Any], jobdir: Path, inputs: dict[str, Path]) -> S.TrainSpec:
-        raw = dict(job["spec"])
+    def _local_spec(self, job: JobMessage, jobdir: Path, inputs: dict[str, Path]) -> S.TrainSpec:
+        raw = dict(job.spec)
         raw.update(dataset_path=str(inputs["dataset"]), heldout_path=str(inputs["heldout"]) if "heldout" in inputs
-                   else None, output_dir=str(jobdir), base_model=self.models.get(job["base_model"], job["base_model"]))
+                   else None, output_dir=str(jobdir), base_model=self.models.get(job.base_model, job.base_model))
         if self.cpu_threads:
             raw["cpu_threads"] = self.cpu_threads
         return S.TrainSpec.from_dict(raw)
 
-    async def _train(self, msg: Any, job: dict[str, Any], h: _Holding) -> None:
+    async def _train(self, msg: Any, job: JobMessage, h: _Holding) -> None:
         assert self.wire is not None
         run_id = h.run_id
-        jobdir = self.work_dir / "jobs" / run_id
+        jobdir = self.work_dir / "jobs" / run_id  # run_id is one safe path component (JobMessage checks it)
         inputs: dict[str, Path] = {}
-        for what, art in (job.get("inputs") or {}).items():
-            a = Artifact.from_dict(art)
+        for what, art in (("dataset", job.inputs.dataset), ("heldout", job.inputs.heldout)):
+            if art is None:
+                continue
             inputs[what] = jobdir / "inputs" / f"{what}.jsonl"
-            await get_file(self.wire.artifacts, a.name, inputs[what], sha256=a.sha256)
+            await get_file(self.wire.artifacts, art.name, inputs[what], sha256=art.sha256)
         spec = self._local_spec(job, jobdir, inputs)
         resume_step = await self._restore_checkpoint(h, jobdir, spec)
         heart = asyncio.create_task(self._heartbeat(msg, h), name=f"heartbeat:{run_id}")
-        async def on_cancel(_: Any) -> None:
+        async def on_cancel(cancel_msg: Any) -> None:
+            try:
+                ask = CancelMessage.decode(cancel_msg.data)
+            except WireError as exc:
+                log.warning("cancel_ignored", run_id=run_id, worker=self.id, reason=str(exc))
+                return
             h.cancelled = True
-            await self.habitat.cancel(handle, grace_s=10.0)
+            await self.habitat.cancel(handle, grace_s=ask.grace_s)
 
         cancel_sub = await self.nc.subscribe(cancel_subject(run_id), cb=on_cancel)
-        handle = self._handle = await self.habitat.start(TrainingJob(spec=spec, run_id=run_id, time_limit_s=job.get("time_limit_s"),
-                                                      memory_limit_mb=job.get("memory_limit_mb")))
-        log.info("trainer_started", run_id=run_id, worker=self.id, attempt=h.lease["attempt"], resume_step=resume_step,
+        handle = self._handle = await self.habitat.start(TrainingJob(spec=spec, run_id=run_id, time_limit_s=job.time_limit_s,
+                                                                     memory_limit_mb=job.memory_limit_mb))
+        log.info("trainer_started", run_id=run_id, worker=self.id, attempt=h.lease.attempt, resume_step=resume_step,
                  time=round(time.time(), 3))
         try:
             async for ev in self.habitat.progress(handle):
@@ -407,18 +446,21 @@ class Worker:
                 return
 
     async def _forward(self, h: _Holding, ev: dict[str, Any]) -> None:
+        try:
+            body = ForwardedEvent.build(run_id=h.run_id, worker=self.id, attempt=h.lease.attempt, event=ev).encode()
+        except WireError as exc:  # not sent: the daemon would drop it anyway
+            log.warning("event_not_forwarded", run_id=h.run_id, worker=self.id, type=ev.get("type"), reason=str(exc))
+            return
         with contextlib.suppress(Exception):
-            await self.js.publish(events_subject(h.run_id), dumps(
-                {"worker": self.id, "attempt": h.lease["attempt"], "event": ev}))
+            await self.js.publish(events_subject(h.run_id), body)
 
     async def _restore_checkpoint(self, h: _Holding, jobdir: Path, spec: S.TrainSpec) -> int | None:
         """The lease's checkpoint, downloaded and re-marked for this host's spec (its local paths)."""
         assert self.wire is not None
-        ckpt = h.lease.get("checkpoint")
-        if not ckpt:
+        ckpt = h.lease.checkpoint
+        if ckpt is None:
             return None
-        art = Artifact.from_dict(ckpt["artifact"])
-        step = int(ckpt["step"])
+        art, step = ckpt.artifact, ckpt.step
         ckpt_root = jobdir / S.CHECKPOINTS_DIR
         if ckpt_root.exists():
             shutil.rmtree(ckpt_root)  # only the lease's checkpoint counts: anything here may be a fenced attempt's
@@ -441,7 +483,7 @@ class Worker:
         assert self.wire is not None
         step = int(ev.get("step") or 0)
         path = Path(str(ev.get("path")))
-        name = artifact_name(h.run_id, f"ckpt/{step:08d}-a{h.lease['attempt']}.tar")
+        name = artifact_name(h.run_id, f"ckpt/{step:08d}-a{h.lease.attempt}.tar")
         try:
             art = await put_dir(self.wire.artifacts, name, path, scratch=jobdir)
         except (OSError, ArtifactError) as exc:  # rotated away meanwhile, or the store is unreachable
@@ -451,11 +493,11 @@ class Worker:
             log.warning("checkpoint_upload_failed", run_id=h.run_id, step=step, error=f"{type(exc).__name__}: {exc}")
             return
         with contextlib.suppress(Exception):
-            if await self._refresh(h, checkpoint={"step": step, "artifact": art.to_dict(), "worker": self.id}):
+            if await self._refresh(h, checkpoint=Checkpoint(step=step, artifact=ArtifactRef.of(art), worker=self.id)):
                 log.info("checkpoint_uploaded", run_id=h.run_id, worker=self.id, step=step, sha256=art.sha256,
                          time=round(time.time(), 3))
 
-    async def _send_results(self, msg: Any, h: _Holding, job: dict[str, Any], jobdir: Path) -> None:
+    async def _send_results(self, msg: Any, h: _Holding, job: JobMessage, jobdir: Path) -> None:
         from academyd.registry import adapter_sha256
 
         assert self.wire is not None
@@ -463,25 +505,32 @@ class Worker:
         cfg = adapter / "adapter_config.json"
         if cfg.is_file():  # the adapter names the base model as the daemon does, not by this host's path
             data = json.loads(cfg.read_text())
-            data["base_model_name_or_path"] = job["base_model"]
+            data["base_model_name_or_path"] = job.base_model
             cfg.write_text(json.dumps(data, indent=2, sort_keys=True))
         sha = await asyncio.to_thread(adapter_sha256, adapter)
         arts = self.wire.artifacts
-        result: dict[str, Any] = {
-            "adapter": (await put_dir(arts, artifact_name(h.run_id, "adapter.tar"), adapter, scratch=jobdir)).to_dict(),
-            "adapter_sha256": sha,
-            "summary": (await put_file(arts, artifact_name(h.run_id, "summary.json"), jobdir / S.SUMMARY_FILE)).to_dict(),
-        }
+        adapter_art = await put_dir(arts, artifact_name(h.run_id, "adapter.tar"), adapter, scratch=jobdir)
+        summary_art = await put_file(arts, artifact_name(h.run_id, "summary.json"), jobdir / S.SUMMARY_FILE)
+        loss_art = None
         if (jobdir / S.LOSS_FILE).exists():
-            result["loss"] = (await put_file(arts, artifact_name(h.run_id, "loss.jsonl"), jobdir / S.LOSS_FILE)).to_dict()
+            loss_art = await put_file(arts, artifact_name(h.run_id, "loss.jsonl"), jobdir / S.LOSS_FILE)
         summary = json.loads((jobdir / S.SUMMARY_FILE).read_text())
-        result["summary_inline"] = {k: summary.get(k) for k in ("backend", "final_loss", "steps", "resumed_from",
-                                                                "duration_s")}
+        try:
+            result = JobOutcome(
+                adapter=ArtifactRef.of(adapter_art), adapter_sha256=sha, summary=ArtifactRef.of(summary_art),
+                loss=ArtifactRef.of(loss_art) if loss_art else None,
+                summary_inline=SummaryInline(**{k: summary.get(k) for k in SummaryInline.model_fields}))
+        except ValidationError as exc:  # the trainer's summary is not what the wire says: the run fails, said so
+            raise WireError("unsendable", f"the result of {h.run_id} does not fit the lease: {describe(exc)}") from None
         await self._finish(msg, h, "succeeded", result=result)
         log.info("job_succeeded", run_id=h.run_id, worker=self.id, adapter_sha256=sha)
 
     async def _finish(self, msg: Any, h: _Holding, state: str, **fields: Any) -> None:
         """Record the end in the lease (the fence decides), then ack: after this the job is done."""
+        if "reason" in fields:
+            fields["reason"] = clip(fields["reason"])
+        if fields.get("error_code") is not None:
+            fields["error_code"] = str(fields["error_code"])[:100]
         for _ in range(20):
             try:
                 ok = await self._refresh(h, state=state, **fields)
@@ -489,6 +538,13 @@ class Worker:
             except KeyWrongLastSequenceError:
                 ok = False
                 break
+            except WireError as exc:  # a bug on this side: record that much rather than leave the job to loop
+                log.error("job_result_unsendable", run_id=h.run_id, worker=self.id, state=state, reason=str(exc))
+                if state == "failed":
+                    return
+                await self._finish(msg, h, "failed", reason=f"the worker could not record its {state} result: "
+                                   f"{exc.detail}", error_code="worker")
+                return
             except Exception:
                 await asyncio.sleep(self.timing.heartbeat_s / 4)
         else:

@@ -25,7 +25,19 @@ from academyd.habitat.base import TrainingJob
 from academyd.habitat.nats import NatsHabitat
 from academyd.settings import load_settings
 from academyd.trainer.spec import TrainSpec
-from academyd.worker.protocol import Wire, artifact_name, consumer_name, dumps, events_subject
+from academyd.worker.protocol import (
+    Advertisement,
+    ForwardedEvent,
+    JobMessage,
+    Lease,
+    Wire,
+    WireError,
+    artifact_name,
+    consumer_name,
+    dead_letter_job,
+    events_subject,
+    job_subject,
+)
 
 SHIPPED_CONF = Path(__file__).resolve().parents[2] / "systemd" / "nats-server.conf"
 PASSWORDS = {"VENOM_NATS_PASSWORD": "venom-pw", "OPERATOR_NATS_PASSWORD": "operator-pw",
@@ -80,20 +92,32 @@ async def test_the_worker_identity_can_work_and_nothing_more(production_server, 
         wire = await Wire.open(js, settings, create=False)
         psub = await js.pull_subscribe_bind(durable=consumer_name("any"), stream=settings.workers.jobs_stream)
         [msg] = await psub.fetch(1, timeout=5)
-        job = json.loads(msg.data)
+        job = JobMessage.decode(msg.data)
         await msg.in_progress()
-        rev = await wire.leases.create("run-1", dumps({"run_id": "run-1", "worker": "w", "state": "training"}))
-        await wire.workers.put("w", dumps({"worker": "w"}))
-        got = await get_file(wire.artifacts, job["inputs"]["dataset"]["name"], tmp_path / "worker" / "ds.jsonl",
-                             sha256=job["inputs"]["dataset"]["sha256"])
+        held = Lease.build(run_id="run-1", worker="w", state="training", attempt=1)
+        rev = await wire.leases.create("run-1", held.encode())
+        await wire.workers.put("w", Advertisement.build(worker="w", host="h", platform="p", cpu_threads=1,
+                                                        at=time.time()).encode())
+        got = await get_file(wire.artifacts, job.inputs.dataset.name, tmp_path / "worker" / "ds.jsonl",
+                             sha256=job.inputs.dataset.sha256)
         assert got.size == ds.stat().st_size
         (tmp_path / "worker" / "summary.json").write_text("{}")
         await put_file(wire.artifacts, artifact_name("run-1", "summary.json"), tmp_path / "worker" / "summary.json")
-        await js.publish(events_subject("run-1"), dumps({"worker": "w", "event": {"type": "progress", "step": 1}}))
-        rev = await wire.leases.update("run-1", dumps({"run_id": "run-1", "worker": "w", "state": "succeeded"}),
-                                       last=rev)
-        assert (await wire.lease("run-1"))[0]["state"] == "succeeded"
+        await js.publish(events_subject("run-1"), ForwardedEvent.build(
+            run_id="run-1", worker="w", attempt=1, event={"type": "progress", "time": 1.0, "step": 1}).encode())
+        rev = await wire.leases.update("run-1", held.changed(state="failed", reason="test").encode(), last=rev)
+        assert (await wire.lease("run-1"))[0].state == "failed"
         await msg.ack_sync(timeout=5)
+        # A job message that is not one: dead-lettered (the DLQ stream is the daemon's bus's) and terminated.
+        await daemon.jetstream().add_stream(name=settings.nats.dlq_stream, subjects=["academy.dlq.>"])
+        await daemon.jetstream().publish(job_subject("bad-1", False), b"not a job")
+        [bad] = await psub.fetch(1, timeout=5)
+        try:
+            JobMessage.decode(bad.data)
+        except WireError as exc:
+            assert await dead_letter_job(js, bad, exc)
+        await bad.term()
+        assert (await daemon.jetstream().stream_info(settings.nats.dlq_stream)).state.messages == 1
         assert errors == [], errors
 
         # Nothing more: no inbound subject, no command, no stream administration, no other inbox.
