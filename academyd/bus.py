@@ -32,8 +32,9 @@ from nats.js.api import (
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BadRequestError, NotFoundError
 
-from academyd.ingest import Inbound, StoreFault
+from academyd.ingest import Inbound
 from academyd.settings import NatsSettings
+from academyd.store import StoreFault
 from handlers import Ack, Outcome, Reject, Retry
 
 log = structlog.get_logger("academyd.bus")

@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from academyd.store import StoreError, StoreFault, probe_write, store_fault
 from handlers import Ack, Handler, HandlerContext, Outcome, Reject, Retry, registry
 from schemas.models import INBOUND, SCHEMA_VERSION, Event
 
@@ -34,22 +33,6 @@ EXCERPT_CHARS = 500
 # How long the batch's BEGIN IMMEDIATE may wait for another connection's write lock. Ingest runs on the
 # event loop: waiting longer would stall NATS pings and the page; the batch is released instead.
 INGEST_BUSY_MS = 1000
-
-# SQLite primary result codes that mean the store itself is in trouble, whatever the message.
-_FAULT_CODES = {
-    5: "database is locked (SQLITE_BUSY)",
-    6: "table is locked (SQLITE_LOCKED)",
-    7: "out of memory (SQLITE_NOMEM)",
-    8: "database is read-only (SQLITE_READONLY)",
-    10: "disk I/O error (SQLITE_IOERR)",
-    11: "database file is damaged (SQLITE_CORRUPT)",
-    13: "disk is full (SQLITE_FULL)",
-    14: "cannot open the database file (SQLITE_CANTOPEN)",
-    15: "database lock protocol error (SQLITE_PROTOCOL)",
-    26: "not a database file (SQLITE_NOTADB)",
-}
-_FAULT_WORDS = ("locked", "disk", "full", "readonly", "read-only", "unable to open", "malformed", "i/o")
-
 
 
 @dataclass(frozen=True)
@@ -61,29 +44,6 @@ class Inbound:
     msg_id: str | None = None
     # Deliveries that count against the message (num_delivered minus those a store fault caused).
     attempts: int | None = None
-
-
-class StoreFault(Exception):
-    """The store cannot take writes now (locked, I/O error, disk full); nothing of the batch committed."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def store_fault(exc: BaseException) -> StoreFault | None:
-    """A StoreFault when `exc` is SQLite saying the store (not this message) is in trouble."""
-    if not isinstance(exc, sqlite3.Error):
-        return None
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int) and (code & 0xFF) in _FAULT_CODES:
-        return StoreFault(_FAULT_CODES[code & 0xFF], f"{type(exc).__name__}: {exc}")
-    if code is None and isinstance(exc, sqlite3.OperationalError):
-        text = str(exc).lower()
-        if any(w in text for w in _FAULT_WORDS):
-            return StoreFault(str(exc), f"{type(exc).__name__}: {exc}")
-    return None
 
 
 # ---------------------------------------------------------------- decoding
@@ -423,7 +383,7 @@ class Ingestor:
         return outcome
 
     def _failed(self, item: Inbound, event: Event, exc: Exception) -> Outcome:
-        if isinstance(exc, sqlite3.Error):
+        if isinstance(exc, StoreError):
             # The store refused this one row (a constraint, a value too big): trying again changes nothing.
             log.warning("event_refused_by_store", event_id=event.event_id, subject=item.subject,
                         error=_exc_text(exc))
@@ -440,27 +400,9 @@ class Ingestor:
     # ------------------------------------------------------------ health
 
     def probe(self) -> None:
-        """Raise StoreFault unless the store takes a real write now (for a worker thread while degraded).
-
-        Its own connection (the loop's may be in use) writes and deletes a 64 KiB row and commits, so a
-        full disk or a held write lock shows here before a batch is fetched again.
-        """
-        path: Path = self.store.path
-        conn = sqlite3.connect(path, isolation_level=None, timeout=INGEST_BUSY_MS / 1000)
+        """Raise StoreFault unless the store takes a real write now (for a worker thread while degraded):
+        a full disk or a held write lock shows here before a batch is fetched again."""
         try:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("CREATE TABLE IF NOT EXISTS ingest_probe(id INTEGER PRIMARY KEY, pad BLOB)")
-            conn.execute("INSERT OR REPLACE INTO ingest_probe(id, pad) VALUES (1, zeroblob(65536))")
-            conn.execute("DELETE FROM ingest_probe")
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            fault = store_fault(exc) or StoreFault("store error", _exc_text(exc))
-            raise fault from exc
-        finally:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-
-
+            probe_write(self.store.path, INGEST_BUSY_MS)
+        except StoreError as exc:
+            raise (store_fault(exc) or StoreFault("store error", _exc_text(exc))) from exc

@@ -15,10 +15,10 @@ import structlog
 
 from academyd.clock import Clock
 from academyd.health import Health
-from academyd.ingest import Inbound, Ingestor, StoreFault, decode, event_id_hint, safe_excerpt
+from academyd.ingest import Inbound, Ingestor, decode, event_id_hint, safe_excerpt
 from academyd.seams import Counters, Listener, RunRequests
 from academyd.settings import Settings
-from academyd.store import Store
+from academyd.store import Store, StoreFault
 from handlers import Outcome, Reject
 
 log = structlog.get_logger("academyd.app")
@@ -73,7 +73,7 @@ class Intake:
         if isinstance(event, Reject):
             reason = event
         else:
-            if self.store.scalar("SELECT 1 FROM inbox WHERE event_id=?", (event.event_id,)):
+            if self.store.claimed(event.event_id):
                 return None  # stored; only its ack was lost
             reason = Reject("max_deliveries", f"delivered {item.num_delivered} times without being stored")
         try:

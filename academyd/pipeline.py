@@ -225,10 +225,8 @@ class Pipeline:
     # ------------------------------------------------------------ training
 
     def _spec(self, run: dict[str, Any]) -> TrainSpec:
-        from academyd.curator import get_dataset
-
         t = self.settings.training
-        ds = get_dataset(self.store, run["dataset_id"])
+        ds = self.store.get_dataset(run["dataset_id"])
         if ds is None:
             raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
         base = self.base.path if self.base is not None else t.base_model
@@ -342,7 +340,6 @@ class Pipeline:
             log.warning("progress_refused", run_id=body["run_id"], error=str(exc))
 
     async def _register(self, run: dict[str, Any], spec: TrainSpec, result: Any) -> str:
-        from academyd.curator import get_dataset
         from academyd.registry import Registry
 
         summary = dict(result.summary or {})
@@ -357,7 +354,7 @@ class Pipeline:
             try:
                 return Registry(store, settings).add_candidate(
                     run_id=run["run_id"], adapter_src=Path(result.adapter_path), run_summary=summary,
-                    dataset=get_dataset(store, run["dataset_id"]), base_model=spec.base_model, now=now,
+                    dataset=store.get_dataset(run["dataset_id"]), base_model=spec.base_model, now=now,
                 )
             finally:
                 store.close()
@@ -376,7 +373,6 @@ class Pipeline:
 
     async def _evaluate(self, run: dict[str, Any]) -> None:
         from academyd.arena import evaluate
-        from academyd.curator import get_dataset
         from academyd.registry import Registry
 
         registry = Registry(self.store, self.settings)
@@ -384,7 +380,7 @@ class Pipeline:
         model = registry.get(version)
         if model is None:
             raise RunFailed(f"version {version} is missing from the registry")
-        ds = get_dataset(self.store, run["dataset_id"])
+        ds = self.store.get_dataset(run["dataset_id"])
         if ds is None:
             raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
         # The verdict is measured against one champion and promotion is a compare-and-swap on it: if the
@@ -436,12 +432,11 @@ class Pipeline:
     # ------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
-        from academyd.curator import latest_dataset
         from academyd.registry import Registry
 
         champ = Registry(self.store, self.settings).champion()
         out: dict[str, Any] = {"training": None, "champion": champ["version"] if champ else None,
-                               "last_dataset": latest_dataset(self.store),
+                               "last_dataset": self.store.latest_dataset(),
                                "base_model": self.base.to_dict() if self.base is not None else None}
         run = self.store.active_run()
         if run is not None and run["run_id"] in self._live:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -59,9 +58,9 @@ from academyd.modelfile import (
     tokenizer_facts,
 )
 from academyd.ollama import OLLAMA_PREFIX, OllamaError, ollama_create
-from academyd.registry import MANIFEST_FILE, Registry, RegistryError, adapter_sha256, champion_version
+from academyd.registry import MANIFEST_FILE, Registry, RegistryError, adapter_sha256
 from academyd.settings import Settings
-from academyd.store import Store, iso
+from academyd.store import Store
 
 log = structlog.get_logger("academyd.promotion")
 
@@ -250,9 +249,8 @@ async def _prepare(settings: Settings, row: dict[str, Any], http_session: aiohtt
     if artifacts is None:
         artifacts = await build_artifacts(settings, row)
         if store is not None:  # built once per version: a later move of it reuses them
-            with store.transaction() as conn:
-                conn.execute("UPDATE models SET artifacts=? WHERE version=?",
-                             (json.dumps(_artifacts_record(artifacts)), row["version"]))
+            with store.transaction():
+                store.set_model_artifacts(row["version"], _artifacts_record(artifacts))
     if settings.arena.ollama_url:
         try:
             artifacts["ollama"] = await ollama_create(settings, row, artifacts, http_session=http_session)
@@ -270,22 +268,20 @@ def _base(version: str | None) -> str:
     return version or "the base model"
 
 
-def _compare_and_swap(conn: Any, expected: Any, *, action: str, to: str | None, basis: str | None, reason: str,
+def _compare_and_swap(store: Store, expected: Any, *, action: str, to: str | None, basis: str | None, reason: str,
                       now: datetime) -> str | None:
     """Inside the move's transaction: refuse unless the champion is still `expected` (ANY: whatever it is),
     and record the move (`champion_moves`); a `basis` (the verdict or watch decision acted on) can be used
     once. Returns the champion the move starts from."""
-    actual = champion_version(conn)
+    actual = store.champion_version()
     if expected is not ANY and actual != expected:
         raise StaleChampion(
             f"{action} to {_base(to)} refused: it was decided against {_base(expected)}, but the champion is now "
             f"{_base(actual)} (another promotion or rollback came first); nothing changed", expected=expected,
             actual=actual)
-    try:
-        conn.execute("INSERT INTO champion_moves(action, from_version, to_version, basis, reason, at)"
-                     " VALUES (?,?,?,?,?,?)", (action, actual, to, basis, reason, iso(now)))
-    except sqlite3.IntegrityError:
-        raise PromotionRefused(f"{action} refused: {basis} was already acted on; nothing changed") from None
+    if not store.record_champion_move(action=action, from_version=actual, to_version=to, basis=basis, reason=reason,
+                                      now=now):
+        raise PromotionRefused(f"{action} refused: {basis} was already acted on; nothing changed")
     return actual
 
 
@@ -308,7 +304,7 @@ async def promote(store: Store, settings: Settings, version: str, *, reason: str
         raise PromotionRefused(f"no version {version} in the registry; see `academyd models list`")
     if row["is_champion"]:
         raise PromotionRefused(f"{version} is already the champion")
-    current = champion_version(store.conn)
+    current = store.champion_version()
     if expected_champion is not ANY and current != expected_champion:
         raise StaleChampion(f"promotion of {version} refused: it was decided against {_base(expected_champion)}, "
                             f"but the champion is now {_base(current)}; nothing changed",
@@ -320,16 +316,14 @@ async def promote(store: Store, settings: Settings, version: str, *, reason: str
     event = promoted_event(row, previous, artifacts, parent=row["parent"], reason=reason, now=now,
                            active_adapter_path=str(settings.active_adapter_path))
     payload = event.payload
-    with store.transaction() as conn:
-        _compare_and_swap(conn, expected_champion, action="promote", to=version, basis=basis, reason=reason,
+    with store.transaction():
+        _compare_and_swap(store, expected_champion, action="promote", to=version, basis=basis, reason=reason,
                           now=now)
         if previous is not None:
-            conn.execute("UPDATE models SET status='retired' WHERE version=?", (previous["version"],))
-            reg._history(previous["version"], "retired", f"{version} promoted", now)
-        conn.execute("UPDATE models SET status='champion', promoted_at=?, artifacts=? WHERE version=?",
-                     (iso(now), json.dumps(_artifacts_record(artifacts)), version))
-        _set_alias(conn, version, now)
-        reg._history(version, "promoted", reason, now)
+            store.set_model_status(previous["version"], "retired")
+            store.add_model_history(previous["version"], "retired", f"{version} promoted", now)
+        store.make_champion(version, _artifacts_record(artifacts), now)
+        store.add_model_history(version, "promoted", reason, now)
         events.enqueue(store, event, now)
     promoted = reg.get(version)
     await write_active_adapter_async(settings, active_adapter_doc(promoted, base_model=row["base_model"],
@@ -389,31 +383,22 @@ async def rollback(store: Store, settings: Settings, *, reason: str, now: dateti
                                      reason=f"rollback from {champ['version']}: {reason}", now=now,
                                      active_adapter_path=str(settings.active_adapter_path))
     promoted = promoted_ev.payload if promoted_ev is not None else None
-    with store.transaction() as conn:
-        _compare_and_swap(conn, champ["version"], action="rollback", to=rolled["to_version"], basis=basis,
+    with store.transaction():
+        _compare_and_swap(store, champ["version"], action="rollback", to=rolled["to_version"], basis=basis,
                           reason=reason, now=now)
-        conn.execute("UPDATE models SET status='rejected' WHERE version=?", (champ["version"],))
-        reg._history(champ["version"], "rolled_back", reason, now)
+        store.set_model_status(champ["version"], "rejected")
+        store.add_model_history(champ["version"], "rolled_back", reason, now)
         events.enqueue(store, rolled_event, now)
         if target is not None and promoted_ev is not None and artifacts is not None:
-            conn.execute("UPDATE models SET status='champion', promoted_at=?, artifacts=? WHERE version=?",
-                         (iso(now), json.dumps(_artifacts_record(artifacts)), target["version"]))
-            _set_alias(conn, target["version"], now)
-            reg._history(target["version"], "promoted", f"rollback from {champ['version']}: {reason}", now)
+            store.make_champion(target["version"], _artifacts_record(artifacts), now)
+            store.add_model_history(target["version"], "promoted", f"rollback from {champ['version']}: {reason}",
+                                    now)
             events.enqueue(store, promoted_ev, now)
         else:
-            conn.execute("DELETE FROM model_aliases WHERE alias='champion'")
+            store.clear_champion()
     restored = reg.get(target["version"]) if target else None
     await write_active_adapter_async(settings, active_adapter_doc(
         restored, base_model=champ["base_model"], reason=f"rollback from {champ['version']}: {reason}", now=now,
         payload=promoted))
     log.info("model.rolled_back", from_version=champ["version"], to_version=rolled["to_version"], reason=reason)
     return {**rolled, "rolled_back": rolled, "promoted": promoted}
-
-
-def _set_alias(conn: Any, version: str, now: datetime) -> None:
-    conn.execute(
-        "INSERT INTO model_aliases(alias, version, updated_at) VALUES ('champion', ?, ?)"
-        " ON CONFLICT(alias) DO UPDATE SET version=excluded.version, updated_at=excluded.updated_at",
-        (version, iso(now)),
-    )

@@ -14,16 +14,14 @@ file under `adapter/` (paths relative to it, '/'-separated, sorted, `sha256sum` 
 So it covers the weights, the adapter config and the tokenizer, and anyone can check a copy with
 `cd adapter && sha256sum -c ../adapter.sha256sum` and `sha256sum ../adapter.sha256sum`.
 
-Readers that must not write (the CLI) use the module functions over a read-only connection
-(`connect_readonly`, `list_versions`, `get_version`); `Registry` wraps them for the daemon.
+The rows are academyd.store.models'. Readers that must not write (the CLI) open the store read-only
+(`connect_readonly`) and read it (`list_versions`, `get_version`); `Registry` is the daemon's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-import sqlite3
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -31,16 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from academyd import events
 from academyd.settings import Settings
-from academyd.store import Store, iso
+from academyd.store import Store
 from schemas.models import version_name
 
 if TYPE_CHECKING:
     from academyd.arena import Verdict
 
 STATUSES = ("candidate", "champion", "retired", "rejected")
-CHAMPION = "champion"
 MANIFEST_FILE = "adapter.sha256sum"
-JSON_COLUMNS = ("packages", "metrics", "verdict", "artifacts")
 
 
 class RegistryError(Exception):
@@ -79,50 +75,15 @@ def sha256_file(path: Path) -> str:
 # ---------------------------------------------------------------- reading (no writes)
 
 
-def connect_readonly(db_path: Path) -> sqlite3.Connection:
-    """A read-only connection to the daemon's database (for the CLI); RegistryError if there is none."""
+def connect_readonly(db_path: Path) -> Store:
+    """The daemon's database opened read-only (for the CLI); RegistryError if there is none (or no registry)."""
     if not db_path.is_file():
         raise RegistryError(f"no database at {db_path}: start the daemon once (`academyd run`) or pass --data-dir")
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
-    conn.row_factory = sqlite3.Row
-    has = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='models'").fetchone()
-    if has is None:
-        conn.close()
+    store = Store.open_readonly(db_path)
+    if not store.has_table("models"):
+        store.close()
         raise RegistryError(f"{db_path} has no model registry yet: run the daemon of this version once to migrate it")
-    return conn
-
-
-def _row(row: sqlite3.Row | None, conn: sqlite3.Connection) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    d = dict(row)
-    for key in JSON_COLUMNS:
-        d[key] = json.loads(d[key]) if d.get(key) else ({} if key != "verdict" else None)
-    alias = conn.execute("SELECT version FROM model_aliases WHERE alias=?", (CHAMPION,)).fetchone()
-    d["is_champion"] = alias is not None and alias[0] == d["version"]
-    return d
-
-
-def get_version(conn: sqlite3.Connection, version: str) -> dict[str, Any] | None:
-    """One version, whole, with its history (`history`: [{action, reason, at}])."""
-    d = _row(conn.execute("SELECT * FROM models WHERE version=?", (version,)).fetchone(), conn)
-    if d is not None:
-        d["history"] = [
-            dict(r) for r in conn.execute(
-                "SELECT action, reason, at FROM model_history WHERE version=? ORDER BY id", (version,))
-        ]
-    return d
-
-
-def list_versions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every version, oldest first."""
-    rows = conn.execute("SELECT * FROM models ORDER BY seq").fetchall()
-    return [d for d in (_row(r, conn) for r in rows) if d is not None]
-
-
-def champion_version(conn: sqlite3.Connection) -> str | None:
-    row = conn.execute("SELECT version FROM model_aliases WHERE alias=?", (CHAMPION,)).fetchone()
-    return None if row is None else row[0]
+    return store
 
 
 # ---------------------------------------------------------------- the registry
@@ -139,16 +100,16 @@ class Registry:
 
     def champion(self) -> dict[str, Any] | None:
         """The version the `champion` alias points at, or None (Venom runs the base model)."""
-        v = champion_version(self.store.conn)
+        v = self.store.champion_version()
         return None if v is None else self.get(v)
 
     def get(self, version: str) -> dict[str, Any] | None:
         """One version as a dict (JSON columns decoded, `history` added), or None."""
-        return get_version(self.store.conn, version)
+        return self.store.get_version(version)
 
     def list(self) -> list[dict[str, Any]]:
         """Every version, oldest first."""
-        return list_versions(self.store.conn)
+        return self.store.list_versions()
 
     def version_dir(self, version: str) -> Path:
         return self.settings.models_dir / version
@@ -173,9 +134,9 @@ class Registry:
         datasets row (dataset_id, content_hash, format, heldout_path), or None. Idempotent per `run_id`:
         registering the same run again returns the version it already has.
         """
-        existing = self.store.conn.execute("SELECT version FROM models WHERE run_id=?", (run_id,)).fetchone()
+        existing = self.store.version_of_run(run_id)
         if existing is not None:
-            found = self.get(existing[0])
+            found = self.get(existing)
             assert found is not None
             return found
         if not (adapter_src / "adapter_config.json").is_file():
@@ -192,27 +153,23 @@ class Registry:
             manifest = adapter_manifest(staging / "adapter")
             (staging / MANIFEST_FILE).write_text(manifest, encoding="utf-8")
             digest = hashlib.sha256(manifest.encode("utf-8")).hexdigest()
-            with self.store.transaction() as conn:
-                seq = int(conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM models").fetchone()[0])
+            with self.store.transaction():
+                seq = self.store.next_model_seq()
                 version = version_name(seq)
                 target = models / version
                 if target.exists():  # left by a crash between rename and commit: the row never existed
                     shutil.rmtree(target)
-                parent = champion_version(conn)
-                conn.execute(
-                    "INSERT INTO models(version, seq, parent, run_id, base_model, dataset_id, dataset_hash,"
-                    " dataset_format, heldout_path, spec_hash, backend, packages, adapter_path, adapter_sha256,"
-                    " status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        version, seq, parent, run_id, base_model,
-                        (dataset or {}).get("dataset_id"),
-                        (dataset or {}).get("content_hash") or run_summary.get("dataset_sha256"),
-                        (dataset or {}).get("format") or (run_summary.get("spec") or {}).get("format"),
-                        (dataset or {}).get("heldout_path") or (run_summary.get("spec") or {}).get("heldout_path"),
-                        run_summary.get("spec_hash"), run_summary.get("backend"),
-                        json.dumps(run_summary.get("versions") or {}),
-                        str(target / "adapter"), digest, "candidate", iso(now),
-                    ),
+                self.store.insert_model(
+                    version=version, seq=seq, parent=self.store.champion_version(), run_id=run_id,
+                    base_model=base_model,
+                    dataset_id=(dataset or {}).get("dataset_id"),
+                    dataset_hash=(dataset or {}).get("content_hash") or run_summary.get("dataset_sha256"),
+                    dataset_format=(dataset or {}).get("format") or (run_summary.get("spec") or {}).get("format"),
+                    heldout_path=((dataset or {}).get("heldout_path")
+                                  or (run_summary.get("spec") or {}).get("heldout_path")),
+                    spec_hash=run_summary.get("spec_hash"), backend=run_summary.get("backend"),
+                    packages=run_summary.get("versions") or {},
+                    adapter_path=str(target / "adapter"), adapter_sha256=digest, now=now,
                 )
                 self._history(version, "registered", f"trained by {run_id}", now)
                 staging.rename(target)
@@ -232,12 +189,10 @@ class Registry:
         event_id = f"eval-{version}-{uuid.uuid4().hex[:8]}"
         event = events.envelope("academy.evaluation.finished", event_id, now,
                                 {"run_id": run_id or row["run_id"], "version": version, **verdict.to_event()})
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             status = row["status"] if verdict.promote or row["status"] == "champion" else "rejected"
-            conn.execute(
-                "UPDATE models SET metrics=?, verdict=?, status=?, evaluated_at=? WHERE version=?",
-                (json.dumps(verdict.metrics), json.dumps(verdict.to_event()), status, iso(now), version),
-            )
+            self.store.set_model_evaluation(version, metrics=verdict.metrics, verdict=verdict.to_event(),
+                                            status=status, now=now)
             self._history(version, "evaluated", ("promote: " if verdict.promote else "reject: ")
                           + "; ".join(verdict.reasons), now)
             events.enqueue(self.store, event, now)
@@ -249,7 +204,4 @@ class Registry:
         return event.payload
 
     def _history(self, version: str, action: str, reason: str, now: datetime) -> None:
-        self.store.conn.execute(
-            "INSERT INTO model_history(version, action, reason, at) VALUES (?,?,?,?)",
-            (version, action, reason, iso(now)),
-        )
+        self.store.add_model_history(version, action, reason, now)

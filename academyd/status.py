@@ -43,7 +43,7 @@ class StatusBuilder:
             "now": iso(now),
             "nats_url": self.nats_url(),
             "counts": store.counts(),
-            "successful_lessons": int(store.scalar("SELECT COUNT(*) FROM lessons WHERE success=1")),
+            "successful_lessons": store.successful_lessons(),
             "threshold": {
                 "new_successful_lessons": snap.new_successful_lessons,
                 "min_lessons": p.min_lessons,

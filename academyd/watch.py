@@ -87,14 +87,6 @@ def decide(
     return WatchDecision(False, f"{summary} >= {alpha}: within noise, keep {champion}", stats)
 
 
-def outcomes(store: Store, version: str, limit: int) -> list[bool]:
-    """Success of the last `limit` tasks served by `version`, oldest first."""
-    rows = store.conn.execute(
-        "SELECT success FROM tasks WHERE model_version=? ORDER BY seq DESC LIMIT ?", (version, limit)
-    ).fetchall()
-    return [bool(r[0]) for r in reversed(rows)]
-
-
 def check_champion(
     store: Store, settings: Settings, champion: dict[str, Any], parent: dict[str, Any] | None
 ) -> WatchDecision:
@@ -104,7 +96,7 @@ def check_champion(
     version = champion["version"]
     pv = parent["version"] if parent else None
     return decide(
-        version, outcomes(store, version, a.watch_window), pv,
-        outcomes(store, pv, a.watch_window) if pv else [], window=a.watch_window, alpha=a.watch_alpha,
+        version, store.task_outcomes(version, a.watch_window), pv,
+        store.task_outcomes(pv, a.watch_window) if pv else [], window=a.watch_window, alpha=a.watch_alpha,
         margin=a.watch_margin,
     )

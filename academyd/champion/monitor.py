@@ -45,16 +45,15 @@ class Monitor:
         self._poke.set()
 
     def cooldown_until(self) -> datetime | None:
-        row = self.store.conn.execute("SELECT at FROM champion_watch ORDER BY id DESC LIMIT 1").fetchone()
-        if row is None:
+        last = self.store.last_watch()
+        if last is None:
             return None
-        until = parse_iso(row[0])
+        until = parse_iso(last["at"])
         assert until is not None
         return until + timedelta(minutes=self.settings.arena.watch_cooldown_min)
 
     def last_action(self) -> dict[str, Any] | None:
-        row = self.store.conn.execute("SELECT * FROM champion_watch ORDER BY id DESC LIMIT 1").fetchone()
-        return None if row is None else dict(row)
+        return self.store.last_watch()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -97,9 +96,8 @@ class Monitor:
         )
         outcome = "rolled_back" if result.get("ok") else "refused"
         why = decision.reason if result.get("ok") else str(result.get("error"))
-        with self.store.transaction() as conn:
-            conn.execute("INSERT INTO champion_watch(champion, outcome, reason, at) VALUES (?,?,?,?)",
-                         (champ["version"], outcome, why, iso(self.clock())))
+        with self.store.transaction():
+            self.store.record_watch(champ["version"], outcome, why, self.clock())
         if outcome == "refused":
             log.warning("watch_rollback_refused", version=champ["version"], reason=why)
         return f"{outcome}: {why}"

@@ -22,7 +22,7 @@ import structlog
 
 from academyd import promotion
 from academyd.promotion import ANY, PromotionRefused, StaleChampion
-from academyd.registry import Registry, champion_version
+from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store
 
@@ -39,7 +39,7 @@ class Champion:
         self._prepare_locks: dict[str, asyncio.Lock] = {}
 
     def current(self) -> str | None:
-        return champion_version(self.store.conn)
+        return self.store.champion_version()
 
     def _lock(self, version: str | None) -> asyncio.Lock:
         return self._prepare_locks.setdefault(version or "", asyncio.Lock())

@@ -24,7 +24,7 @@ from academyd.commands.common import (
     request,
     settings_from,
 )
-from academyd.registry import RegistryError, connect_readonly, get_version, list_versions
+from academyd.registry import RegistryError, connect_readonly
 from schemas.models import is_version
 
 STYLE = {"champion": "bold green", "candidate": "cyan", "retired": "dim", "rejected": "red"}
@@ -82,13 +82,13 @@ def _metric(v: dict[str, Any]) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     try:
-        conn = _open(args)
+        store = _open(args)
     except RegistryError as exc:
         return fail(str(exc), EXIT_USAGE)
     try:
-        versions = list_versions(conn)
+        versions = store.list_versions()
     finally:
-        conn.close()
+        store.close()
     if args.json:
         print_json(versions)
         return 0
@@ -120,21 +120,21 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     try:
-        conn = _open(args)
+        store = _open(args)
     except RegistryError as exc:
         return fail(str(exc), EXIT_USAGE)
     try:
         version = args.version
         if version == "champion":
-            row = conn.execute("SELECT version FROM model_aliases WHERE alias='champion'").fetchone()
-            if row is None:
+            champion = store.champion_version()
+            if champion is None:
                 return fail("there is no champion: Venom runs the base model", EXIT_FAILED)
-            version = row[0]
+            version = champion
         if not is_version(version):
             return fail(f"{version!r} is not a version name; use v1, v2, ... or 'champion'", EXIT_USAGE)
-        v = get_version(conn, version)
+        v = store.get_version(version)
     finally:
-        conn.close()
+        store.close()
     if v is None:
         return fail(f"no version {version} in the registry; see `academyd models list`", EXIT_USAGE)
     if args.json:

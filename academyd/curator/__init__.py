@@ -1,6 +1,6 @@
 """Dataset curation: lessons, git history and task conversations into clean, honest training sets.
 
-Public API: `build_dataset`, `BuildResult`, `latest_dataset` (loaded lazily: the daemon's handlers import
+Public API: `build_dataset`, `BuildResult` (loaded lazily: the daemon's handlers import
 `academyd.curator.rules` and `academyd.curator.git` without paying for numpy, rensa and
 the secret scanner).
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from academyd.curator.build import BuildResult, build_dataset, get_dataset, latest_dataset
+    from academyd.curator.build import BuildResult, build_dataset
 
-__all__ = ["BuildResult", "build_dataset", "get_dataset", "latest_dataset"]
+__all__ = ["BuildResult", "build_dataset"]
 
 
 def __getattr__(name: str) -> Any:

@@ -214,7 +214,7 @@ def build_dataset(
     clock.lap("dedup")
 
     # -------------------------------------------------------------- split, scope, replay
-    remembered = dict(store.conn.execute("SELECT record_key, split FROM dataset_members").fetchall())
+    remembered = store.dataset_splits()
     by_source: dict[str, list[str]] = defaultdict(list)
     for ex in unique:
         by_source[ex.source].append(ex.key)
@@ -261,7 +261,7 @@ def build_dataset(
         dropped.update(c)
     survivors = len(train_all) + len(heldout)
     created = iso(now) or ""
-    taken = {r[0] for r in store.conn.execute("SELECT dataset_id FROM datasets WHERE dataset_id LIKE ?", (f"ds-{stamp}%",))}
+    taken = store.dataset_ids(f"ds-{stamp}")
     result = BuildResult(
         dataset_id=next(i for i in (f"ds-{stamp}" + (f"_{n}" if n > 1 else "") for n in range(1, 10**6)) if i not in taken),
         run_id=run_id,
@@ -453,58 +453,12 @@ def _record(
                              msg_id=f"academy.dataset.built:{result.dataset_id}")
              if announce and result.ok else None)
     with store.transaction():
-        store.conn.execute(
-            "INSERT INTO datasets(dataset_id, run_id, created_at, format, path, heldout_path, manifest_path,"
-            " content_hash, examples, heldout, counts, dropped, refused, manifest)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                result.dataset_id,
-                result.run_id,
-                result.created_at,
-                result.format,
-                result.path,
-                result.heldout_path,
-                result.manifest_path,
-                result.content_hash,
-                result.examples,
-                result.heldout,
-                json.dumps(result.counts),
-                json.dumps(result.dropped),
-                result.refused,
-                json.dumps(slim, ensure_ascii=False, default=str),
-            ),
+        store.insert_dataset(
+            dataset_id=result.dataset_id, run_id=result.run_id, created_at=result.created_at, format=result.format,
+            path=result.path, heldout_path=result.heldout_path, manifest_path=result.manifest_path,
+            content_hash=result.content_hash, examples=result.examples, heldout=result.heldout,
+            counts=result.counts, dropped=result.dropped, refused=result.refused, manifest=slim,
         )
-        store.conn.executemany(
-            "INSERT OR IGNORE INTO dataset_members(record_key, split, first_dataset_id) VALUES (?,?,?)", members
-        )
+        store.add_dataset_members(members)
         if built is not None:
             events.enqueue(store, built, now)
-
-
-_DATASET_COLUMNS = (
-    "dataset_id, run_id, created_at, format, path, heldout_path, manifest_path, content_hash,"
-    " examples, heldout, counts, dropped, refused"
-)
-
-
-def _dataset_row(row: Any) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    out = dict(row)
-    out["counts"] = json.loads(out["counts"])
-    out["dropped"] = json.loads(out["dropped"])
-    return out
-
-
-def latest_dataset(store: Store) -> dict[str, Any] | None:
-    """The latest build (refused ones included) for `academy.status` and the page."""
-    return _dataset_row(store.conn.execute(
-        f"SELECT {_DATASET_COLUMNS} FROM datasets ORDER BY created_at DESC, rowid DESC LIMIT 1"
-    ).fetchone())
-
-
-def get_dataset(store: Store, dataset_id: str) -> dict[str, Any] | None:
-    """One recorded build by id (the pipeline reads a run's dataset paths from here after a restart)."""
-    return _dataset_row(store.conn.execute(
-        f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE dataset_id=?", (dataset_id,)
-    ).fetchone())

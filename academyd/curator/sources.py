@@ -35,9 +35,7 @@ Item = Example | Dropped
 
 
 def lessons(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
-    rows = store.conn.execute(
-        "SELECT seq, lesson_id, situation, action, result, feedback, metadata, received_at FROM lessons ORDER BY seq"
-    )
+    rows = store.lesson_rows()
     for seq, lesson_id, situation, action, result, feedback, metadata, received_at in rows:
         key = f"lesson:{lesson_id}"
         order = (received_at, "lesson", seq)
@@ -56,9 +54,7 @@ def lessons(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
 
 
 def tasks(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
-    rows = store.conn.execute(
-        "SELECT seq, task_id, content, result, status, context_history, received_at FROM tasks ORDER BY seq"
-    )
+    rows = store.task_rows()
     for seq, task_id, content, result, status, history, received_at in rows:
         key = f"task:{task_id}"
         order = (received_at, "task", seq)
@@ -83,7 +79,7 @@ def tasks(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
 
 
 def commits(store: Store, cfg: CuratorSettings, repos: dict[str, Path]) -> Iterator[Item]:
-    rows = store.conn.execute("SELECT seq, repo, sha, received_at FROM commits ORDER BY seq").fetchall()
+    rows = store.commit_rows()
     by_repo: dict[str, list[tuple[int, str, str]]] = {}
     for seq, repo, sha, received_at in rows:
         by_repo.setdefault(repo, []).append((seq, sha, received_at))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,6 @@ MAX_CHART_POINTS = 2000
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 LENGTH_BINS = (0, 64, 128, 256, 512, 1024, 2048)
 _HIST_MAX_BYTES = 64 * 1024 * 1024
-
-
-def _table_exists(store: Store, name: str) -> bool:
-    return bool(store.scalar("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)))
 
 
 def _plain(value: Any) -> Any:
@@ -110,17 +105,10 @@ def _thin(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
 
 
 def datasets(store: Store, limit: int = 5) -> dict[str, Any]:
-    if not _table_exists(store, "datasets"):
+    if not store.has_table("datasets"):
         return {"available": False, "datasets": []}
-    rows = store.conn.execute(
-        "SELECT dataset_id, run_id, created_at, format, path, heldout_path, manifest_path, content_hash,"
-        " examples, heldout, counts, dropped, refused, manifest FROM datasets"
-        " ORDER BY created_at DESC, rowid DESC LIMIT ?",
-        (limit,),
-    ).fetchall()
     out = []
-    for row in rows:
-        d = dict(row)
+    for d in store.recent_datasets(limit):
         manifest = _json(d.pop("manifest"), {})
         d["counts"] = _json(d["counts"], {})
         d["dropped"] = _json(d["dropped"], {})
@@ -196,10 +184,9 @@ def models(store: Store, settings: Settings) -> dict[str, Any]:
 
 
 def dlq(store: Store, limit: int = 50) -> list[dict[str, Any]]:
-    try:
-        rows = store.recent_dlq(limit)
-    except sqlite3.OperationalError:
+    if not store.has_table("dlq"):
         return []
+    rows = store.recent_dlq(limit)
     from academyd.secrets import scanner
 
     for r in rows:

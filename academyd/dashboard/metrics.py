@@ -80,7 +80,7 @@ class AcademyCollector:
 
         runs = CounterMetricFamily("academy_runs", "Training runs that ended, per outcome (durable)",
                                    labels=["outcome"])
-        by_state = dict(store.conn.execute("SELECT state, COUNT(*) FROM runs GROUP BY state").fetchall())
+        by_state = store.runs_by_state()
         for state in TERMINAL_STATES:
             runs.add_metric([state], by_state.get(state, 0))
         yield runs
@@ -107,12 +107,8 @@ class AcademyCollector:
 
     def _durations(self, store: Any) -> Metric:
         """A histogram built from the runs table: every run that started and ended."""
-        rows = store.conn.execute(
-            "SELECT started_at, ended_at FROM runs WHERE started_at IS NOT NULL AND ended_at IS NOT NULL"
-            " AND state IN ('succeeded','failed','cancelled')"
-        ).fetchall()
         durations = []
-        for started, ended in rows:
+        for started, ended in store.run_durations():
             a, b = parse_iso(started), parse_iso(ended)
             if a and b:
                 durations.append(max(0.0, (b - a).total_seconds()))
@@ -127,7 +123,7 @@ class AcademyCollector:
         c = CounterMetricFamily("academy_evaluation_verdicts", "Arena verdicts on candidate adapters",
                                 labels=["verdict"])
         counts: dict[str, int] = {"promote": 0, "reject": 0}
-        durable = _evaluations_by_verdict(store)
+        durable = store.verdict_counts()
         for verdict, n in (durable if durable is not None else self.feed.verdicts).items():
             counts[str(verdict)] = counts.get(str(verdict), 0) + int(n)
         for verdict, n in sorted(counts.items()):
@@ -196,17 +192,6 @@ class AcademyCollector:
 
 def _le(bound: float) -> str:
     return repr(float(bound))
-
-
-def _evaluations_by_verdict(store: Any) -> dict[str, int] | None:
-    """Durable verdict counts from the registry (each version keeps its arena verdict); None without one."""
-    cols = [r[1] for r in store.conn.execute("PRAGMA table_info(models)").fetchall()]
-    if "verdict" not in cols:
-        return None
-    return dict(store.conn.execute(
-        "SELECT json_extract(verdict, '$.verdict'), COUNT(*) FROM models WHERE verdict IS NOT NULL"
-        " AND json_valid(verdict) GROUP BY 1"
-    ).fetchall())
 
 
 def make_registry(collector: AcademyCollector) -> CollectorRegistry:

@@ -17,7 +17,6 @@ from academyd.registry import (
     RegistryError,
     adapter_sha256,
     connect_readonly,
-    list_versions,
 )
 from academyd.settings import Settings
 from academyd.store import Store
@@ -68,9 +67,8 @@ def test_parent_is_the_champion_and_verdicts_are_events(
     v1 = reg.add_candidate(run_id="run-1", adapter_src=trained_good / "adapter", run_summary=summary(trained_good),
                            dataset=None, base_model=str(tiny_base_model), now=NOW)
     # Make v1 the champion the way promotion does (promotion itself is tested in test_promotion).
-    with arena_store.transaction() as conn:
-        conn.execute("UPDATE models SET status='champion' WHERE version='v1'")
-        conn.execute("INSERT INTO model_aliases(alias, version, updated_at) VALUES ('champion', 'v1', 'now')")
+    with arena_store.transaction():
+        arena_store.make_champion("v1", {}, NOW)
     assert reg.champion()["version"] == "v1"
     v2 = reg.add_candidate(run_id="run-2", adapter_src=trained_noise / "adapter", run_summary=summary(trained_noise),
                            dataset=None, base_model=str(tiny_base_model), now=NOW)
@@ -91,13 +89,14 @@ def test_parent_is_the_champion_and_verdicts_are_events(
     assert history == ["registered", "evaluated"]
 
     # The CLI's read-only view sees the same.
-    conn = connect_readonly(arena_settings.db_path)
+    ro = connect_readonly(arena_settings.db_path)
     try:
-        assert [v["version"] for v in list_versions(conn)] == ["v1", "v2"]
+        assert [v["version"] for v in ro.list_versions()] == ["v1", "v2"]
+        assert ro.champion_version() == "v1"
         with pytest.raises(Exception, match="readonly"):
-            conn.execute("DELETE FROM models")
+            ro.conn.execute("DELETE FROM models")
     finally:
-        conn.close()
+        ro.close()
 
 
 def test_bad_inputs_say_what_to_do(arena_settings: Settings, arena_store: Store, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from academyd.cli import main as cli_main
-from academyd.curator import build_dataset, latest_dataset
+from academyd.curator import build_dataset
 from academyd.settings import load_settings
 from academyd.store import Store
 from fixtures.curator import T0, CorpusStore, Planted, Words, grep_secrets, plant_corpus
@@ -48,7 +48,7 @@ def test_planted_corpus_exact_counts_and_no_secret_in_any_file(planted: Planted)
     assert all(c["heldout"] >= 1 for c in r.counts.values())
     DatasetBuilt.model_validate({"schema_version": 1, "event_id": r.dataset_id, "at": T0, **r.event_payload()})
     assert Path(r.path).name == "dataset_alpaca_20260105_120000.jsonl"
-    assert latest_dataset(planted.store)["content_hash"] == r.content_hash
+    assert planted.store.latest_dataset()["content_hash"] == r.content_hash
 
 
 def test_drop_policy_drops_every_example_with_a_secret(planted_drop: Planted) -> None:
@@ -101,7 +101,7 @@ def test_too_few_examples_is_refused_and_visible(tmp_path: Path) -> None:
     assert r.refused and "only 30 examples" in r.refused and "curator.min_examples" in r.refused
     assert r.dropped == {"failure": 30}
     assert not settings.training_dir.exists() or not any(settings.training_dir.iterdir())
-    assert latest_dataset(store)["refused"] == r.refused
+    assert store.latest_dataset()["refused"] == r.refused
     store.close()
 
 

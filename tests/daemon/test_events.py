@@ -109,7 +109,7 @@ def test_nothing_but_events_queues_an_outbox_row_or_writes_an_envelope_by_hand()
     offenders = []
     for path in sorted((ROOT / "academyd").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel in ("academyd/events.py", "academyd/store.py"):
+        if rel in ("academyd/events.py", "academyd/store/outbox.py"):
             continue
         tree = ast.parse(path.read_text(), rel)
         for node in ast.walk(tree):

@@ -136,3 +136,25 @@ def test_the_real_parts_satisfy_their_protocols() -> None:
     from academyd.app import App
 
     assert issubclass(App, seams.LiveEvents)
+
+
+def test_only_the_store_touches_sqlite() -> None:
+    """SQL lives in academyd/store/ (one module per table group): no other module imports sqlite3 or
+    reaches for a store's connection (`.conn`) or its raw-SQL helper (`.scalar`), in function bodies and
+    TYPE_CHECKING blocks too."""
+    store_dir = ROOT / "academyd" / "store"
+    checked, offenders = 0, []
+    for path in sorted((ROOT / "academyd").rglob("*.py")):
+        if store_dir in path.parents:
+            continue
+        checked += 1
+        rel = path.relative_to(ROOT).as_posix()
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Import) and any(a.name.split(".")[0] == "sqlite3" for a in n.names):
+                offenders.append(f"{rel}:{n.lineno}: import sqlite3")
+            elif isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "sqlite3":
+                offenders.append(f"{rel}:{n.lineno}: from sqlite3 import")
+            elif isinstance(n, ast.Attribute) and n.attr in ("conn", "scalar"):
+                offenders.append(f"{rel}:{n.lineno}: .{n.attr} ({ast.unparse(n)})")
+    assert checked > 50  # the walk really covered the daemon
+    assert offenders == [], "SQL outside academyd/store/: add a method to the table group's module instead"
