@@ -1,0 +1,290 @@
+"""The Docker habitat itself: ProcessHabitat's job protocol (progress stream, conclusion, watchdog) with
+the trainer in a container. `start` builds the container (`container`), prepares the host's side
+(`host`) and records the job before creating it; `reattach` / `find_jobs` find a restarted daemon's
+containers by the engine's labels (`engine`); the output is read back as untrusted (`readback`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import docker
+import structlog
+from docker.errors import DockerException, ImageNotFound, NotFound
+
+from academyd.habitat import jobdir
+from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
+from academyd.habitat.docker import host
+from academyd.habitat.docker.container import (
+    LABEL_JOB_DIR,
+    LABEL_RUN_ID,
+    LABEL_SPEC_HASH,
+    DockerOptions,
+    Mount,
+    container_config,
+    default_cpus,
+    default_memory_mb,
+    default_user,
+    has_nvidia,
+    parse_user,
+    replace_options,
+)
+from academyd.habitat.docker.engine import LIVE_STATES, connect, managed_containers, record_end
+from academyd.habitat.docker.readback import collect_result, events_size
+from academyd.habitat.jobdir import JobDir, UnsafeOutput
+from academyd.habitat.process import EXIT_FILE, JOB_FILE, LIMIT_FILE, ProcessHabitat, _read_json, _write_json
+from academyd.trainer import spec as S
+
+if TYPE_CHECKING:
+    from docker.models.containers import Container
+
+    from academyd.settings import Settings
+
+log = structlog.get_logger("academyd.habitat.docker")
+
+REF_PREFIX = "docker:"
+
+
+class DockerHabitat(ProcessHabitat):
+    """Runs the trainer in a container. Same interface as ProcessHabitat; the layout of the job's
+    directory is `academyd.habitat.jobdir`'s (a daemon-owned control directory, a writable output mount).
+
+    Engine calls that may take a while (create, start, stop, remove) run in a worker thread; the quick
+    state reads behind `status` and the progress stream are a single inspect over the engine's socket.
+    """
+
+    name = "docker"
+
+    def __init__(self, client: docker.DockerClient, options: DockerOptions, *, poll_s: float = 0.25,
+                 clock: Callable[[], float] = time.time) -> None:
+        super().__init__(poll_s=poll_s, clock=clock)
+        self.client = client
+        self.options = options
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DockerHabitat:
+        t = settings.training
+        if not t.docker_image:
+            raise HabitatError("the Docker habitat needs an image: set training.docker_image "
+                               "(ACADEMY_TRAINING__DOCKER_IMAGE) to repo@sha256:<digest>")
+        return cls(
+            connect(t.docker_url),
+            DockerOptions(
+                image=t.docker_image,
+                python=t.docker_python,
+                user=t.docker_user or default_user(os.getuid(), os.getgid()),
+                mounts=tuple(Mount.parse(m) for m in t.docker_mounts),
+                cpus=t.docker_cpus,
+                pids_limit=t.docker_pids_limit,
+                shm_mb=t.docker_shm_mb,
+                memory_mb=t.docker_memory_mb,
+            ),
+        )
+
+    # ------------------------------------------------------------ start / reattach
+
+    async def start(self, job: TrainingJob) -> JobHandle:
+        uid, gid = parse_user(self.options.user)
+        jd = JobDir(Path(job.spec.output_dir).resolve())  # the pipeline's output_dir: the control directory
+        ref = REF_PREFIX + str(jd.root)
+        try:
+            await asyncio.to_thread(self.client.images.get, self.options.image)
+        except ImageNotFound:
+            raise HabitatError(f"the Docker image {self.options.image} is not on the engine; build or load "
+                               "it there (`docker build` / `docker load`; this habitat never pulls), or fix "
+                               "training.docker_image") from None
+        spec = host.absolute(job.spec.replace(output_dir=str(jd.output)))
+        job = TrainingJob(spec=spec, run_id=job.run_id, time_limit_s=job.time_limit_s,
+                          memory_limit_mb=job.memory_limit_mb, env=job.env)
+        for old in await asyncio.to_thread(self._containers, str(jd.root)):
+            if (old.labels.get(LABEL_RUN_ID) == job.run_id
+                    and old.labels.get(LABEL_SPEC_HASH) == S.spec_hash(spec)
+                    and _read_json(jd / JOB_FILE)):
+                # This very job, started by a daemon that died before it recorded the ref: adopt it.
+                return self._adopt(ref, job.run_id, self._record_for(jd), jd.root)
+            if old.status in LIVE_STATES:
+                raise HabitatError(f"a trainer container ({old.name}) already runs in {jd.root}; cancel it "
+                                   "or give the job another output_dir")
+            # An earlier attempt whose result nobody collected: its end is in the files already, or lost.
+            await asyncio.to_thread(old.remove, force=True)
+        await asyncio.to_thread(host.prepare, jd, spec, uid, gid)
+        inputs = [p for p in (spec.dataset_path, spec.heldout_path, spec.base_model) if p and os.path.isabs(p)]
+        blocked = await asyncio.to_thread(host.unreadable, inputs, uid, gid)
+        if blocked:
+            raise HabitatError(f"the trainer container runs as {uid}:{gid} and cannot read "
+                               f"{', '.join(blocked)}; "
+                               "make the inputs readable (chmod -R a+rX) or set training.docker_user")
+        try:
+            info = await asyncio.to_thread(self.client.info)
+            gpu = has_nvidia(info)
+            limited = TrainingJob(spec=spec, run_id=job.run_id, time_limit_s=job.time_limit_s,
+                                  memory_limit_mb=job.memory_limit_mb or self._default_memory_mb(info),
+                                  env=job.env)
+            # Docker refuses more CPUs than the engine has: a setting made for a bigger host is capped.
+            cpus = min(self.options.cpus or default_cpus(info), float(info.get("NCPU") or 1))
+            options = replace_options(self.options, cpus=cpus)
+            missing = [p for p in inputs if not os.path.exists(p)]
+            config = container_config(limited, options, gpu=gpu, job_dir=str(jd.root), missing=missing)
+            offset = events_size(jd)
+            record = {
+                "ref": ref,
+                "run_id": job.run_id,
+                "container_name": config["name"],
+                "image": self.options.image,
+                "gpu": gpu,
+                "started_at": self._clock(),
+                "events_offset": offset,
+                "pid": None,
+                "time_limit_s": job.time_limit_s,
+                "memory_limit_mb": None,  # Docker enforces it (an OOM kill shows in the container's state)
+                "docker_memory_limit_mb": limited.memory_limit_mb or None,
+                "docker_cpus": options.cpus or None,
+                "spec_hash": S.spec_hash(spec),
+            }
+            _write_json(jd / JOB_FILE, record)  # before create: a daemon that dies next still knows the job
+            container = await asyncio.to_thread(lambda: self.client.containers.create(**config))
+        except DockerException as exc:
+            raise HabitatError(f"the Docker engine refused the trainer container: {exc}") from None
+        try:
+            await asyncio.to_thread(container.start)
+        except DockerException as exc:
+            await asyncio.to_thread(container.remove, force=True)
+            raise HabitatError(f"the trainer container did not start: {exc}") from None
+        await asyncio.to_thread(container.reload)
+        record["pid"] = container.attrs.get("State", {}).get("Pid")  # on the engine's host; for messages
+        _write_json(jd / JOB_FILE, record)
+        log.info("docker_job_started", run_id=job.run_id, container=config["name"], image=self.options.image,
+                 gpu=gpu, job_dir=str(jd.root))
+        handle = JobHandle(ref=ref, run_id=job.run_id, output_dir=str(jd.root))
+        self._watch(handle, record)
+        return handle
+
+    def _record_for(self, jd: JobDir) -> dict[str, Any]:
+        record = _read_json(jd / JOB_FILE)
+        assert isinstance(record, dict)
+        return record
+
+    def _default_memory_mb(self, info: dict[str, Any]) -> int | None:
+        if self.options.memory_mb:
+            return self.options.memory_mb
+        return default_memory_mb(info)
+
+    async def reattach(self, ref: str) -> JobHandle | None:
+        if not ref.startswith(REF_PREFIX):
+            return None
+        jd = JobDir(Path(ref[len(REF_PREFIX) :]))
+        record = _read_json(jd / JOB_FILE)
+        if not isinstance(record, dict) or record.get("ref") != ref:
+            return None
+        # The engine's labels are the truth about which container is this job's.
+        found = await asyncio.to_thread(self._containers, str(jd.root))
+        if found and all(c.labels.get(LABEL_RUN_ID) != record.get("run_id") for c in found):
+            return None  # job.json is stale: another job owns this directory now
+        handle = JobHandle(ref=ref, run_id=str(record.get("run_id", "")), output_dir=str(jd.root))
+        if self._alive(record):
+            self._watch(handle, record)
+        return handle
+
+    async def find_jobs(self) -> list[JobHandle]:
+        """Handles of every academyd container on the engine (running or not yet collected)."""
+        handles = []
+        for c in await asyncio.to_thread(self._containers, None):
+            handle = await self.reattach(REF_PREFIX + c.labels.get(LABEL_JOB_DIR, ""))
+            if handle is not None:
+                handles.append(handle)
+        return handles
+
+    def _containers(self, job_dir: str | None) -> list[Container]:
+        return managed_containers(self.client, job_dir)
+
+    # ------------------------------------------------------------ observe
+
+    def _container(self, record: dict[str, Any]) -> Container | None:
+        """The job's container as the engine knows it: by its labels (job directory and run id)."""
+        root = record["ref"][len(REF_PREFIX) :]
+        try:
+            found = [c for c in self._containers(root) if c.labels.get(LABEL_RUN_ID) == record.get("run_id")]
+        except DockerException as exc:
+            raise HabitatError(f"the Docker engine does not answer about {record.get('container_name')}: "
+                               f"{exc}; start dockerd (the job's files stay in its directory)") from None
+        return found[0] if found else None
+
+    def _alive(self, record: dict[str, Any]) -> bool:
+        jd = JobDir(Path(record["ref"][len(REF_PREFIX) :]))
+        if (jd / EXIT_FILE).exists():
+            return False  # the end is recorded (and the container maybe removed)
+        container = self._container(record)
+        if container is None:
+            return False  # removed from outside before its end was recorded: lost
+        if container.status in LIVE_STATES:
+            return True
+        record_end(container, jd)
+        return False
+
+    def _events_since(self, handle: JobHandle, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """Events from the container's output, read as untrusted (see jobdir); a planted link ends the job."""
+        jd = JobDir(Path(handle.output_dir))
+        try:
+            data, _ = jobdir.read_from(jd.output, S.EVENTS_FILE, offset)
+        except UnsafeOutput as exc:
+            self._refuse(handle, exc)
+            return [], offset
+        events, used = jobdir.parse_events(data)
+        return events, offset + used
+
+    def _refuse(self, handle: JobHandle, exc: UnsafeOutput) -> None:
+        """Fail the job for what its container planted: the reason in limit.json, the container killed."""
+        jd = JobDir(Path(handle.output_dir))
+        if not (jd / LIMIT_FILE).exists():
+            _write_json(jd / LIMIT_FILE, {"code": exc.code, "reason": str(exc)})
+            log.warning("docker_job_refused", run_id=handle.run_id, reason=str(exc))
+        container = self._container(self._record(handle))
+        if container is not None and container.status in LIVE_STATES:
+            with contextlib.suppress(DockerException):
+                container.kill()
+
+    async def _collect(self, handle: JobHandle) -> tuple[dict[str, Any] | None, str]:
+        jd = JobDir(Path(handle.output_dir))
+        try:
+            return await asyncio.to_thread(collect_result, jd)
+        except UnsafeOutput as exc:
+            log.warning("docker_job_refused", run_id=handle.run_id, reason=str(exc))
+            raise
+
+    def _conclude(self, handle: JobHandle) -> tuple[JobStatus, dict[str, Any]]:
+        status, info = super()._conclude(handle)
+        if status is JobStatus.LOST:
+            name = self._record(handle).get("container_name")
+            info["reason"] = (f"the trainer container {name} is gone without an exit code: it was removed "
+                              "from outside or the engine lost it; the same spec resumes from its checkpoint")
+        return status, info
+
+    # ------------------------------------------------------------ control
+
+    async def _stop(self, record: dict[str, Any], grace_s: float) -> None:
+        container = self._container(record)
+        if container is not None:
+            try:
+                # docker stop: SIGTERM (the init passes it to the trainer), SIGKILL after the timeout.
+                await asyncio.to_thread(container.stop, timeout=int(math.ceil(grace_s)))
+            except NotFound:
+                pass
+        while self._alive(record):
+            await asyncio.sleep(self.poll_s / 4)
+
+    async def result(self, handle: JobHandle) -> JobResult:
+        result = await super().result(handle)
+        container = self._container(self._record(handle))
+        if container is not None:  # the end is in the control directory now; the container can go
+            await asyncio.to_thread(container.remove, force=True)
+        return result
+
+    async def close(self) -> None:
+        await super().close()
+        self.client.close()
