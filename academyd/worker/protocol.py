@@ -115,7 +115,6 @@ WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}"  # a KV key (hostname-pi
 SHA256_PATTERN = r"[0-9a-f]{64}"
 # runs/<run_id>/<what>[/<what>...], no "." or ".." component (academyd.worker.protocol.artifact_name).
 ARTIFACT_NAME_PATTERN = rf"runs/{RUN_ID_PATTERN}(/[A-Za-z0-9_][A-Za-z0-9_.-]{{0,199}}){{1,4}}"
-RUN_ID_RE = re.compile(RUN_ID_PATTERN)
 WORKER_ID_RE = re.compile(WORKER_ID_PATTERN)
 
 # Bytes a message or record may have before it is parsed (each is a few KB when well formed).
