@@ -8,6 +8,8 @@ import ast
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+
+from fixtures.source import parse_source
 from typing import Any
 
 import pytest
@@ -111,7 +113,7 @@ def test_nothing_but_events_queues_an_outbox_row_or_writes_an_envelope_by_hand()
         rel = path.relative_to(ROOT).as_posix()
         if rel in ("academyd/events.py", "academyd/store/outbox.py"):
             continue
-        tree = ast.parse(path.read_text(), rel)
+        tree = parse_source(path, rel)
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "outbox_add":
                 offenders.append(f"{rel}:{node.lineno}: outbox_add")

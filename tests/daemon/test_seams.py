@@ -9,6 +9,8 @@ import inspect
 import sys
 from pathlib import Path
 
+from fixtures.source import parse_source
+
 from academyd import seams
 from academyd.champion import Champion
 from academyd.dashboard import WebServer
@@ -56,7 +58,7 @@ def _imports(path: Path, mods: dict[str, Path], *, lazy: bool) -> set[str]:
             for field in ("body", "orelse", "finalbody", "handlers"):
                 walk(getattr(n, field, None) or [])
 
-    walk(ast.parse(path.read_text()).body)
+    walk(parse_source(path).body)
     return {m for m in found if m in mods}
 
 
@@ -110,7 +112,7 @@ def test_nothing_below_the_root_imports_app() -> None:
         rel = path.relative_to(ROOT).as_posix()
         if rel in ("academyd/app.py", "academyd/commands/run.py"):  # the root, and the command that runs it
             continue
-        for n in ast.walk(ast.parse(path.read_text())):  # TYPE_CHECKING and function bodies included
+        for n in ast.walk(parse_source(path)):  # TYPE_CHECKING and function bodies included
             names = ([a.name for a in n.names] if isinstance(n, ast.Import)
                      else [n.module or ""] + [f"{n.module}.{a.name}" for a in n.names]
                      if isinstance(n, ast.ImportFrom) else [])
@@ -149,7 +151,7 @@ def test_only_the_store_touches_sqlite() -> None:
             continue
         checked += 1
         rel = path.relative_to(ROOT).as_posix()
-        for n in ast.walk(ast.parse(path.read_text())):
+        for n in ast.walk(parse_source(path)):
             if isinstance(n, ast.Import) and any(a.name.split(".")[0] == "sqlite3" for a in n.names):
                 offenders.append(f"{rel}:{n.lineno}: import sqlite3")
             elif isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "sqlite3":
