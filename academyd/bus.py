@@ -458,6 +458,7 @@ class Bus:
 
         for subject in subjects:
             await self.nc.subscribe(subject, cb=on_msg)
+        await self.nc.flush()  # the server knows the subscriptions before this returns
 
     # ------------------------------------------------------------ the academy service
 
@@ -491,6 +492,9 @@ class Bus:
             await self._service.add_endpoint(
                 name=subject.replace(".", "_"), subject=subject, handler=make(handler)
             )
+        # A PONG means the server has processed every SUB before it: once serve() returns, a request from
+        # any other connection finds its responder (without this, one CI run got "no responders").
+        await self.nc.flush()
 
 
 @dataclass

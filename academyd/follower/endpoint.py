@@ -20,8 +20,10 @@ small aiohttp server around one `llama_cpp.Llama` (one model, one context), with
 Requests are served one at a time on the single context (an asyncio lock; generation runs in a worker
 thread). The adapter set on the context is chosen per request, so a swap never interrupts a request: the
 one in flight finishes on the adapter it started with, the next one starts on the new adapter. After a
-change of adapter the KV cache is not reused (`Llama.reset()`), so no prompt prefix computed with the old
-adapter leaks into an answer of the new one.
+request the KV cache is not reused (`Llama.reset()`): no prompt prefix computed with the old adapter leaks
+into an answer of the new one, and an answer depends on its request and the adapter only, not on what was
+asked before (llama.cpp's kernels are not batch-invariant, so a reused prefix changes greedy answers near a
+tie). The cost is the prompt's evaluation on every request: short for the chat prompts Venom sends.
 
 llama-cpp-python is pinned exactly (academyd/trainer/requirements.txt); `Llama._model.model` and
 `Llama._ctx.ctx` (the raw model and context handles the adapter API needs) are private names of that
@@ -165,6 +167,11 @@ class Runtime:
         with self._thread_lock:
             if adapter_id != self._on_ctx:
                 self._set_ctx(adapter_id)
+            # Every request is evaluated from position 0: llama-cpp-python would reuse the KV prefix the
+            # last request left, evaluate only the rest, in a batch of another shape, and llama.cpp's kernels
+            # are not batch-invariant; a greedy answer near a tie then depended on what was asked before
+            # (measured: the same question answered two ways in a row on an x86-64-v3 build).
+            self.llm.reset()
             kwargs = {k: body[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
                                           "presence_penalty", "frequency_penalty", "repeat_penalty") if k in body}
             kwargs.setdefault("max_tokens", 128)
