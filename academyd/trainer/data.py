@@ -135,7 +135,10 @@ def segments(ex: dict[str, Any], fmt: str, tokenizer: Any) -> list[tuple[str, bo
 
 
 def encode(ex: dict[str, Any], fmt: str, tokenizer: Any, max_length: int) -> dict[str, list[int]] | None:
-    """input_ids and labels (-100 on prompt tokens), cut to max_length; None if no response token fits."""
+    """input_ids and labels (-100 on prompt tokens), cut to max_length; None if no response token fits.
+
+    A reply's labels end with its end of turn: the tokenizer's eos (Alpaca: appended; chat: the template's,
+    when the eos is the template's turn end, as for a GGUF base: academyd.trainer.base)."""
     ids: list[int] = []
     labels: list[int] = []
     pieces = segments(ex, fmt, tokenizer)
@@ -146,7 +149,12 @@ def encode(ex: dict[str, Any], fmt: str, tokenizer: Any, max_length: int) -> dic
         if fmt == "alpaca" and trainable and tokenizer.eos_token_id is not None:
             piece = piece + [tokenizer.eos_token_id]
         ids += piece
-        labels += piece if trainable else [IGNORE_INDEX] * len(piece)
+        keep = len(piece) if trainable else 0
+        if trainable and fmt == "sharegpt" and tokenizer.eos_token_id in piece:
+            # A reply is learnt through its end of turn (the eos a runtime stops on); what the template puts
+            # after it (ChatML's "\n") is never generated: input, not a label.
+            keep = len(piece) - piece[::-1].index(tokenizer.eos_token_id)
+        labels += piece[:keep] + [IGNORE_INDEX] * (len(piece) - keep)
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels[1:]):
         return None

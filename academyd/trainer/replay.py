@@ -61,8 +61,9 @@ def replay_examples(model_dir: str, tokenizer: Any, n: int, *, base_sha256: str,
         return []
     qs = prompts()[:n]  # no more than are used (generation is most of replay's cost)
     engine = "llama.cpp" if base_gguf and _llama_available() else "transformers"
-    key = hashlib.sha256(json.dumps([base_sha256, qs, max_new_tokens, tokenizer.chat_template, engine]).encode()
-                         ).hexdigest()
+    # The eos ends a transformers reply (an earlier cache stopped at transformers' GGUF eos, see trainer.base).
+    key = hashlib.sha256(json.dumps([base_sha256, qs, max_new_tokens, tokenizer.chat_template, engine,
+                                     tokenizer.eos_token_id]).encode()).hexdigest()
     path = cache_dir / f"replay-{key[:24]}.jsonl"
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -301,11 +301,12 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     model, tokenizer, backend, backend_note = load_backend(spec, hp, device, model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # pad may be the turn-end token (SmolLM2's GGUF declares <|im_end|> for both): padding is masked by
+    # position (evaluate.collate), never by id, so the turn end stays a trained label.
     pad_id = tokenizer.pad_token_id
 
-    from academyd.trainer.evaluate import collate, encode_all, heldout_loss, probe
-
     from academyd.trainer.data import rendered
+    from academyd.trainer.evaluate import collate, encode_all, heldout_loss, probe
 
     # By default every example goes through the base model's chat template: the adapter learns what serves.
     train, fmt = rendered(train, spec.format, spec.render)
