@@ -150,7 +150,6 @@ class Runtime:
             rc = self.lc.llama_set_adapters_lora(self.llm._ctx.ctx, arr, 1, scales)
         if rc != 0:
             raise EndpointError(500, f"llama.cpp refused to set adapter {adapter_id} on the context", "server_error")
-        self.llm.reset()  # no KV prefix computed with another adapter is reused
         self._on_ctx = adapter_id
 
     def resolve(self, model: str | None, served_name: str) -> str | None:
