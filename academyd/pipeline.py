@@ -406,6 +406,7 @@ class Pipeline:
             with self.store.transaction():
                 event = registry.record_verdict(version, verdict, self.now(), run_id=run["run_id"])
             self._kick()
+            await asyncio.to_thread(registry.write_metrics, version, verdict)
             log.info("evaluation_finished", run_id=run["run_id"], version=version, promote=verdict.promote,
                      reasons=verdict.reasons, champion=measured_against)
             if not (verdict.promote and self.settings.arena.auto_promote):

@@ -181,8 +181,9 @@ class Registry:
         return added
 
     def record_verdict(self, version: str, verdict: Verdict, now: datetime, *, run_id: str | None = None) -> dict[str, Any]:
-        """Store the arena's verdict (a rejected version becomes `rejected`), write `metrics.json`, and
-        queue `academy.evaluation.finished` in the same transaction. Returns the event payload."""
+        """Store the arena's verdict (a rejected version becomes `rejected`) and queue
+        `academy.evaluation.finished` in the same transaction. Returns the event payload. Database work only:
+        the file beside the adapter is `write_metrics`'s (file I/O, which an async caller runs in a thread)."""
         row = self.get(version)
         if row is None:
             raise RegistryError(f"no version {version} in the registry")
@@ -196,12 +197,19 @@ class Registry:
             self._history(version, "evaluated", ("promote: " if verdict.promote else "reject: ")
                           + "; ".join(verdict.reasons), now)
             events.enqueue(self.store, event, now)
-        metrics_path = self.version_dir(version) / "metrics.json"
-        if metrics_path.parent.is_dir():
-            from academyd.files import atomic_write_json
-
-            atomic_write_json(metrics_path, verdict.to_event())
         return event.payload
+
+    def write_metrics(self, version: str, verdict: Verdict) -> Path | None:
+        """Write the verdict as `metrics.json` in the version's directory (durably, atomically); None when the
+        version has no directory. The database is the record; this file is for people and tools reading the
+        models directory."""
+        metrics_path = self.version_dir(version) / "metrics.json"
+        if not metrics_path.parent.is_dir():
+            return None
+        from academyd.files import atomic_write_json
+
+        atomic_write_json(metrics_path, verdict.to_event())
+        return metrics_path
 
     def _history(self, version: str, action: str, reason: str, now: datetime) -> None:
         self.store.add_model_history(version, action, reason, now)

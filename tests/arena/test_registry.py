@@ -78,6 +78,8 @@ def test_parent_is_the_champion_and_verdicts_are_events(
     verdict = Verdict(promote=False, reasons=["held-out loss worse"], metrics={"heldout": {"candidate_loss": 2.0}},
                       champion="v1", rules={"heldout": False})
     payload = reg.record_verdict("v2", verdict, NOW)
+    assert not (arena_settings.models_dir / "v2" / "metrics.json").exists()  # the database only
+    assert reg.write_metrics("v2", verdict) == arena_settings.models_dir / "v2" / "metrics.json"
     assert reg.get("v2")["status"] == "rejected"
     assert reg.get("v2")["verdict"]["verdict"] == "reject"
     rows = outbox_rows(arena_store, "academy.evaluation.finished")
