@@ -43,6 +43,8 @@ from academyd.worker.protocol import (
     WireError,
     artifact_name,
     cancel_subject,
+    clip,
+    dead_letter_subject,
     events_subject,
     job_subject,
 )
@@ -178,8 +180,54 @@ class NatsHabitat:
                     await asyncio.sleep(self.poll_s)
         return False
 
+    async def _refusal(self, run_id: str) -> str | None:
+        """Why a worker refused this run's job (its dead letter's headers, see `dead_letter_job`), or None."""
+        from nats.js.errors import NotFoundError
+
+        for gpu in (False, True):
+            try:
+                msg = await self.js.get_last_msg(self.settings.nats.dlq_stream,
+                                                 dead_letter_subject(job_subject(run_id, gpu)))
+            except NotFoundError:
+                continue
+            except (NatsTimeout, NoRespondersError, APIError, ConnectionClosedError, TimeoutError) as exc:
+                # not an answer: the next look asks again
+                log.debug("dlq_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+                return None
+            h = msg.headers or {}
+            return f"{h.get('Academy-Reason', 'job_rejected')}: {h.get('Academy-Detail', '(no detail)')}"
+        return None
+
+    async def _fail_if_refused(self, run_id: str) -> bool:
+        """A job that a worker refused (terminated and dead-lettered: it is not queued and nobody leases it)
+        would leave its run waiting for ever. Its end is recorded in the lease, as a cancel before a worker
+        took it is, so status, progress and result all see a failed job with the worker's reason."""
+        if await self._job_queued(run_id):
+            return False
+        reason = await self._refusal(run_id)
+        if reason is None:
+            return False
+        wire = await self.wire()
+        end = Lease.build(run_id=run_id, state="failed", error_code="job_refused",
+                          reason=clip(f"a worker refused the job ({reason}); the daemon and the worker may run "
+                                      "different versions of academyd"))
+        _, rev = await wire.lease(run_id)
+        try:
+            if rev:
+                await wire.leases.update(run_id, end.encode(), last=rev)
+            else:
+                await wire.leases.create(run_id, end.encode())
+        except (APIError, NatsTimeout, NoRespondersError, ConnectionClosedError, TimeoutError) as exc:
+            # someone wrote the lease meanwhile (KeyWrongLastSequenceError, an APIError): theirs stands
+            log.info("refusal_not_recorded", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+            return False
+        log.warning("job_refused", run_id=run_id, reason=reason)
+        return True
+
     async def status(self, handle: JobHandle) -> JobStatus:
         lease, _ = await self._lease(handle.run_id)
+        if lease is None and await self._fail_if_refused(handle.run_id):
+            lease, _ = await self._lease(handle.run_id)
         state = lease.state if lease is not None else None
         if state == "succeeded":
             return JobStatus.SUCCEEDED
@@ -244,6 +292,8 @@ class NatsHabitat:
                     return
                 if lease is None or lease.state == "released":
                     if time.monotonic() - last_note > 2.0:
+                        if lease is None and await self._fail_if_refused(run_id):
+                            continue  # the next look finds the failed lease
                         with contextlib.suppress(Exception):
                             self.note = await self._explain_wait(wire, bool(requires_gpu))
                         last_note = time.monotonic()
@@ -275,7 +325,8 @@ class NatsHabitat:
         if state != "succeeded" or lease.result is None:
             status = JobStatus.FAILED if state == "failed" else JobStatus.CANCELLED
             return JobResult(status=status, exit_code=lease.exit_code,
-                             reason=f"on worker {lease.worker}: {lease.reason or state}",
+                             reason=(f"on worker {lease.worker}: " if lease.worker else "")
+                             + (lease.reason or state),
                              summary=None, adapter_path=None, error_code=lease.error_code)
         try:
             adapter, summary = await self._fetch_result(wire, handle, lease)

@@ -134,6 +134,18 @@ async def test_hostile_job_messages_are_rejected_each_alone_and_the_good_one_tra
     assert by_token["bad-huge"].headers["Academy-Truncated"] == str(len(hostile["bad-huge"][0]))
     assert "Invalid JSON" in by_token["bad-json"].headers["Academy-Detail"]
 
+    # A job the worker refused (here: a daemon of a newer version, schema_version 2) does not leave its run
+    # waiting for ever: the daemon's habitat finds the dead letter and ends the job failed, with the reason.
+    refused = await habitat.reattach("nats:bad-version")
+    ends = [ev async for ev in habitat.progress(refused)]
+    assert ends[-1]["type"] == S.EVENT_ERROR and "schema_version 2 is not understood" in ends[-1]["reason"], ends
+    assert await habitat.status(refused) is JobStatus.FAILED
+    res = await habitat.result(refused)
+    assert res.status is JobStatus.FAILED and res.error_code == "job_refused", res
+    assert res.reason.startswith("a worker refused the job (job_invalid: ") and "schema_version 2" in res.reason, res
+    # A run whose job no worker has refused is not touched: the good run's lease is still its worker's.
+    assert (await habitat.status(handle)) is JobStatus.SUCCEEDED
+
 
 async def test_a_lease_forged_by_a_third_party_is_trusted_by_neither_side(
     daemon_side, nats_server, start_worker, make_spec
