@@ -73,6 +73,22 @@ def cache_root() -> Path:
     return home / ".cache" / "academyd"
 
 
+# The dequantized form of a GGUF base (academyd.trainer.base): 2 = special tokens from the GGUF metadata
+# (1 had transformers' eos). Here, not in the trainer, so the daemon's Docker habitat can find it torch-free.
+GGUF_CACHE_VERSION = 2
+BASE_IDENTITY_FILE = "academy_base.json"
+
+
+def base_cache() -> Path:
+    """Where dequantized bases (and the replay answers made from them) are kept."""
+    return Path(os.environ.get("ACADEMY_BASE_CACHE") or cache_root() / "bases")
+
+
+def dequantized_dir(sha256: str, cache: Path | None = None) -> Path:
+    """The dequantized model directory of the GGUF base whose file hashes to `sha256`."""
+    return (cache or base_cache()) / f"gguf-v{GGUF_CACHE_VERSION}-{sha256}"
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:

@@ -30,17 +30,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from academyd.basemodel import BaseModelError, cache_root, gguf_metadata, resolve_base
+from academyd.basemodel import (
+    BASE_IDENTITY_FILE,
+    GGUF_CACHE_VERSION,
+    BaseModelError,
+    base_cache as base_cache,  # re-exported: the trainer's callers import it from here
+    dequantized_dir,
+    gguf_metadata,
+    resolve_base,
+)
 
-IDENTITY_FILE = "academy_base.json"
-# The dequantized form of a GGUF base: 2 = special tokens from the GGUF metadata (1 had transformers' eos).
-CACHE_VERSION = 2
+IDENTITY_FILE = BASE_IDENTITY_FILE
+CACHE_VERSION = GGUF_CACHE_VERSION  # academyd.basemodel says what each version means
 _SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
                  "pad": "tokenizer.ggml.padding_token_id"}
-
-
-def base_cache() -> Path:
-    return Path(os.environ.get("ACADEMY_BASE_CACHE") or cache_root() / "bases")
 
 
 def gguf_special_tokens(gguf_path: str | Path) -> dict[str, int]:
@@ -80,7 +83,7 @@ def materialize(base_model: str) -> tuple[str, dict[str, Any]]:
     identity = base.to_dict()
     if base.kind != "gguf":
         return (base.path if base.kind == "dir" else base.setting), identity
-    target = base_cache() / f"gguf-v{CACHE_VERSION}-{base.sha256}"
+    target = dequantized_dir(base.sha256)
     marker = target / IDENTITY_FILE
     if marker.is_file():
         return str(target), identity
@@ -101,6 +104,10 @@ def materialize(base_model: str) -> tuple[str, dict[str, Any]]:
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True))
+    # Readable by all, as the GGUF it comes from is: a trainer container running as another user (the
+    # Docker habitat's default when the daemon is root) reads it through a read-only mount.
+    for path in (tmp, *tmp.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     try:
         os.replace(tmp, target)
     except OSError:

@@ -74,8 +74,11 @@ def replay_examples(model_dir: str, tokenizer: Any, n: int, *, base_sha256: str,
         else:
             replies = _generate_transformers(model_dir, tokenizer, qs, device, max_new_tokens)
         rows = [_row(q, text, finished) for q, (text, finished) in zip(qs, replies, strict=True)]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        except OSError:
+            pass  # a read-only cache (the Docker habitat mounts the host's so): made again next time
     rows = [r for r in rows if r["conversations"][-1]["value"].strip()]
     return [rows[i % len(rows)] for i in range(n)] if rows else []
 

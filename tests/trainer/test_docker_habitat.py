@@ -32,6 +32,7 @@ from academyd.habitat.docker import (
     has_nvidia,
     mount_plan,
     parse_user,
+    replace_options,
 )
 from academyd.habitat.process import ProcessHabitat
 from academyd.settings import Settings
@@ -571,3 +572,34 @@ async def test_a_hostile_trainer_touches_nothing_of_the_daemon_and_its_run_fails
     assert (await sleeper.result(ok)).status is JobStatus.CANCELLED
     await hostile.close()
     await sleeper.close()
+
+
+@pytest.mark.slow
+async def test_a_gguf_base_is_dequantized_once_on_the_host_and_mounted_read_only(
+    docker_url: str, docker_client: docker.DockerClient, docker_options: DockerOptions,
+    make_spec: Callable[..., S.TrainSpec], smol: Any, base_cache: Path, trainer_python: Path, tmp_path: Path,
+) -> None:
+    """The real SmolLM2 GGUF in a container: the daemon dequantizes it on the host (the host's trainer) and
+    the container reads that directory through a read-only mount instead of making its own copy in its
+    tmpfs /tmp (about 540 MB of its memory limit)."""
+    from academyd.basemodel import BASE_IDENTITY_FILE, dequantized_dir
+
+    options = replace_options(docker_options, host_trainer_python=str(trainer_python))
+    out = tmp_path / "gguf"
+    spec = make_spec(out, base_model=smol.path, backend="peft", max_steps=2,
+                     hyperparameters={"batch_size": 2, "epochs": 1, "replay_general": 0})
+    habitat = _habitat(docker_url, options)
+    handle = await habitat.start(TrainingJob(spec=spec, run_id="d-gguf", time_limit_s=900, memory_limit_mb=3072))
+    target = dequantized_dir(smol.sha256, base_cache.resolve())
+    assert (target / BASE_IDENTITY_FILE).is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+    (container,) = _containers(docker_client, out)
+    mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
+    assert mounts[str(target)]["RW"] is False and mounts[str(target)]["Source"] == str(target)
+    assert f"ACADEMY_BASE_CACHE={base_cache.resolve()}" in container.attrs["Config"]["Env"]
+    events = [e async for e in habitat.progress(handle)]
+    result = await habitat.result(handle)
+    assert result.status is JobStatus.SUCCEEDED, (result, events[-1:])
+    assert result.summary is not None and result.summary["base"]["sha256"] == smol.sha256
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before  # read, never written
+    await habitat.close()

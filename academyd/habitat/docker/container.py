@@ -58,6 +58,9 @@ class DockerOptions:
     pids_limit: int = 4096  # 0: no limit
     shm_mb: int = 1024
     memory_mb: int = 0  # the container's memory when the job sets none; 0: 3/4 of the engine's memory
+    # The host's trainer interpreter, if it has one: a GGUF base is dequantized with it once, on the host, and
+    # mounted read-only (see DockerHabitat._base_cache); None: only a directory already there is mounted.
+    host_trainer_python: str | None = None
 
 
 def parse_user(user: str) -> tuple[int, int]:

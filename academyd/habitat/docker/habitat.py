@@ -84,8 +84,63 @@ class DockerHabitat(ProcessHabitat):
                 pids_limit=t.docker_pids_limit,
                 shm_mb=t.docker_shm_mb,
                 memory_mb=t.docker_memory_mb,
+                host_trainer_python=_host_trainer_python(t.trainer_python),
             ),
         )
+
+    async def _base_cache(self, base_model: str, uid: int, gid: int) -> tuple[tuple[Mount, ...], dict[str, str]]:
+        """The container's view of a GGUF base's dequantized directory: (read-only mounts, environment).
+
+        transformers trains on the dequantized fp32 form of a GGUF (academyd.trainer.base). Made inside the
+        container it lands in the container's /tmp, a tmpfs: about 540 MB of SmolLM2-135M counted against the
+        container's memory limit, and 25 s more, on every run. So it is made once on the host (the host's
+        trainer interpreter, if it has one) and mounted read-only at its own path, with the replay answers
+        already made for it; the trainer finds it through ACADEMY_BASE_CACHE. Without it (no host trainer,
+        a directory the container's user cannot read) the container dequantizes as before, and a line says so.
+        """
+        from academyd.basemodel import BASE_IDENTITY_FILE, base_cache, cached_sha256, dequantized_dir
+
+        base = Path(base_model)
+        if not (base.is_absolute() and base.suffix == ".gguf" and await asyncio.to_thread(base.is_file)):
+            return (), {}
+        sha = await asyncio.to_thread(cached_sha256, base)
+        cache = base_cache().resolve()
+        target = dequantized_dir(sha, cache)
+        if not (target / BASE_IDENTITY_FILE).is_file() and self.options.host_trainer_python:
+            await self._dequantize_on_host(base)
+        why = None
+        if not (target / BASE_IDENTITY_FILE).is_file():
+            why = "not dequantized on the host" + ("" if self.options.host_trainer_python else " (no host trainer)")
+        elif await asyncio.to_thread(host.unreadable, [str(target)], uid, gid):
+            why = f"the container's user {uid}:{gid} cannot read it"
+        if why is not None:
+            log.warning("base_cache_not_mounted", base=str(base), cache=str(target), reason=why,
+                        note="the container dequantizes the GGUF in its own /tmp, in its memory")
+            return (), {}
+        replays = [str(p) for p in sorted(cache.glob("replay-*.jsonl"))]
+        blocked = set(await asyncio.to_thread(host.unreadable, replays, uid, gid)) if replays else set()
+        mounts = (Mount(str(target), str(target)), *(Mount(p, p) for p in replays if p not in blocked))
+        return mounts, {"ACADEMY_BASE_CACHE": str(cache)}
+
+    async def _dequantize_on_host(self, base: Path) -> None:
+        assert self.options.host_trainer_python is not None
+        env = {**os.environ, "PYTHONPATH": self.options.source_dir}
+        env.pop("VIRTUAL_ENV", None)
+        t0 = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.options.host_trainer_python, "-m", "academyd.trainer.base", str(base), env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=1800)
+        except (OSError, TimeoutError) as exc:
+            log.warning("base_dequantize_failed", base=str(base), error=f"{type(exc).__name__}: {exc}")
+            return
+        if proc.returncode != 0:
+            lines = (out or b"").decode(errors="replace").strip().splitlines()
+            log.warning("base_dequantize_failed", base=str(base), exit_code=proc.returncode,
+                        error=(lines[-1] if lines else (err or b"").decode(errors="replace")[-500:]))
+            return
+        log.info("base_dequantized", base=str(base), seconds=round(time.monotonic() - t0, 1))
 
     # ------------------------------------------------------------ start / reattach
 
@@ -130,6 +185,11 @@ class DockerHabitat(ProcessHabitat):
             cpus = min(self.options.cpus or default_cpus(info), float(info.get("NCPU") or 1))
             options = replace_options(self.options, cpus=cpus)
             missing = [p for p in inputs if not os.path.exists(p)]
+            cache_mounts, cache_env = await self._base_cache(spec.base_model, uid, gid)
+            if cache_mounts:
+                options = replace_options(options, mounts=(*options.mounts, *cache_mounts))
+                limited = TrainingJob(spec=spec, run_id=job.run_id, time_limit_s=job.time_limit_s,
+                                      memory_limit_mb=limited.memory_limit_mb, env={**job.env, **cache_env})
             config = container_config(limited, options, gpu=gpu, job_dir=str(jd.root), missing=missing)
             offset = events_size(jd)
             record = {
@@ -288,3 +348,11 @@ class DockerHabitat(ProcessHabitat):
     async def close(self) -> None:
         await super().close()
         self.client.close()
+
+
+def _host_trainer_python(configured: Path | None) -> str | None:
+    """The host's trainer interpreter (training.trainer_python, else the project's .venv-trainer), if any."""
+    from academyd.habitat.process import default_trainer_python
+
+    py = configured or default_trainer_python()
+    return str(py) if py.is_file() else None
