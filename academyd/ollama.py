@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from academyd.registry import sha256_file
+from academyd.files import sha256_file
 from academyd.settings import Settings
 
 OLLAMA_PREFIX = "venom-adapter-"

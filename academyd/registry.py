@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from academyd import events
+from academyd.files import sha256_file
 from academyd.settings import Settings
 from academyd.store import Store
 from schemas.models import version_name
@@ -62,14 +63,6 @@ def adapter_manifest(adapter_dir: Path) -> str:
 def adapter_sha256(adapter_dir: Path) -> str:
     """sha256 (hex) of `adapter_manifest(adapter_dir)`: the identity of an adapter's files."""
     return hashlib.sha256(adapter_manifest(adapter_dir).encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- reading (no writes)

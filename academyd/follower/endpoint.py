@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import hashlib
 import json
 import os
 import sys
@@ -48,15 +47,9 @@ from typing import Any
 
 from aiohttp import web
 
+from academyd.files import sha256_file
+
 BASE_ID = "base"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class EndpointError(Exception):

@@ -133,8 +133,8 @@ def base_gguf_of(settings: Settings) -> Path | None:
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
+    from academyd.files import sha256_file
     from academyd.follower.verify import gguf_keys
-    from academyd.registry import sha256_file
 
     if not path.is_file():
         raise TargetError(f"follower.base_gguf {path} does not exist")

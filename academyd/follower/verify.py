@@ -129,7 +129,8 @@ def check_base(adapter_keys: dict[str, Any], base: dict[str, Any], *, require: b
 
 def check_files(event: dict[str, Any]) -> dict[str, Any]:
     """The adapter's files are the announced ones. Returns {adapter_sha256, gguf_path, gguf_sha256}."""
-    from academyd.registry import RegistryError, adapter_sha256, sha256_file
+    from academyd.files import sha256_file
+    from academyd.registry import RegistryError, adapter_sha256
 
     adapter_path = Path(event["adapter_path"])
     out: dict[str, Any] = {}

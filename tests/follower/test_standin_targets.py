@@ -26,7 +26,7 @@ async def run_follower(settings: Any) -> tuple[Follower, asyncio.Event, asyncio.
 
 
 def gguf_digest(payload: dict[str, Any]) -> str:
-    from academyd.registry import sha256_file
+    from academyd.files import sha256_file
 
     return "sha256:" + sha256_file(Path(payload["gguf_path"]))
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from academyd.artifacts import ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file, sha256_file
+from academyd.artifacts import ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file
+from academyd.files import sha256_file
 
 
 async def test_a_file_round_trips_with_its_sha256_and_bounded_memory(nc, tmp_path: Path) -> None:
