@@ -34,7 +34,6 @@ from academyd.basemodel import (
     BASE_IDENTITY_FILE,
     GGUF_CACHE_VERSION,
     BaseModelError,
-    base_cache as base_cache,  # re-exported: the trainer's callers import it from here
     dequantized_dir,
     gguf_metadata,
     resolve_base,

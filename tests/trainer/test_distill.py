@@ -1,4 +1,4 @@
-"""`_distill_loss` (academyd/trainer/train.py): replay rows learn KL(base || adapter) over their response
+"""`distill_loss` (academyd/trainer/loop.py): replay rows learn KL(base || adapter) over their response
 tokens, the dataset's rows cross-entropy. Checked in the trainer environment against sums written out by hand,
 on a lookup-table model (each token's logits fixed, so every position can be set apart) and on the tiny Llama
 with a real peft LoRA, the adapter switched off for the teacher as in training."""
@@ -23,7 +23,7 @@ out = _process.prepare()
 import torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
-from academyd.trainer.train import _distill_loss
+from academyd.trainer.loop import distill_loss
 
 PLAIN = SimpleNamespace(model_accepts_loss_kwargs=False)
 res = {}
@@ -46,7 +46,7 @@ class Table(torch.nn.Module):
 def loss(model, ids, labels, distill, trainer=PLAIN, n=None):
     inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), len(ids[0]), dtype=torch.long),
               "labels": torch.tensor(labels), "distill": torch.tensor(distill)}
-    return float(_distill_loss(trainer, model, inputs, n))
+    return float(distill_loss(trainer, model, inputs, n))
 
 def softmax(z):
     e = [math.exp(v) for v in z]

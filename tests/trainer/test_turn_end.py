@@ -41,7 +41,7 @@ from academyd.basemodel import BUILTIN_NAME
 from academyd.trainer import replay, spec as S
 from academyd.trainer.base import materialize
 from academyd.trainer.data import as_chat, encode, prompt_ids
-from academyd.trainer.train import load_backend
+from academyd.trainer.backend import load_backend
 
 model_dir, identity = materialize(BUILTIN_NAME)
 spec = S.TrainSpec.from_dict({"base_model": BUILTIN_NAME, "dataset_path": "/d.jsonl", "output_dir": "/o"})
