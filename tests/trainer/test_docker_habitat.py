@@ -5,22 +5,25 @@ mount plan and container config."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
+from fixtures.docker import TEST_USER
 from structlog.testing import capture_logs
 
 from academyd.habitat import habitat_for
 from academyd.habitat.base import Habitat, HabitatError, JobStatus, TrainingJob
 from academyd.habitat.docker import (
-    LABEL_MANAGED,
     LABEL_JOB_DIR,
+    LABEL_MANAGED,
     LABEL_OUTPUT_DIR,
     LABEL_RUN_ID,
     DockerHabitat,
@@ -37,7 +40,6 @@ from academyd.habitat.docker import (
 from academyd.habitat.process import ProcessHabitat
 from academyd.settings import Settings
 from academyd.trainer import spec as S
-from fixtures.docker import TEST_USER
 
 LONG = {"max_steps": 5000, "hyperparameters": {"logging_steps": 5, "save_steps": 40}}
 NOBODY_UID = int(TEST_USER.split(":")[0])
@@ -574,22 +576,54 @@ async def test_a_hostile_trainer_touches_nothing_of_the_daemon_and_its_run_fails
     await sleeper.close()
 
 
+class PeakMemory:
+    """The peak memory of a job's container, as the engine counts it against the container's limit.
+
+    Polled from the engine's stats while the container lives (its cgroup goes with it): cgroup v1 reports
+    the peak itself (`max_usage`); on cgroup v2 the largest `usage` seen is kept."""
+
+    def __init__(self, client: docker.DockerClient, out: Path) -> None:
+        self.client, self.out, self.bytes, self.samples = client, out, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for c in _containers(self.client, self.out):
+                # A container that just ended answers with an error or an empty body.
+                with contextlib.suppress(docker.errors.DockerException, OSError, ValueError):
+                    mem = c.stats(stream=False, one_shot=True).get("memory_stats") or {}
+                    seen = max(int(mem.get("max_usage") or 0), int(mem.get("usage") or 0))
+                    if seen:
+                        self.bytes, self.samples = max(self.bytes, seen), self.samples + 1
+            self._stop.wait(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        return self.bytes
+
+
 @pytest.mark.slow
 async def test_a_gguf_base_is_dequantized_once_on_the_host_and_mounted_read_only(
     docker_url: str, docker_client: docker.DockerClient, docker_options: DockerOptions,
     make_spec: Callable[..., S.TrainSpec], smol: Any, base_cache: Path, trainer_python: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The real SmolLM2 GGUF in a container: the daemon dequantizes it on the host (the host's trainer) and
     the container reads that directory through a read-only mount instead of making its own copy in its
-    tmpfs /tmp (about 540 MB of its memory limit)."""
+    tmpfs /tmp (about 540 MB of its memory limit). The same job without a host trainer, dequantizing in
+    the container as before, is measured beside it: the mount must keep that copy out of its memory."""
     from academyd.basemodel import BASE_IDENTITY_FILE, dequantized_dir
 
+    hp = {"batch_size": 2, "epochs": 1, "replay_general": 0}
     options = replace_options(docker_options, host_trainer_python=str(trainer_python))
     out = tmp_path / "gguf"
-    spec = make_spec(out, base_model=smol.path, backend="peft", max_steps=2,
-                     hyperparameters={"batch_size": 2, "epochs": 1, "replay_general": 0})
+    spec = make_spec(out, base_model=smol.path, backend="peft", max_steps=2, hyperparameters=hp)
     habitat = _habitat(docker_url, options)
     handle = await habitat.start(TrainingJob(spec=spec, run_id="d-gguf", time_limit_s=900, memory_limit_mb=3072))
+    peak_mounted = PeakMemory(docker_client, out)
     target = dequantized_dir(smol.sha256, base_cache.resolve())
     assert (target / BASE_IDENTITY_FILE).is_file()
     before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
@@ -599,7 +633,32 @@ async def test_a_gguf_base_is_dequantized_once_on_the_host_and_mounted_read_only
     assert f"ACADEMY_BASE_CACHE={base_cache.resolve()}" in container.attrs["Config"]["Env"]
     events = [e async for e in habitat.progress(handle)]
     result = await habitat.result(handle)
+    mounted = peak_mounted.stop()
     assert result.status is JobStatus.SUCCEEDED, (result, events[-1:])
     assert result.summary is not None and result.summary["base"]["sha256"] == smol.sha256
     assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before  # read, never written
     await habitat.close()
+
+    # Without a host trainer (and no cache made before): no mount, the container dequantizes into its tmpfs.
+    monkeypatch.setenv("ACADEMY_BASE_CACHE", str(tmp_path / "empty-cache"))
+    plain_out = tmp_path / "gguf-in-container"
+    plain = _habitat(docker_url, replace_options(docker_options, host_trainer_python=None))
+    with capture_logs() as logs:
+        handle = await plain.start(TrainingJob(spec=make_spec(plain_out, base_model=smol.path, backend="peft",
+                                                              max_steps=2, hyperparameters=hp),
+                                               run_id="d-gguf-plain", time_limit_s=900, memory_limit_mb=3072))
+    peak_plain = PeakMemory(docker_client, plain_out)
+    assert any(e["event"] == "base_cache_not_mounted" and "no host trainer" in e["reason"] for e in logs), logs
+    (container,) = _containers(docker_client, plain_out)
+    assert str(target) not in {m["Destination"] for m in container.attrs["Mounts"]}
+    events = [e async for e in plain.progress(handle)]
+    result = await plain.result(handle)
+    in_container = peak_plain.stop()
+    assert result.status is JobStatus.SUCCEEDED, (result, events[-1:])
+    await plain.close()
+    figures = {"peak_mb_mounted": round(mounted / 2**20), "peak_mb_in_container": round(in_container / 2**20),
+               "samples": [peak_mounted.samples, peak_plain.samples]}
+    print("container peak memory:", json.dumps(figures))
+    assert peak_mounted.samples > 5 and peak_plain.samples > 5, figures
+    # The fp32 SmolLM2-135M is 538 MB on disk: the mounted run must be spared most of that copy.
+    assert in_container - mounted > 300 * 2**20, figures
