@@ -662,3 +662,31 @@ async def test_a_gguf_base_is_dequantized_once_on_the_host_and_mounted_read_only
     assert peak_mounted.samples > 5 and peak_plain.samples > 5, figures
     # The fp32 SmolLM2-135M is 538 MB on disk: the mounted run must be spared most of that copy.
     assert in_container - mounted > 300 * 2**20, figures
+
+
+async def test_a_host_dequantize_that_hangs_is_killed_and_the_container_dequantizes_itself(
+    docker_url: str, docker_options: DockerOptions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host's trainer hangs while dequantizing (a stand-in interpreter that sleeps): after the timeout
+    it is killed, not left running, and the job goes on without the mount, with the reason in the log."""
+    import academyd.habitat.docker.habitat as docker_habitat
+
+    pidfile = tmp_path / "pid"
+    hang = tmp_path / "python"
+    hang.write_text(f"#!/bin/sh\necho $$ > {pidfile}\nexec sleep 120\n")
+    hang.chmod(0o755)
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF" + bytes(64))
+    monkeypatch.setenv("ACADEMY_BASE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(docker_habitat, "DEQUANTIZE_TIMEOUT_S", 1)
+    habitat = _habitat(docker_url, replace_options(docker_options, host_trainer_python=str(hang)))
+    with capture_logs() as logs:
+        mounts, env = await habitat._base_cache(str(base), NOBODY_UID, NOBODY_UID)
+    assert (mounts, env) == ((), {})
+    events = {e["event"]: e for e in logs}
+    assert "not done in 1 s" in events["base_dequantize_failed"]["error"], logs
+    assert "not dequantized on the host" in events["base_cache_not_mounted"]["reason"], logs
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
+    await habitat.close()

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("academyd.habitat.docker")
 
 REF_PREFIX = "docker:"
+# Dequantizing a GGUF base on the host: 22 s for SmolLM2-135M on 2 cores; a 7B base takes minutes.
+DEQUANTIZE_TIMEOUT_S = 1800
 
 
 class DockerHabitat(ProcessHabitat):
@@ -131,9 +133,18 @@ class DockerHabitat(ProcessHabitat):
             proc = await asyncio.create_subprocess_exec(
                 self.options.host_trainer_python, "-m", "academyd.trainer.base", str(base), env=env,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, err = await asyncio.wait_for(proc.communicate(), timeout=1800)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             log.warning("base_dequantize_failed", base=str(base), error=f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=DEQUANTIZE_TIMEOUT_S)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # never left behind: a daemon stopping, or a dequantize that hangs
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("base_dequantize_failed", base=str(base), error=f"not done in {DEQUANTIZE_TIMEOUT_S} s")
             return
         if proc.returncode != 0:
             lines = (out or b"").decode(errors="replace").strip().splitlines()
