@@ -1,6 +1,6 @@
 """The Modelfile of a version: Ollama's TEMPLATE translated from the tokenizer's chat template (when it is a
 family known here), SYSTEM, and PARAMETER lines. Text only: no I/O beyond reading the adapter's
-tokenizer files, no Ollama (academyd.ollama), no registry (academyd.promotion builds the artifacts).
+tokenizer files, no Ollama (academyd.ollama), no registry (academyd.champion.artifacts builds the artifacts).
 """
 
 from __future__ import annotations

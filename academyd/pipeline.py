@@ -23,11 +23,11 @@ import structlog
 
 from academyd import events
 from academyd.active_adapter import sync_active_adapter_async
+from academyd.champion.moves import ANY
 from academyd.clock import Clock
 from academyd.events import EventSink
 from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
 from academyd.policy import failure_backoff
-from academyd.promotion import ANY
 from academyd.runs import IllegalTransition
 from academyd.seams import ChampionMoves, RunRequests
 from academyd.settings import Settings

@@ -2,7 +2,7 @@
 
 A version is born a `candidate` when a training run's adapter is registered (`Registry.add_candidate`); the
 arena's verdict makes it `rejected` or leaves it a candidate for promotion (`record_verdict`);
-`academyd.promotion` makes one `champion` (the previous champion becomes `retired`) and moves the
+`academyd.champion.moves` makes one `champion` (the previous champion becomes `retired`) and moves the
 `champion` alias; a rollback marks the champion `rejected` and brings its parent back.
 
 Files of a version live in `<data>/models/<vN>/`: `adapter/` (the adapter as the trainer wrote it,

@@ -1,7 +1,7 @@
 """The post-promotion watch: is the champion doing worse in Venom than the version it replaced?
 
 `task.completed` events that name a `model_version` give each version a success rate. The champion is
-compared with its parent (the version a rollback would restore, `academyd.promotion.rollback_target`) over
+compared with its parent (the version a rollback would restore, `academyd.champion.moves.rollback_target`) over
 the last `arena.watch_window` tasks of each. The question is one-sided with a margin:
 
     H0: p_champion >= p_parent - margin        H1: p_champion < p_parent - margin

@@ -1,7 +1,7 @@
 """The champion: which adapter Venom serves, and the only code that changes it.
 
 - `service.Champion`: promotion and rollback for the daemon (commands, the pipeline, the monitor), as
-  compare-and-swap moves on the champion the decision was made against (`academyd.promotion`);
+  compare-and-swap moves on the champion the decision was made against (`moves`, the artifacts a move needs built once per version by `artifacts`);
 - `monitor.Monitor`: the post-promotion watch as its own task (debounced, with a cooldown), never on
   the ingest ack path.
 """

@@ -19,8 +19,8 @@ from typing import Any
 
 import structlog
 
+from academyd.champion.moves import rollback_target
 from academyd.champion.service import Champion
-from academyd.promotion import rollback_target
 from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store, iso, parse_iso

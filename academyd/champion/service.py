@@ -1,6 +1,6 @@
 """Promotion and rollback for the running daemon.
 
-Every move is a compare-and-swap (`academyd.promotion.promote` / `rollback` with `expected_champion` /
+Every move is a compare-and-swap (`academyd.champion.moves.promote` / `rollback` with `expected_champion` /
 `expected_from`): a command is decided against the champion it finds when it arrives, the pipeline's
 promotion against the champion its verdict was measured against, the monitor's rollback against the
 champion whose tasks dropped. The slow preparation (file checks, GGUF export, Ollama) runs concurrently
@@ -20,8 +20,9 @@ from typing import Any
 
 import structlog
 
-from academyd import promotion
-from academyd.promotion import ANY, PromotionRefused, StaleChampion
+from academyd.champion import moves
+from academyd.champion.errors import PromotionRefused, StaleChampion
+from academyd.champion.moves import ANY
 from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store
@@ -53,7 +54,7 @@ class Champion:
             expected = self.current()
         try:
             async with self._lock(version):
-                payload = await promotion.promote(self.store, self.settings, version, reason=reason, now=self.clock(),
+                payload = await moves.promote(self.store, self.settings, version, reason=reason, now=self.clock(),
                                                   expected_champion=expected, basis=basis)
         except PromotionRefused as exc:
             log.warning("promotion_refused", version=version, reason=str(exc), expected=expected)
@@ -69,10 +70,10 @@ class Champion:
             expected_from = self.current()
         reg = Registry(self.store, self.settings)
         champ = reg.get(expected_from) if expected_from else None
-        target = promotion.rollback_target(reg, champ) if champ else None
+        target = moves.rollback_target(reg, champ) if champ else None
         try:
             async with self._lock(target["version"] if target else None):
-                payload = await promotion.rollback(self.store, self.settings, reason=reason, now=self.clock(),
+                payload = await moves.rollback(self.store, self.settings, reason=reason, now=self.clock(),
                                                    expected_from=expected_from, basis=basis)
         except PromotionRefused as exc:
             log.warning("rollback_refused", reason=str(exc), expected_from=expected_from)

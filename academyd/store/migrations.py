@@ -213,7 +213,7 @@ MIGRATIONS.append((
 
 
 MIGRATIONS.append((
-    # academyd.promotion: every champion move (promote, rollback) in commit order, with what it acted on
+    # academyd.champion.moves: every champion move (promote, rollback) in commit order, with what it acted on
     # (`basis`: a verdict's or a watch decision's id, usable once); academyd.champion.monitor: what the
     # watch did about a champion (rolled back, or was refused), which starts its cooldown.
     "0006_champion_moves",

@@ -1,7 +1,7 @@
 """The model registry's tables: every adapter version (`models`) with what happened to it
 (`model_history`), the `champion` alias (`model_aliases`) and every champion move (`champion_moves`).
 
-academyd.registry and academyd.promotion decide; these are their reads and writes, each meant to run
+academyd.registry and academyd.champion decide; these are their reads and writes, each meant to run
 inside the caller's transaction where a move is several of them.
 """
 

@@ -7,14 +7,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from fixtures.arena import outbox_rows
+from fixtures.trainer import Dataset
 
 from academyd.arena import ArenaError, evaluate
-from academyd.promotion import promote
+from academyd.champion.moves import promote
 from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store
-from fixtures.arena import outbox_rows
-from fixtures.trainer import Dataset
 from schemas.models import EvaluationFinished
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from academyd.champion.moves import promote
 from academyd.cli import main
-from academyd.promotion import promote
 from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store

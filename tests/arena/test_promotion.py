@@ -8,13 +8,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fixtures.arena import FakeOllama, outbox_rows
+from fixtures.trainer import trainer_env
 
-from academyd.promotion import PromotionRefused, promote, rollback, sync_active_adapter
+from academyd.active_adapter import sync_active_adapter
+from academyd.champion.errors import PromotionRefused
+from academyd.champion.moves import promote, rollback
 from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store
-from fixtures.arena import FakeOllama, outbox_rows
-from fixtures.trainer import trainer_env
 from schemas.models import ModelPromoted, ModelRolledBack
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

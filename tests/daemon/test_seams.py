@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CORE = {"academyd.app", "academyd.pipeline", "academyd.events", "academyd.seams", "academyd.status",
         "academyd.trigger", "academyd.endpoints", "academyd.intake", "academyd.clock", "academyd.store", "academyd.outbox",
         "academyd.dashboard", "academyd.dashboard.server", "academyd.dashboard.metrics", "academyd.dashboard.data",
-        "academyd.champion", "academyd.champion.service", "academyd.champion.monitor", "academyd.promotion",
+        "academyd.champion", "academyd.champion.service", "academyd.champion.monitor", "academyd.champion.moves",
+        "academyd.champion.artifacts", "academyd.champion.errors",
         "academyd.registry"}
 
 
