@@ -5,6 +5,8 @@ through), fsync it, rename it over the target, fsync the directory. A reader see
 one, never half of one, and a power cut after the rename keeps the new one. What is written elsewhere and
 moved into place (a streamed download, a directory) lands with `replace_durably`.
 
+`sha256_file` is the one way a file is hashed.
+
 Imports only the standard library: the trainer's interpreter uses it too.
 """
 

@@ -55,7 +55,7 @@ class Champion:
         try:
             async with self._lock(version):
                 payload = await moves.promote(self.store, self.settings, version, reason=reason, now=self.clock(),
-                                                  expected_champion=expected, basis=basis)
+                                              expected_champion=expected, basis=basis)
         except PromotionRefused as exc:
             log.warning("promotion_refused", version=version, reason=str(exc), expected=expected)
             return {"ok": False, "error": str(exc), "stale": isinstance(exc, StaleChampion)}
@@ -74,7 +74,7 @@ class Champion:
         try:
             async with self._lock(target["version"] if target else None):
                 payload = await moves.rollback(self.store, self.settings, reason=reason, now=self.clock(),
-                                                   expected_from=expected_from, basis=basis)
+                                               expected_from=expected_from, basis=basis)
         except PromotionRefused as exc:
             log.warning("rollback_refused", reason=str(exc), expected_from=expected_from)
             return {"ok": False, "error": str(exc), "stale": isinstance(exc, StaleChampion)}
