@@ -9,7 +9,11 @@ held-out file go out, checkpoints, the adapter and the metrics come back. Every 
 - is checked on arrival: the receiver hashes what it wrote and compares with the sha256 the sender
   computed from its file before sending (carried beside the object's name, e.g. in the job or the lease);
   a mismatch deletes the partial file and raises `ArtifactError`;
-- lands atomically: into `<dest>.part`, fsynced, then renamed.
+- lands atomically: into `<dest>.part`, fsynced, then renamed;
+- is retried from its start, with exponential backoff, while JetStream answers "not now" (503 / no
+  responders while a stream or consumer leader is elected, a request timeout, a reconnect): `transient`.
+  A healthy R3 cluster answers a fresh pull consumer's first fetch with 503 about 1.6 % of the time.
+  `retry_s` bounds the retrying (None: until the caller cancels, as a worker's lease does).
 
 A directory travels as one uncompressed tar (deterministic member order, no owners), extracted with
 the `data` filter (no absolute paths, no links out, no devices).
@@ -24,20 +28,60 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
+import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectMeta, ObjectStoreConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, stop_never
+from tenacity import wait_exponential_jitter
 
 from academyd.files import replace_durably
 
 CHUNK = 1024 * 1024
+RETRY_S = 120.0  # how long a transfer is retried by default (a leader election takes seconds)
+RETRY_WAIT_MAX_S = 5.0
+
+log = structlog.get_logger("academyd.artifacts")
+T = TypeVar("T")
 
 
 class ArtifactError(Exception):
     """An artifact is missing or arrived damaged; the message names it and what to do."""
+
+
+def transient(exc: BaseException) -> bool:
+    """JetStream said "not now", not "no": no leader or no responders (503), a request or fetch timeout,
+    a connection being re-established. Worth the same request again a little later."""
+    if isinstance(exc, ServiceUnavailableError):  # a fetch's 503 status carries no code
+        return True
+    if isinstance(exc, APIError):
+        return exc.code in (503, 408)  # no leader; a request timed out inside the cluster
+    return isinstance(exc, (nats.errors.NoRespondersError, nats.errors.TimeoutError, asyncio.TimeoutError,
+                            nats.errors.ConnectionReconnectingError, nats.errors.StaleConnectionError,
+                            nats.errors.FlushTimeoutError))
+
+
+async def retrying(what: str, name: str, attempt: Callable[[], Awaitable[T]], *, retry_s: float | None) -> T:
+    """`attempt()` again from its start while it fails with a `transient` error: exponential backoff with
+    jitter (0.2 s doubling up to 5 s), for `retry_s` seconds (None: until cancelled); other errors at once."""
+    def said(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("artifact_transfer_retry", transfer=what, name=name, attempt=state.attempt_number,
+                    error=f"{type(exc).__name__}: {exc}", retry_in_s=round(state.upcoming_sleep, 2))
+
+    async for tried in AsyncRetrying(
+        retry=retry_if_exception(transient), reraise=True, before_sleep=said,
+        wait=wait_exponential_jitter(multiplier=0.2, max=RETRY_WAIT_MAX_S, jitter=0.2),
+        stop=stop_never if retry_s is None else stop_after_delay(retry_s),
+    ):
+        with tried:
+            return await attempt()
+    raise AssertionError("unreachable")  # AsyncRetrying returns or raises
 
 
 @dataclass(frozen=True)
@@ -119,8 +163,14 @@ class _HashingWriter:
         return int(self.fh.write(data))
 
 
-async def put_file(store: ArtifactStore, name: str, path: Path, *, description: str | None = None) -> Artifact:
-    """Upload `path` as `name`; returns the sha256 computed from the bytes read (and checked by the store)."""
+async def put_file(store: ArtifactStore, name: str, path: Path, *, description: str | None = None,
+                   retry_s: float | None = RETRY_S) -> Artifact:
+    """Upload `path` as `name`; returns the sha256 computed from the bytes read (and checked by the store).
+    Transient errors are retried from the start for `retry_s` (module docstring)."""
+    return await retrying("put", name, lambda: _put_once(store, name, path, description), retry_s=retry_s)
+
+
+async def _put_once(store: ArtifactStore, name: str, path: Path, description: str | None) -> Artifact:
     def opener() -> Any:
         return path.open("rb")
 
@@ -136,13 +186,24 @@ async def put_file(store: ArtifactStore, name: str, path: Path, *, description: 
     return Artifact(name=name, sha256=sha, size=reader.size)
 
 
-async def get_file(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None) -> Artifact:
+async def get_file(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None,
+                   retry_s: float | None = RETRY_S) -> Artifact:
     """Download `name` into `dest` (atomically); raise ArtifactError unless its sha256 is `sha256`.
+    Transient errors are retried from the start for `retry_s` (module docstring).
 
     The chunks are pulled a few at a time from the bucket's stream (the object store's layout, ADR-20:
     `$O.<bucket>.C.<nuid>`), not pushed: nats-py's `get(writeinto=)` lets the server push as fast as it
     can, and the client's buffer grew with the object (28 MB heap for 96 MB here).
     """
+    try:
+        return await retrying("get", name, lambda: _get_once(store, name, dest, sha256), retry_s=retry_s)
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"object {name} could not be read: {type(exc).__name__}: {exc}") from None
+
+
+async def _get_once(store: ArtifactStore, name: str, dest: Path, sha256: str | None) -> Artifact:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:
@@ -152,12 +213,7 @@ async def get_file(store: ArtifactStore, name: str, dest: Path, *, sha256: str |
     fh = await asyncio.to_thread(part.open, "wb")
     writer = _HashingWriter(fh)
     try:
-        try:
-            await _pull_chunks(store, info, writer)
-        except ArtifactError:
-            raise
-        except Exception as exc:
-            raise ArtifactError(f"object {name} could not be read: {type(exc).__name__}: {exc}") from None
+        await _pull_chunks(store, info, writer)
         await asyncio.to_thread(_sync_close, fh)
     except BaseException:
         await asyncio.to_thread(fh.close)
@@ -234,20 +290,22 @@ def _untar(archive: Path, dest: Path) -> None:
     replace_durably(tmp, dest)
 
 
-async def put_dir(store: ArtifactStore, name: str, src: Path, *, scratch: Path | None = None) -> Artifact:
+async def put_dir(store: ArtifactStore, name: str, src: Path, *, scratch: Path | None = None,
+                  retry_s: float | None = RETRY_S) -> Artifact:
     """Upload the directory `src` as one tar object `name` (spooled through a temporary file, not memory)."""
     with tempfile.TemporaryDirectory(dir=scratch, prefix=".artifact-") as tmp:
         archive = Path(tmp) / "dir.tar"
         await asyncio.to_thread(_tar_dir, src, archive)
-        return await put_file(store, name, archive)
+        return await put_file(store, name, archive, retry_s=retry_s)
 
 
-async def get_dir(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None) -> Artifact:
+async def get_dir(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None,
+                  retry_s: float | None = RETRY_S) -> Artifact:
     """Download the tar object `name`, check its sha256, and extract it to `dest` (replacing it)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".artifact-") as tmp:
         archive = Path(tmp) / "dir.tar"
-        art = await get_file(store, name, archive, sha256=sha256)
+        art = await get_file(store, name, archive, sha256=sha256, retry_s=retry_s)
         try:
             await asyncio.to_thread(_untar, archive, dest)
         except (tarfile.TarError, OSError) as exc:
