@@ -207,9 +207,12 @@ class TrainingSettings(BaseModel):
         "to general prompts (self-distillation, chat rendering); 0: off. A hyperparameters entry wins.",
     )
     hyperparameters: dict[str, Any] = Field(
-        default_factory=dict, description="Overrides of the trainer's hyperparameters (lora_r, batch_size, ...)."
+        default_factory=dict, description="Overrides of the trainer's hyperparameters (lora_r, batch_size, "
+        "adapter lora|mica, use_rslora, ...); adapters llama.cpp cannot serve are refused here.",
     )
-    cpu_threads: int | None = Field(default=None, ge=1, description="torch threads in the trainer.")
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description="torch threads in the trainer; None: the CPUs free when it starts "
+        "(affinity, cgroup quota, less those other work keeps busy; academyd.trainer.cpu).")
     seed: int = 3407
     backend: Literal["auto", "unsloth", "peft"] = "auto"
     render: Literal["chat", "plain"] = Field(
@@ -238,6 +241,18 @@ class WorkersSettings(BaseModel):
         description="A job whose worker stops heartbeating goes to another worker after this long.",
     )
     require_gpu: bool = Field(default=False, description="Jobs wait for a worker with a GPU.")
+    @field_validator("hyperparameters")
+    @classmethod
+    def _servable_adapter(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from academyd.trainer.spec import ADAPTERS, unservable
+
+        problems = unservable(v)
+        if "adapter" in v and v["adapter"] not in ADAPTERS:
+            problems.append(f"adapter must be one of {', '.join(ADAPTERS)}, got {v['adapter']!r}")
+        if problems:
+            raise ValueError("this adapter could not be served: " + "; ".join(problems))
+        return v
+
     artifacts_ttl_h: float = Field(default=7 * 24.0, gt=0, description="Objects older than this are dropped.")
 
     @property

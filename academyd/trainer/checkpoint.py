@@ -54,6 +54,7 @@ def save_adapter(model: Any, tokenizer: Any, out_dir: Path, base_model: str,
     cfg_path = tmp / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base_model  # what the spec named, not a resolved cache path
+    cfg = S.plain_lora_config(cfg)  # rsLoRA's alpha rewritten: served at the scale it was trained at
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if identity is not None:
         from academyd.trainer.base import IDENTITY_FILE

@@ -48,6 +48,32 @@ FORMATS = ("alpaca", "sharegpt")
 RENDERS = ("chat", "plain")  # chat: through the base model's chat template (academyd.trainer.data)
 BACKENDS = ("auto", "unsloth", "peft")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# lora: the usual init (A random, B zero, both trained). mica: Minor Component Adaptation (PEFT
+# init_lora_weights="mica", arXiv 2604.01694): B fixed to the weight's least singular directions, only A
+# trained; it saves a plain LoRA, so it exports to GGUF unchanged.
+ADAPTERS = ("lora", "mica")
+
+# Adapter settings no GGUF LoRA can carry, whatever serves it: refused up front, by the daemon's settings
+# and by the spec, with the reason. (What depends on the configured runtimes, the embedding and the rank,
+# is checked per run by academyd.arena.limits.)
+UNSERVABLE_TARGETS = {
+    "lm_head": "on a base with tied embeddings (SmolLM2: the GGUF has no output tensor, the head reads the "
+               "token embedding) a LoRA on the head has no tensor to apply to in llama.cpp or Ollama",
+}
+
+
+def unservable(hp: dict[str, Any]) -> list[str]:
+    """Reasons a hyperparameters mapping (the spec's or the settings' overrides) cannot be served. Pure."""
+    problems = []
+    if hp.get("use_dora"):
+        problems.append("use_dora: DoRA adds a magnitude vector the GGUF LoRA format has no place for "
+                        "(llama.cpp's convert_lora_to_gguf.py exits on it); use adapter 'lora' or 'mica'")
+    targets = hp.get("target_modules") or ()
+    for target in targets if isinstance(targets, (list, tuple)) else ():
+        if target in UNSERVABLE_TARGETS:
+            problems.append(f"target module {target!r}: {UNSERVABLE_TARGETS[target]}; target the attention/MLP "
+                            f"projections ({', '.join(DEFAULT_TARGETS)})")
+    return problems
 
 # Output layout inside output_dir.
 EVENTS_FILE = "events.jsonl"
@@ -94,6 +120,10 @@ class Hyperparameters:
     # adapter off), "ce" its greedy text as labels (sharpens the model: the general set's loss rose > 20 %).
     replay_loss: str = "kl"
     adjust: bool = True  # let plan_hyperparameters fit batch/epochs to data and memory
+    adapter: str = "lora"  # one of ADAPTERS
+    # rsLoRA scales by alpha/sqrt(r) instead of alpha/r. Runtimes read a plain LoRA's alpha/r, so the saved
+    # adapter carries lora_alpha rewritten to alpha*sqrt(r) and use_rslora false (checkpoint.save_adapter).
+    use_rslora: bool = False
 
     @property
     def effective_batch(self) -> int:
@@ -193,6 +223,8 @@ def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
     values: dict[str, Any] = {}
     defaults = Hyperparameters()
     for key, value in raw.items():
+        if key == "use_dora":
+            continue  # refused below with the reason (unservable)
         if key not in fields:
             problems.append(f"unknown hyperparameter {key!r} (known: {', '.join(sorted(fields))})")
             continue
@@ -238,9 +270,36 @@ def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
         (hp.eval_steps >= 0, "eval_steps must be >= 0"),
         (0.0 <= hp.replay_general <= 4.0, "replay_general must be in [0, 4]"),
         (hp.replay_loss in ("kl", "ce"), "replay_loss must be 'kl' or 'ce'"),
+        (hp.adapter in ADAPTERS, f"adapter must be one of {ADAPTERS}"),
     ]
     problems += [f"hyperparameters.{msg}" for ok, msg in checks if not ok]
+    problems += [f"hyperparameters cannot be served: {why}" for why in unservable(raw)]
     return hp, problems
+
+
+def plain_lora_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A saved adapter_config.json as a plain LoRA that every runtime scales right. Pure.
+
+    rsLoRA scales by alpha/sqrt(r); a plain LoRA (llama.cpp, Ollama, PEFT without the flag) by alpha/r. So
+    alpha becomes alpha*sqrt(r) (per module too, where rank_pattern gives a module its own rank) and the flag
+    goes. MiCA's weights are a plain LoRA already: its init is recorded as a plain one, so a loader does not
+    run MiCA's SVD init again only to overwrite it."""
+    out = dict(cfg)
+    if out.get("use_rslora"):
+        r, alpha = out["r"], out["lora_alpha"]
+        out["lora_alpha"] = alpha * math.sqrt(r)
+        ranks = out.get("rank_pattern") or {}
+        alphas = dict(out.get("alpha_pattern") or {})
+        for module, module_r in ranks.items():
+            alphas[module] = alphas.get(module, alpha) * math.sqrt(module_r)
+        for module in set(alphas) - set(ranks):
+            alphas[module] = alphas[module] * math.sqrt(r)
+        if alphas:
+            out["alpha_pattern"] = alphas
+        out["use_rslora"] = False
+    if isinstance(out.get("init_lora_weights"), str) and out["init_lora_weights"].lower() == "mica":
+        out["init_lora_weights"] = True
+    return out
 
 
 def load_spec(path: str | Path) -> TrainSpec:
@@ -261,11 +320,19 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+_ADDED_LATER = {"adapter": "lora", "use_rslora": False}
+
+
 def spec_hash(spec: TrainSpec) -> str:
     """sha256 (hex) of what is trained and how; where and how fast (output_dir, run_id, cpu_threads) not."""
     d = spec.to_dict()
     for key in ("output_dir", "run_id", "cpu_threads"):
         d.pop(key)
+    # Fields added later hash as before while they keep their default: a run started by an older daemon
+    # still resumes from its checkpoints.
+    for key, default in _ADDED_LATER.items():
+        if d["hyperparameters"].get(key) == default:
+            d["hyperparameters"].pop(key)
     return hashlib.sha256(canonical_json(d).encode("utf-8")).hexdigest()
 
 
