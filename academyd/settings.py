@@ -227,6 +227,18 @@ class TrainingSettings(BaseModel):
     def _image_by_digest(cls, v: str) -> str:
         return _check_image(v)
 
+    @field_validator("hyperparameters")
+    @classmethod
+    def _servable_adapter(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from academyd.trainer.spec import ADAPTERS, unservable
+
+        problems = unservable(v)
+        if "adapter" in v and v["adapter"] not in ADAPTERS:
+            problems.append(f"adapter must be one of {', '.join(ADAPTERS)}, got {v['adapter']!r}")
+        if problems:
+            raise ValueError("this adapter could not be served: " + "; ".join(problems))
+        return v
+
 
 class WorkersSettings(BaseModel):
     """Training on `academyd worker` processes over NATS (see academyd.habitat.nats, academyd.worker)."""
@@ -241,18 +253,6 @@ class WorkersSettings(BaseModel):
         description="A job whose worker stops heartbeating goes to another worker after this long.",
     )
     require_gpu: bool = Field(default=False, description="Jobs wait for a worker with a GPU.")
-    @field_validator("hyperparameters")
-    @classmethod
-    def _servable_adapter(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from academyd.trainer.spec import ADAPTERS, unservable
-
-        problems = unservable(v)
-        if "adapter" in v and v["adapter"] not in ADAPTERS:
-            problems.append(f"adapter must be one of {', '.join(ADAPTERS)}, got {v['adapter']!r}")
-        if problems:
-            raise ValueError("this adapter could not be served: " + "; ".join(problems))
-        return v
-
     artifacts_ttl_h: float = Field(default=7 * 24.0, gt=0, description="Objects older than this are dropped.")
 
     @property
