@@ -367,6 +367,15 @@ class FollowerSettings(BaseModel):
     ollama_url: str | None = None
     ollama_alias: str = Field(default="venom-academy", description="ollama: the tag Venom asks for.")
     ollama_base: str | None = Field(default=None, description="ollama: the base model's Ollama name.")
+    ollama_serve: Literal["auto", "merged", "adapter"] = Field(
+        default="auto", description="ollama: how a version is created. auto: from Ollama's /api/version, "
+        "an adapter model before 0.34.1, a merged model (the LoRA merged into the base GGUF) from 0.34.1 on, "
+        "which refuses new adapter models; merged: always merged; adapter: always the adapter layer.",
+    )
+    ollama_merge_type: Literal["q8_0", "f16"] = Field(
+        default="q8_0", description="ollama: the storage type of the merged weights (never 4-bit, which rounds "
+        "a LoRA's small deltas away).",
+    )
     venom_url: str | None = Field(default=None, description="venom: Venom's API, e.g. http://127.0.0.1:8000.")
     venom_runtime_id: str | None = None
     venom_model_id: str | None = None

@@ -37,6 +37,11 @@ KEY_TYPE = "academy.merged.type"
 KEY_SCALE = "academy.merged.scale"
 
 
+def merged_file_name(out_type: str) -> str:
+    """Where a version's merged model lives: `models/<vN>/merged-q8_0.gguf` (the arena's: in `arena/`)."""
+    return f"merged-{out_type}.gguf"
+
+
 class MergeError(ValueError):
     """The adapter cannot be merged into this base; the message says why."""
 
@@ -78,15 +83,21 @@ def merge(base: Path, adapter: Path, out: Path, *, out_type: str = "q8_0") -> di
     import gguf
     import numpy as np
 
-    from academyd.basemodel import BaseModelError, cached_sha256, check_adapter_base
+    from academyd.basemodel import KEY_BASE_SHA256 as KEY_ADAPTER_BASE, cached_sha256, gguf_metadata
 
     if out_type not in MERGE_TYPES:
         raise MergeError(f"--type {out_type}: merged weights are stored as {' or '.join(MERGE_TYPES)} (a 4-bit "
                          "type would round most of the adapter's deltas away)")
-    try:
-        check_adapter_base(adapter, base)
-    except BaseModelError as exc:
-        raise MergeError(str(exc)) from None
+    meta = gguf_metadata(adapter)
+    if meta.get("general.type") != "adapter":
+        raise MergeError(f"{adapter} is not a GGUF adapter (general.type {meta.get('general.type')!r})")
+    # The base the adapter records (the Academy's key, or GGUF's general.base_model.0.sha256): this one.
+    recorded = meta.get(KEY_ADAPTER_BASE) or meta.get("general.base_model.0.sha256")
+    if recorded != cached_sha256(base):
+        raise MergeError(f"adapter {adapter} was trained on {meta.get('general.base_model.0.name') or '?'} "
+                         f"(sha256 {str(recorded)[:16]}...), not on {base} (sha256 {cached_sha256(base)[:16]}...): "
+                         "refused" if recorded else f"adapter {adapter} records no base model sha256: it cannot "
+                         f"be shown to belong to {base}")
     t0 = time.perf_counter()
     areader = gguf.GGUFReader(str(adapter))
     pairs, alpha = _adapter_pairs(areader)

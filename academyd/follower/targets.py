@@ -280,8 +280,13 @@ def modelfile_parts(text: str) -> tuple[str | None, dict[str, Any]]:
 
 
 class OllamaTarget(Target):
-    """Ollama's HTTP API: create `venom-adapter-<version>` (the adapter's blobs, FROM the base), ask it, then
-    point the alias Venom asks for at it (`POST /api/copy`). Back to the base: the alias is copied from it."""
+    """Ollama's HTTP API. At start, `GET /api/version` decides how a version becomes a model (`ollama_serve`
+    auto): before 0.34.1 `venom-adapter-<version>` is created FROM the base with the adapter's blob; from
+    0.34.1 on, which refuses new adapter models, the LoRA is merged into the base GGUF (Q8_0 or F16, in the
+    trainer's interpreter: academyd.arena.merge_gguf) and the tag is created FROM that one file. Either tag
+    is immutable (made once per version, reused while it exists); the alias Venom asks for is pointed at it
+    (`POST /api/copy`) only after the probe; back to the base: the alias is copied from the base's tag.
+    What serves is read back from `/api/tags` (the alias shares its manifest digest with its source)."""
 
     name = "ollama"
 
@@ -292,17 +297,49 @@ class OllamaTarget(Target):
         self.url = self.cfg.ollama_url.rstrip("/")
         self.base_name = self.cfg.ollama_base or settings.arena.ollama_base or settings.training.base_model
         self._serving: str | None = None
+        self.version: str | None = None
+        self.merged = self.cfg.ollama_serve == "merged"
 
     @property
     def runtime(self) -> str:
-        return f"{self.url} ({self.cfg.ollama_alias})"
+        how = "merged models" if self.merged else "adapter models"
+        return f"{self.url} (Ollama {self.version or '?'}, {how}, alias {self.cfg.ollama_alias})"
 
     async def start(self) -> None:
+        from academyd.ollama import OllamaError, creates_adapters, ollama_version
+
         await super().start()
-        status, answer = await self._req("POST", f"{self.url}/api/show", json_body={"model": self.cfg.ollama_alias})
-        if status == 200 and isinstance(answer, dict):
-            self._serving = ((answer.get("details") or {}).get("academy_version")
-                             or _version_of(answer.get("modelfile") or ""))
+        assert self.session is not None
+        try:
+            self.version = await ollama_version(self.session, self.url, self.cfg.timeout_s)
+        except OllamaError as exc:
+            raise TargetError(str(exc)) from None
+        if self.cfg.ollama_serve == "auto":
+            self.merged = not creates_adapters(self.version)
+        elif self.cfg.ollama_serve == "adapter" and not creates_adapters(self.version):
+            raise TargetError(f"follower.ollama_serve = adapter, but Ollama {self.version} creates no adapter models "
+                              "(refused from 0.34.1 on): set it to auto or merged")
+        log.info("ollama_target", url=self.url, ollama_version=self.version,
+                 serve="merged" if self.merged else "adapter")
+        self._serving = await self._alias_source()
+
+    async def _alias_source(self) -> str | None:
+        """The version whose tag the alias is a copy of (same manifest digest in `/api/tags`); None: the base
+        or no alias yet."""
+        from academyd.ollama import OLLAMA_PREFIX
+
+        status, answer = await self._req("GET", f"{self.url}/api/tags")
+        if status != 200 or not isinstance(answer, dict):
+            raise TargetError(f"Ollama's /api/tags answered HTTP {status}: {_error_text(answer)}")
+        models = {_untagged(str(m.get("name") or m.get("model"))): m.get("digest") for m in answer.get("models") or []}
+        alias = models.get(_untagged(self.cfg.ollama_alias))
+        if alias is None:
+            return None
+        for name, digest in models.items():
+            if digest == alias and name.startswith(OLLAMA_PREFIX) and re.fullmatch(VERSION_PATTERN,
+                                                                                    name[len(OLLAMA_PREFIX):]):
+                return name[len(OLLAMA_PREFIX):]
+        return None
 
     async def serving(self) -> str | None:
         return self._serving
@@ -317,15 +354,21 @@ class OllamaTarget(Target):
         return OLLAMA_PREFIX + version if version else self.base_name
 
     async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
-        from academyd.ollama import OllamaError, ollama_create
-
         tag = self.tag(version)
         status, _ = await self._req("POST", f"{self.url}/api/show", json_body={"model": tag})
-        if status == 200:
+        if status == 200:  # immutable: made once per version (an adapter tag made before 0.34.1 still serves)
             return {"created": False, "tag": tag}
         template, params = None, {}
         if files.get("modelfile_path") and Path(files["modelfile_path"]).is_file():
             template, params = modelfile_parts(Path(files["modelfile_path"]).read_text())
+        if self.merged:
+            return await self._create_merged(version, tag, files, template, params)
+        return await self._create_adapter(version, tag, files, template, params)
+
+    async def _create_adapter(self, version: str, tag: str, files: dict[str, Any], template: str | None,
+                              params: dict[str, Any]) -> dict[str, Any]:
+        from academyd.ollama import OllamaError, ollama_create
+
         artifacts = {"gguf_path": files.get("gguf_path"), "from": self.base_name, "parameters": params,
                      "template": template}
         row = {"version": version, "adapter_path": files["adapter_path"]}
@@ -335,7 +378,57 @@ class OllamaTarget(Target):
             created = await ollama_create(settings, row, artifacts, http_session=self.session)
         except OllamaError as exc:
             raise TargetError(str(exc)) from None
-        return {"created": True, "tag": tag, "adapters": created.get("adapters")}
+        return {"created": True, "tag": tag, "serve": "adapter", "adapters": created.get("adapters")}
+
+    async def _create_merged(self, version: str, tag: str, files: dict[str, Any], template: str | None,
+                             params: dict[str, Any]) -> dict[str, Any]:
+        from academyd.ollama import OllamaError, ollama_create_merged
+
+        if not files.get("gguf_path"):
+            raise Refused("missing_artifact", f"{version} has no GGUF adapter (adapter.gguf) to merge into the base; "
+                                              f"Ollama {self.version} creates no adapter models")
+        merged, info = await self._merged_gguf(version, Path(files["gguf_path"]), files.get("gguf_sha256"))
+        assert self.session is not None
+        try:
+            created = await ollama_create_merged(self.session, self.url, self.cfg.timeout_s, name=tag,
+                                                 gguf_path=merged, template=template, parameters=params)
+        except OllamaError as exc:
+            raise TargetError(str(exc)) from None
+        return {"created": True, "tag": tag, "serve": "merged", "merged_gguf": str(merged), "merge": info,
+                "files": created.get("files")}
+
+    async def _merged_gguf(self, version: str, adapter_gguf: Path, adapter_sha256: str | None,
+                           ) -> tuple[Path, dict[str, Any]]:
+        """The version's merged GGUF: the one the arena judged, or one made before, when it was merged from
+        this very adapter; else merged now (in the trainer's interpreter, off the loop)."""
+        from academyd.arena.contest import ArenaError, run_trainer_module
+        from academyd.arena.merge_gguf import KEY_ADAPTER_SHA256, KEY_TYPE, merged_file_name
+        from academyd.follower.verify import gguf_keys
+
+        mtype = self.cfg.ollama_merge_type
+        vdir = self.settings.models_dir / version
+        want = adapter_sha256 or await asyncio.to_thread(_sha256_of, adapter_gguf)
+        for path in (vdir / merged_file_name(mtype), vdir / "arena" / merged_file_name(mtype)):
+            if path.is_file():
+                keys = await asyncio.to_thread(gguf_keys, path)
+                if keys.get(KEY_ADAPTER_SHA256) == want and keys.get(KEY_TYPE) == mtype:
+                    return path, {"reused": str(path)}
+        base = await asyncio.to_thread(base_gguf_of, self.settings)
+        if base is None or not base.is_file():
+            raise TargetError(f"no base GGUF to merge {version} into: set follower.base_gguf (the base Ollama's "
+                              f"{self.base_name} was made from)")
+        out = vdir / merged_file_name(mtype)
+        try:
+            info = await run_trainer_module(self.settings, "academyd.arena.merge_gguf",
+                                            [str(base), str(adapter_gguf), str(out), "--type", mtype],
+                                            time_limit_s=3600, what=f"the merge of {version} into {base.name}")
+        except ArenaError as exc:
+            if "exit 2" in str(exc):  # bad input: another base, not a LoRA
+                raise Refused("load_failed", str(exc)) from None
+            raise TargetError(str(exc)) from None
+        log.info("ollama_merged", version=version, path=str(out), merge_s=info.get("merge_s"),
+                 tensors=info.get("merged"), total_s=info.get("total_s"))
+        return out, info
 
     async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
         status, answer = await self._req("POST", f"{self.url}/api/chat", json_body={
@@ -353,12 +446,25 @@ class OllamaTarget(Target):
                               f"{_error_text(answer)}")
         self._serving = version
 
+    async def discard(self, version: str) -> None:
+        """A merged tag is a whole model (the base's size): removed once another serves. Its merged GGUF stays
+        in the version's directory, so going back to it is an upload and a create, not a merge."""
+        if not self.merged or version == self._serving:
+            return
+        status, answer = await self._req("DELETE", f"{self.url}/api/delete", json_body={"model": self.tag(version)})
+        if status not in (200, 404):
+            log.warning("ollama_delete_failed", tag=self.tag(version), status=status, error=_error_text(answer))
 
-def _version_of(modelfile: str) -> str | None:
-    from academyd.ollama import OLLAMA_PREFIX
 
-    m = re.search(re.escape(OLLAMA_PREFIX) + f"({VERSION_PATTERN})", modelfile)
-    return m.group(1) if m else None
+def _untagged(name: str) -> str:
+    """Ollama's names carry `:latest` when no tag was given."""
+    return name.removesuffix(":latest")
+
+
+def _sha256_of(path: Path) -> str:
+    from academyd.files import sha256_file
+
+    return sha256_file(path)
 
 
 # ------------------------------------------------------------------ Venom
