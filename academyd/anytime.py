@@ -204,22 +204,33 @@ def judge(outcomes: list[bool], parent_successes: int, parent_tasks: int, *, alp
     return Judgement("watching", 0, f"watching ({n} tasks): {summary}", stats)
 
 
-def confidence_sequence(outcomes: list[bool], alpha: float) -> tuple[float, float]:
-    """The champion's running (1 - alpha) confidence sequence now: the rates no one-sided mixture test
-    (the same e-processes, alpha/2 each side) has rejected at any task so far (for the page)."""
+def confidence_path(outcomes: list[bool], alpha: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The champion's running (1 - alpha) confidence sequence after each task: the rates p no one-sided
+    mixture test (the e-processes above, alpha/2 each side, tested at p) has rejected at any task so far,
+    to 0.001 (for the page: the band narrows as tasks come, and never widens)."""
     x = np.asarray(outcomes, dtype=float)[None, :]
+    n = x.shape[1]
     s = np.cumsum(x, axis=1)
-    f = np.arange(1, x.shape[1] + 1)[None, :] - s
-    rates = np.linspace(0.0, 1.0, 1001)[:, None]
+    f = np.arange(1, n + 1)[None, :] - s
+    rates = np.linspace(0.0, 1.0, 1001)
     threshold = math.log(2.0 / alpha)
-    keep = np.ones(len(rates), dtype=bool)
+    out = np.zeros((len(rates), n), dtype=bool)
     for i in range(0, len(rates), 64):  # in slices: memory stays small for long streams
-        r = rates[i:i + 64]
-        # A rate p is out once the mixture against it crossed at any task (the intersection over time).
-        too_high = (log_evidence(s, f, r, below=True, grid=ROLLBACK_GRID) >= threshold).any(axis=1)
-        too_low = (log_evidence(s, f, r, below=False, grid=ROLLBACK_GRID) >= threshold).any(axis=1)
-        keep[i:i + 64] = ~(too_high | too_low)
-    if not keep.any():
-        rate = float(x.mean())
-        return rate, rate
-    return float(rates[keep, 0].min()), float(rates[keep, 0].max())
+        r = rates[i:i + 64, None]
+        hit = (log_evidence(s, f, r, below=True, grid=ROLLBACK_GRID) >= threshold) | (
+            log_evidence(s, f, r, below=False, grid=ROLLBACK_GRID) >= threshold)
+        out[i:i + 64] = np.logical_or.accumulate(hit, axis=1)  # once out, out for good
+    keep = ~out
+    rate = s[0] / np.arange(1, n + 1)
+    any_kept = keep.any(axis=0)
+    lo = np.where(any_kept, rates[np.argmax(keep, axis=0)], rate)
+    hi = np.where(any_kept, rates[len(rates) - 1 - np.argmax(keep[::-1], axis=0)], rate)
+    return lo, hi
+
+
+def confidence_sequence(outcomes: list[bool], alpha: float) -> tuple[float, float]:
+    """The champion's confidence sequence now (after its last task)."""
+    if not outcomes:
+        return 0.0, 1.0
+    lo, hi = confidence_path(outcomes, alpha)
+    return float(lo[-1]), float(hi[-1])

@@ -113,7 +113,7 @@ class App:
         self.outbox = Outbox(self.store, kick=self.relay.kick)
         self.trigger = Trigger(s, self.store, self.clock, self.outbox)
         self.champion = Champion(self.store, s, self.clock, on_commit=self.relay.kick)
-        self.monitor = Monitor(self.store, s, self.clock, self.champion, interval_s=s.policy.tick_minutes * 60)
+        self.monitor = Monitor(self.store, s, self.clock, self.champion)
         self.intake = Intake(s, self.store, self.ingestor, self.clock, self.health, self.counters, self.trigger,
                              poke_monitor=self.monitor.poke, emit=self._emit)
         await self.bus.connect(self.nats_url)
@@ -131,7 +131,6 @@ class App:
         self._start_scheduler()
         await self._start_extensions()
         self._tasks.append(asyncio.create_task(self.relay.run(self.stop_event), name="outbox"))
-        self._tasks.append(asyncio.create_task(self.monitor.run(self.stop_event), name="champion-monitor"))
         self.relay.kick()  # anything a crash left unpublished goes out now
         if self.notifier.watchdog_interval_s:
             self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
@@ -162,6 +161,8 @@ class App:
             self._tick, "interval", minutes=self.settings.policy.tick_minutes, id="policy", coalesce=True,
             max_instances=1,
         )
+        if self.monitor is not None:
+            self.monitor.schedule(self._scheduler)  # the post-promotion watch's tick (#20)
         self._scheduler.start()
 
     async def _tick(self) -> None:

@@ -39,7 +39,7 @@ from handlers import Ack, Outcome, Reject, Retry
 
 log = structlog.get_logger("academyd.bus")
 
-INBOUND_SUBJECTS = ["lesson.created", "commit.pushed", "task.completed"]
+INBOUND_SUBJECTS = ["lesson.created", "commit.pushed", "task.completed", "feedback.given", "prompt.approved"]
 OUTBOUND_SUBJECTS = ["academy.training.>", "academy.dataset.>", "academy.evaluation.>", "model.>"]
 DLQ_SUBJECTS = ["academy.dlq.>"]
 DLQ_EXCERPT_BYTES = 64 * 1024
@@ -230,7 +230,14 @@ class Bus:
             return
         missing = set(config.subjects or []) - set(info.config.subjects or [])
         if missing:
-            log.warning("stream_bound_without_subjects", stream=config.name, missing=sorted(missing))
+            # A stream made by an older daemon lacks the subjects added since (feedback.given, #20): add them.
+            try:
+                info.config.subjects = [*(info.config.subjects or []), *sorted(missing)]
+                await self.js.update_stream(info.config)
+                log.info("stream_subjects_added", stream=config.name, added=sorted(missing))
+            except Exception as exc:
+                log.warning("stream_bound_without_subjects", stream=config.name, missing=sorted(missing),
+                            error=repr(exc))
         else:
             log.info("stream_bound", stream=config.name)
 

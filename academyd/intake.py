@@ -51,8 +51,8 @@ class Intake:
         try:  # committed: what follows must not cost the batch its acks (the tick re-runs the policy)
             if result.stored.get("lesson.created"):
                 self.runs.evaluate("ingest")
-            if result.stored.get("task.completed"):
-                self.poke_monitor()  # the watch runs in its own task: never on the ack path
+            if result.stored.get("task.completed") or result.stored.get("feedback.given"):
+                self.poke_monitor()  # the watch is a scheduler job: never on the ack path
         except Exception as exc:
             log.warning("after_ingest_failed", error=f"{type(exc).__name__}: {exc}")
         self.emit("ingest", {"stored": result.stored, "duplicates": result.duplicates, "rejected": result.rejected})

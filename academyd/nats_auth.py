@@ -35,7 +35,7 @@ IDENTITIES = (DAEMON, OPERATOR, AGENT)
 USERS_DIR = "users"
 DAEMON_INBOX_PREFIX = "_INBOX_academyd"
 
-INBOUND = ["lesson.created", "commit.pushed", "task.completed"]
+INBOUND = ["lesson.created", "commit.pushed", "task.completed", "feedback.given", "prompt.approved"]
 EVENTS = ["academy.training.>", "academy.dataset.>", "academy.evaluation.>", "model.>"]
 
 

@@ -385,6 +385,38 @@ class FollowerSettings(BaseModel):
     timeout_s: float = Field(default=120.0, gt=0, description="One HTTP call to the runtime.")
 
 
+class WatchSettings(BaseModel):
+    """The anytime-valid post-promotion watch (academyd.anytime, academyd.champion.monitor) and what a task's
+    outcome is (#20)."""
+
+    alpha: float = Field(default=0.05, gt=0.0, lt=0.5, description="Error rate of both decisions (rollback, "
+                         "confirmation), however often the watch looks.")
+    rollback_margin: float = Field(default=0.0, ge=0.0, lt=1.0, description="A champion is rolled back when "
+                                   "its success rate is below its parent's by more than this.")
+    confirm_margin: float = Field(default=0.10, ge=0.0, lt=1.0, description="A champion is confirmed when it "
+                                  "is no worse than its parent minus this.")
+    parent_tasks: int = Field(default=1000, ge=10, description="The parent's latest tasks that make its record.")
+    thumbs_override: bool = Field(default=True, description="A thumbs up/down (feedback.given) is the task's "
+                                  "outcome, instead of its status.")
+    guard_failed_run: int = Field(default=10, ge=2, description="This many failed or empty answers in a row "
+                                  "roll the champion back at once.")
+    guard_leaks: int = Field(default=1, ge=1, description="This many answers with a chat-template token "
+                             "roll the champion back at once.")
+    leak_markers: list[str] = Field(default_factory=lambda: [
+        "<|im_start|>", "<|im_end|>", "### Response:", "### Instruction:", "<|endoftext|>",
+        "<|start_header_id|>", "<|eot_id|>", "[INST]"])
+    interval_s: float = Field(default=60.0, gt=0.0, description="The watch's APScheduler tick.")
+
+
+class BridgeSettings(BaseModel):
+    """`academyd bridge-venom`: follows Venom's data directory (academyd.bridge)."""
+
+    poll_s: float = Field(default=1.0, gt=0.0, description="How often the files are looked at (stat only).")
+    max_per_s: float = Field(default=200.0, gt=0.0, description="Events published per second at most.")
+    cursor: Path | None = Field(default=None, description="The bridge's cursor file (default "
+                                "<data_dir>/bridge/<hash of the Venom directory>.json).")
+
+
 class HttpSettings(BaseModel):
     """The Academy page and /metrics."""
 
@@ -417,6 +449,8 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     follower: FollowerSettings = Field(default_factory=FollowerSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    bridge: BridgeSettings = Field(default_factory=BridgeSettings)
 
     @classmethod
     def settings_customise_sources(

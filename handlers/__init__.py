@@ -57,12 +57,14 @@ Handler = Callable[[Any, HandlerContext], Outcome]
 
 def registry() -> dict[str, Handler]:
     """Subject -> handler."""
-    from handlers import commit_pushed, lesson_created, task_completed
+    from handlers import commit_pushed, feedback_given, lesson_created, prompt_approved, task_completed
 
     return {
         "lesson.created": lesson_created.handle,
         "commit.pushed": commit_pushed.handle,
         "task.completed": task_completed.handle,
+        "feedback.given": feedback_given.handle,
+        "prompt.approved": prompt_approved.handle,
     }
 
 

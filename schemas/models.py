@@ -115,6 +115,33 @@ class TaskCompleted(Event):
         return v.strip().upper().removeprefix("TASKSTATUS.")
 
 
+class FeedbackGiven(Event):
+    """`feedback.given`: a thumbs up or down on a task, as Venom appends it to `data/feedback/feedback.jsonl`
+    (no model field: it is joined to the task, and so to the version that served it, by `task_id`)."""
+
+    task_id: str = Field(min_length=1, max_length=200)
+    rating: Literal["up", "down"]
+    timestamp: datetime | None = Field(default=None, description="ISO 8601; naive means UTC.")
+    comment: str | None = Field(default=None, max_length=TEXT_MAX)
+    prompt: str | None = Field(default=None, max_length=TEXT_MAX)
+    result: str | None = Field(default=None, max_length=LONG_TEXT_MAX)
+    intent: str | None = Field(default=None, max_length=200)
+    tool_required: bool | None = None
+
+
+class PromptApproved(Event):
+    """`prompt.approved`: an answer the user approved (a thumbs up), as Venom appends it to
+    `data/learning/hidden_prompts.jsonl`: a prompt -> approved answer pair for curation."""
+
+    task_id: str | None = Field(default=None, max_length=200)
+    prompt: str = Field(min_length=1, max_length=TEXT_MAX)
+    approved_response: str = Field(min_length=1, max_length=LONG_TEXT_MAX)
+    timestamp: datetime | None = Field(default=None, description="ISO 8601; naive means UTC.")
+    intent: str | None = Field(default=None, max_length=200)
+    prompt_hash: str | None = Field(default=None, max_length=200)
+    note: str | None = Field(default=None, max_length=TEXT_MAX)
+
+
 # ---------------------------------------------------------------- commands (request/reply)
 
 
@@ -289,6 +316,8 @@ INBOUND: dict[str, type[Event]] = {
     "lesson.created": LessonCreated,
     "commit.pushed": CommitPushed,
     "task.completed": TaskCompleted,
+    "feedback.given": FeedbackGiven,
+    "prompt.approved": PromptApproved,
 }
 
 COMMANDS: dict[str, type[Command]] = {

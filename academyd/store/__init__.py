@@ -3,7 +3,7 @@ registry, the curator's datasets.
 
 One file (`academy.db`), WAL, `synchronous=FULL`; migrations (academyd.store.migrations) are named SQL
 scripts applied once, in order. Nested transactions are savepoints (academyd.store.connection). Each table
-group is a module of its own (inbox, dlq, outbox, runs, models, datasets, watch); `Store` is all of them
+group is a module of its own (inbox, dlq, outbox, runs, models, datasets, watch, production); `Store` is all of them
 on one connection, and no module outside this package touches the connection or writes SQL.
 
 The store is synchronous on purpose: SQLite calls are short, and a batch of inbound events is written in
@@ -19,11 +19,12 @@ from academyd.store.dlq import DeadLetters
 from academyd.store.faults import StoreError, StoreFault, store_fault
 from academyd.store.migrations import MIGRATIONS
 from academyd.store.models import Models
+from academyd.store.production import Production
 from academyd.store.runs import ACTIVE_RUN_STATES, RUN_STATES, ActiveRunExists, Runs, Snapshot
 from academyd.store.watch import ChampionWatch
 
 
-class Store(Runs, DeadLetters, Models, Datasets, ChampionWatch):
+class Store(Runs, DeadLetters, Models, Datasets, ChampionWatch, Production):
     """The SQLite store: every table group on one connection (runs brings the inbox and the outbox).
     Not thread-safe: one Store per thread (open another for worker threads)."""
 

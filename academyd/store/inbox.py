@@ -53,24 +53,37 @@ class Inbox(Connection):
         )
         return cur.rowcount == 1
 
-    def insert_task(self, ev: Any, success: bool, now: datetime) -> bool:
+    def insert_task(self, ev: Any, success: bool, now: datetime, *, served: str | None = None,
+                    rank: int = 2, empty: bool = False, leak: bool = False) -> bool:
+        """Store a task, or move a stored one forward (academyd.attribution): a later event replaces the
+        row when its status ranks higher (PENDING < PROCESSING < finished). False when nothing changed (a
+        status at or below the stored one). A task gets its `done_seq` when it first reaches a finished
+        status: the order the watch reads outcomes in."""
+        served = served if served is not None else ev.model_version
+        done = "(SELECT COALESCE(MAX(done_seq), 0) + 1 FROM tasks)" if rank >= 2 else "NULL"
+        values = (
+            ev.event_id, ev.task_id, ev.content, ev.result, ev.status, json.dumps(ev.logs, ensure_ascii=False),
+            None if ev.context_history is None else json.dumps(ev.context_history, ensure_ascii=False),
+            ev.model_version, int(success), iso(now), iso(getattr(ev, "created_at", None)),
+            None if getattr(ev, "context_used", None) is None else ev.context_used.model_dump_json(),
+            served, rank, int(empty), int(leak), iso(now),
+        )
         cur = self.conn.execute(
             "INSERT OR IGNORE INTO tasks(event_id, task_id, content, result, status, logs, context_history,"
-            " model_version, success, received_at, created_at, context_used) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                ev.event_id,
-                ev.task_id,
-                ev.content,
-                ev.result,
-                ev.status,
-                json.dumps(ev.logs, ensure_ascii=False),
-                None if ev.context_history is None else json.dumps(ev.context_history, ensure_ascii=False),
-                ev.model_version,
-                int(success),
-                iso(now),
-                iso(getattr(ev, "created_at", None)),
-                None if getattr(ev, "context_used", None) is None else ev.context_used.model_dump_json(),
-            ),
+            " model_version, success, received_at, created_at, context_used, served_version, status_rank, empty,"
+            f" leak, updated_at, done_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,{done})",
+            values,
+        )
+        if cur.rowcount == 1:
+            return True
+        cur = self.conn.execute(
+            "UPDATE tasks SET event_id=?, content=?, result=?, status=?, logs=?,"
+            " context_history=COALESCE(?, context_history), model_version=COALESCE(?, model_version), success=?,"
+            " created_at=COALESCE(?, created_at), context_used=COALESCE(?, context_used),"
+            " served_version=COALESCE(?, served_version), status_rank=?, empty=?, leak=?, updated_at=?,"
+            f" done_seq=COALESCE(done_seq, {done}) WHERE task_id=? AND status_rank < ?",
+            (values[0], *values[2:8], values[8], *values[10:12], values[12], values[13], values[14], values[15],
+             values[16], ev.task_id, rank),
         )
         return cur.rowcount == 1
 

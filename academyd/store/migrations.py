@@ -238,6 +238,62 @@ MIGRATIONS.append((
 ))
 
 
+
+MIGRATIONS.append((
+    # #20, proof in production. tasks: the version that served (academyd.attribution), the status moving
+    # forward (status_rank; done_seq numbers tasks in the order they finished, which is the order the
+    # anytime-valid watch reads them in), and what the answer showed (guardrails). feedback: thumbs from
+    # Venom's feedback.jsonl, joined to tasks by task_id. approved_pairs: hidden_prompts.jsonl, a curation
+    # source. watch_decisions: the watch's end state per promotion (confirmed or rolled_back).
+    "0020_production_signals",
+    """
+    ALTER TABLE tasks ADD COLUMN served_version TEXT;
+    ALTER TABLE tasks ADD COLUMN status_rank INTEGER NOT NULL DEFAULT 2;
+    ALTER TABLE tasks ADD COLUMN done_seq INTEGER;
+    ALTER TABLE tasks ADD COLUMN empty INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN leak INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN updated_at TEXT;
+    UPDATE tasks SET served_version = model_version, done_seq = seq;
+    CREATE INDEX tasks_served ON tasks(served_version, done_seq);
+    CREATE INDEX tasks_done ON tasks(done_seq);
+    CREATE TABLE feedback(
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id      TEXT NOT NULL UNIQUE REFERENCES inbox(event_id),
+        task_id       TEXT NOT NULL,
+        rating        TEXT NOT NULL CHECK(rating IN ('up','down')),
+        comment       TEXT,
+        intent        TEXT,
+        timestamp     TEXT,
+        received_at   TEXT NOT NULL
+    );
+    CREATE INDEX feedback_task ON feedback(task_id, seq);
+    CREATE TABLE approved_pairs(
+        seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id          TEXT NOT NULL UNIQUE REFERENCES inbox(event_id),
+        task_id           TEXT,
+        prompt            TEXT NOT NULL,
+        approved_response TEXT NOT NULL,
+        intent            TEXT,
+        prompt_hash       TEXT,
+        note              TEXT,
+        timestamp         TEXT,
+        received_at       TEXT NOT NULL
+    );
+    CREATE TABLE watch_decisions(
+        champion    TEXT NOT NULL,
+        promoted_at TEXT NOT NULL,
+        parent      TEXT NOT NULL,
+        state       TEXT NOT NULL CHECK(state IN ('confirmed','rolled_back')),
+        cause       TEXT NOT NULL,
+        at_task     INTEGER NOT NULL,
+        reason      TEXT NOT NULL,
+        stats       TEXT NOT NULL,
+        decided_at  TEXT NOT NULL,
+        PRIMARY KEY (champion, promoted_at)
+    );
+    """,
+))
+
 def migrate(store: Connection) -> list[str]:
     """Apply the migrations not yet applied; return their names."""
     conn = store.conn
