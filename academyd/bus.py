@@ -510,6 +510,18 @@ class _Request:
     expires_at: float
 
 
+@dataclass
+class _Outage:
+    since: float
+    failures: int = 0
+    not_before: float = 0.0
+
+
+def backoff_delay(failures: int, first_s: float, max_s: float) -> float:
+    """The wait before the next request after `failures` unanswered ones in a row: doubling, capped."""
+    return min(max_s, first_s * 2 ** min(max(failures - 1, 0), 30))
+
+
 class Puller:
     """Pull requests for a durable consumer, answered into one core subscription (JetStream's pull protocol,
     ADR-13: a request on `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` with `batch` and `expires`; the
@@ -519,7 +531,16 @@ class Puller:
     twice the messages per second), and keeps one request in flight while the caller stores a batch.
     Requests are answered in order, so a message or a status is counted against the oldest one; a request
     that was lost (a reconnect) is forgotten once it would have expired.
+
+    While no consumer leader answers (503 / no responders during an election, or for as long as quorum is
+    lost; any status other than 404/408), or the request cannot be sent (disconnected), the next request
+    waits: `backoff_delay` (doubling from 50 ms to 2 s). One warning when such an outage begins, one info
+    line when requests are answered again, instead of a line and a new request per answer (thousands a
+    second during an election).
     """
+
+    BACKOFF_FIRST_S = 0.05
+    BACKOFF_MAX_S = 2.0
 
     def __init__(self, nc: Client, stream: str, consumer: str, batch: int, expires_s: float) -> None:
         self.nc = nc
@@ -532,6 +553,7 @@ class Puller:
         self._requests: list[_Request] = []
         self._sub: Any = None
         self._clock = asyncio.get_running_loop().time
+        self._outage: _Outage | None = None
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self.inbox, cb=self._on_msg, pending_msgs_limit=self.batch * 64)
@@ -554,11 +576,14 @@ class Puller:
                     self._requests.pop(0)
             if len(self._buf) >= self.batch or not self._requests:
                 self._ready.set()
+            self._answered()
             return
         if status == "100":  # idle heartbeat
             return
-        if status not in ("404", "408"):
-            log.warning("pull_request_status", status=status, description=(headers or {}).get("Description"))
+        if status in ("404", "408"):
+            self._answered()
+        else:
+            self._unanswered(f"status {status}: {(headers or {}).get('Description')}")
         if self._requests:
             self._requests.pop(0)
         self._ready.set()
@@ -568,13 +593,30 @@ class Puller:
         while self._requests and self._requests[0].expires_at < now:
             self._requests.pop(0)
 
+    def _unanswered(self, why: str) -> None:
+        now = self._clock()
+        if self._outage is None:
+            self._outage = _Outage(since=now)
+            log.warning("pull_requests_unanswered", reason=why, hint=(
+                "no consumer leader answers (an election after a node loss, or quorum lost): asking again "
+                f"with backoff up to {self.BACKOFF_MAX_S:g} s; said once until answered again"))
+        self._outage.failures += 1
+        self._outage.not_before = now + backoff_delay(self._outage.failures, self.BACKOFF_FIRST_S, self.BACKOFF_MAX_S)
+
+    def _answered(self) -> None:
+        if self._outage is not None:
+            log.info("pull_requests_answered_again", after_s=round(self._clock() - self._outage.since, 2),
+                     unanswered=self._outage.failures)
+            self._outage = None
+
     async def _request(self) -> None:
+        if self._outage is not None:
+            await asyncio.sleep(max(0.0, self._outage.not_before - self._clock()))
         body = b'{"batch":%d,"expires":%d}' % (self.batch, int(self.expires_s * 1e9))
         try:
             await self.nc.publish(self.subject, body, reply=self.inbox)
         except Exception as exc:  # disconnected: the client reconnects by itself; ask again then
-            log.warning("pull_request_failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(0.5)
+            self._unanswered(f"not sent: {type(exc).__name__}: {exc}")
             return
         # Forgotten a little after the server would have expired it (its 408 may be lost in a reconnect).
         self._requests.append(_Request(self.batch, self._clock() + self.expires_s + 1.0))
