@@ -136,12 +136,12 @@ class Client:
         self.errors: list[str] = []
         self.nc: Any = None
 
-    async def connect(self, url: str, user: str, password: str) -> Client:
+    async def connect(self, url: str, user: str, password: str, **kw: Any) -> Client:
         async def on_error(exc: Exception) -> None:
             self.errors.append(str(exc))
 
         self.nc = await nats.connect(url, user=user, password=password, error_cb=on_error,
-                                     allow_reconnect=False)
+                                     allow_reconnect=False, **kw)
         return self
 
     async def refused(self, what: str) -> bool:
@@ -160,7 +160,8 @@ async def secured(request, tmp_path, make_settings, start_daemon) -> Any:
         passwords = {"venom": "agent-pw", "operator": "operator-pw", "academyd": "daemon-pw"}
         env = {**os.environ, "VENOM_NATS_PASSWORD": passwords["venom"],
                "OPERATOR_NATS_PASSWORD": passwords["operator"], "ACADEMYD_NATS_PASSWORD": passwords["academyd"],
-               "ACADEMY_WORKER_NATS_PASSWORD": "worker-unused-here"}  # the worker identity: tests/scale
+               "ACADEMY_WORKER_NATS_PASSWORD": "worker-unused-here",  # the worker identity: tests/scale
+               "ACADEMY_FOLLOWER_NATS_PASSWORD": "follower-pw"}
         proc = subprocess.Popen([str(find_server_binary()), "-c", str(shipped_config(tmp_path, port))], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await wait_port(port)
@@ -168,7 +169,7 @@ async def secured(request, tmp_path, make_settings, start_daemon) -> Any:
         d = await start_daemon(make_settings(nats={"url": url, "user": "academyd", "password": "daemon-pw",
                                                    "inbox_prefix": "_INBOX_academyd"}))
         roles = {"agent": ("venom", passwords["venom"]), "operator": ("operator", passwords["operator"]),
-                 "daemon": ("academyd", passwords["academyd"])}
+                 "daemon": ("academyd", passwords["academyd"]), "follower": ("academy-follower", "follower-pw")}
         yield d, url, roles
         await d.stop()
         proc.terminate()
@@ -178,7 +179,7 @@ async def secured(request, tmp_path, make_settings, start_daemon) -> Any:
     users = d.app.settings.nats_dir / "users"
     assert stat.S_IMODE(users.stat().st_mode) == 0o700
     roles = {}
-    for role, name in (("agent", "agent"), ("operator", "operator"), ("daemon", "academyd")):
+    for role, name in (("agent", "agent"), ("operator", "operator"), ("daemon", "academyd"), ("follower", "follower")):
         path = users / f"{name}.password"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         roles[role] = (name, path.read_text().strip())
@@ -238,3 +239,66 @@ async def test_agents_publish_only_and_operators_command(secured) -> None:
         await ojs.delete_stream("ACADEMY_INBOUND")
     assert operator.errors and all("permissions violation" in e.lower() for e in operator.errors)
     await operator.nc.close()
+
+
+async def test_only_the_follower_touches_its_consumer(secured) -> None:
+    """The follower's durable consumer (academy-follower) is its own: it creates, pulls and acks it and
+    publishes its outcomes; an agent or an operator cannot pull from it, ack on it, delete it or make a named
+    consumer of its own, yet both still read the events through an ordered consumer."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    d, url, roles = secured
+    stream, durable = "ACADEMY_EVENTS", "academy-follower"
+    follower = await Client().connect(url, *roles["follower"], inbox_prefix="_INBOX_follower")
+    fjs = follower.nc.jetstream(timeout=5)
+    await fjs.add_consumer(stream, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                                  filter_subjects=["model.promoted", "model.rolled_back"]))
+    fsub = await fjs.pull_subscribe_bind(durable=durable, stream=stream)
+
+    agent = await Client().connect(url, *roles["agent"])
+    seen: list[str] = []
+
+    async def on_event(msg: Any) -> None:
+        seen.append(json.loads(msg.data)["version"])
+
+    ordered = await agent.nc.jetstream(timeout=5).subscribe("model.promoted", stream=stream, ordered_consumer=True,
+                                                            cb=on_event)
+    daemon = await nats.connect(url, user=roles["daemon"][0], password=roles["daemon"][1],
+                                inbox_prefix="_INBOX_academyd", allow_reconnect=False)
+    await daemon.jetstream(timeout=5).publish("model.promoted", b'{"version": "v1"}', headers={"Nats-Msg-Id": "p-1"})
+    await wait_for(lambda: seen == ["v1"])  # the agent reads the events, through a consumer the server named
+
+    for who in ("agent", "operator"):
+        c = agent if who == "agent" else await Client().connect(url, *roles["operator"])
+        js = c.nc.jetstream(timeout=0.5)
+        sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.fetch(1, timeout=0.5)
+        assert await c.refused(f'publish to "$js.api.consumer.msg.next.{stream.lower()}.{durable}"'), (who, c.errors)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.delete_consumer(stream, durable)
+        assert await c.refused(f'publish to "$js.api.consumer.delete.{stream.lower()}.{durable}"'), (who, c.errors)
+        await c.nc.publish(f"$JS.ACK.{stream}.{durable}.1.1.1.0.0", b"+ACK")  # a forged ack
+        assert await c.refused(f'publish to "$js.ack.{stream.lower()}.{durable}.'), (who, c.errors)
+        with pytest.raises(nats.errors.TimeoutError):  # nor a named (durable) consumer of its own
+            await js.add_consumer(stream, ConsumerConfig(durable_name=f"{who}-durable"))
+        if who == "operator":
+            await c.nc.close()
+    await ordered.unsubscribe()
+
+    # The message is still the follower's: it pulls it, acks it, and says so on model.deployed.
+    msgs = await fsub.fetch(1, timeout=5)
+    assert json.loads(msgs[0].data)["version"] == "v1" and msgs[0].metadata.num_delivered == 1
+    await msgs[0].ack_sync(timeout=5)
+    ack = await fjs.publish("model.deployed", b'{"version": "v1"}', headers={"Nats-Msg-Id": "d-1"})
+    assert ack.stream == stream
+    info = await daemon.jetstream(timeout=5).consumer_info(stream, durable)
+    assert info.num_ack_pending == 0 and info.delivered.stream_seq >= 1
+    # ... and nothing more than that: no stream admin, no other subject, no other consumer.
+    with pytest.raises(nats.errors.TimeoutError):
+        await follower.nc.jetstream(timeout=1).delete_stream(stream)
+    await follower.nc.publish("model.promoted", b"{}")
+    assert await follower.refused('publish to "model.promoted"'), follower.errors
+    await follower.nc.close()
+    await agent.nc.close()
+    await daemon.close()

@@ -41,7 +41,8 @@ from academyd.worker.protocol import (
 
 SHIPPED_CONF = Path(__file__).resolve().parents[2] / "systemd" / "nats-server.conf"
 PASSWORDS = {"VENOM_NATS_PASSWORD": "venom-pw", "OPERATOR_NATS_PASSWORD": "operator-pw",
-             "ACADEMYD_NATS_PASSWORD": "academyd-pw", "ACADEMY_WORKER_NATS_PASSWORD": "worker-pw"}
+             "ACADEMYD_NATS_PASSWORD": "academyd-pw", "ACADEMY_WORKER_NATS_PASSWORD": "worker-pw",
+             "ACADEMY_FOLLOWER_NATS_PASSWORD": "follower-pw"}
 
 
 @pytest.fixture
