@@ -108,7 +108,9 @@ class App:
         self.relay = OutboxRelay(
             self.store, self.bus.publish, self.clock,
             connected=lambda: self.bus.nc is not None and self.bus.nc.is_connected,
+            no_stream=self.bus.no_stream, health=self.health, counters=self.counters,
             max_attempts=s.outbox.max_attempts, retention=timedelta(hours=s.outbox.retention_h),
+            backoff_s=s.outbox.backoff_s, backoff_max_s=s.outbox.backoff_max_s,
         )
         self.outbox = Outbox(self.store, kick=self.relay.kick)
         self.trigger = Trigger(s, self.store, self.clock, self.outbox)

@@ -456,6 +456,19 @@ class Bus:
         """Durable publish: returns once JetStream has stored it (a duplicate msg id is a no-op)."""
         await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
 
+    async def no_stream(self, subject: str) -> bool | None:
+        """Whether JetStream says no stream captures `subject`: True or False when it answered, None when
+        it could not (no meta leader, lost quorum, a timeout): a publish nobody answered is then an outage."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            await self.nc.jetstream(timeout=3).find_stream_name_by_subject(subject)
+        except NotFoundError:
+            return True
+        except Exception:
+            return None
+        return False
+
     async def watch(self, subjects: list[str], cb: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Core subscription (no ack) to events for live views: progress from any worker, the DLQ."""
         assert self.nc is not None

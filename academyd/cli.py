@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "academyd.commands.status",
     "academyd.commands.train",
     "academyd.commands.dataset",
+    "academyd.commands.outbox",
     "academyd.commands.models",
     "academyd.commands.import_venom",
     "academyd.commands.schemas",

@@ -71,3 +71,4 @@ class Counters:
 
     duplicates: int = 0
     batches: int = 0
+    outbox_transient_failures: int = 0  # publishes the bus failed (an outage), retried; never parked

@@ -325,9 +325,12 @@ class OutboxSettings(BaseModel):
     """The outbox relay (see academyd.outbox)."""
 
     max_attempts: int = Field(
-        default=10, ge=1, description="Failed publishes (while connected) before a row is parked, with its error."
+        default=10, ge=1, description="Publishes the server refused (too large, no stream) before a row is parked, "
+        "with its error. A transient failure (timeout, no leader, lost quorum) is retried for ever, never counted.",
     )
     retention_h: float = Field(default=168.0, gt=0, description="Published rows are deleted after this many hours.")
+    backoff_s: float = Field(default=1.0, gt=0, description="Wait after a transient publish failure; doubles.")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="The longest wait between tries in an outage.")
 
 
 class FollowerSettings(BaseModel):

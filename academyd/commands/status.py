@@ -100,6 +100,9 @@ def render(s: dict[str, Any]) -> None:
     dlq = s.get("dlq", {})
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(dlq.get("by_reason", {}).items()))
     t.add_row("dead-lettered", f"{dlq.get('count', 0)}" + (f" ({reasons})" if reasons else ""))
+    health = s.get("health") or {}
+    for component, problem in sorted((health.get("problems") or {}).items()):
+        t.add_row(f"[red]{component}[/]", f"{problem.get('reason')} (since {problem.get('since')})")
     t.add_row("outbox pending", str(s.get("outbox_pending", 0)))
     for row in s.get("outbox_parked") or []:
         t.add_row("[red]outbox parked[/]", f"#{row['id']} {row['subject']} {row['msg_id']} after {row['attempts']} "

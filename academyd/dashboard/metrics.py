@@ -170,6 +170,11 @@ class AcademyCollector:
         parked = GaugeMetricFamily("academy_outbox_parked", "Outbound events parked after failing too often")
         parked.add_metric([], counts["parked"])
         yield parked
+        transient = CounterMetricFamily(
+            "academy_outbox_transient_failures", "Publishes JetStream failed (timeout, no leader, lost quorum) since "
+            "start: retried with backoff, never parked")
+        transient.add_metric([], self.counters.outbox_transient_failures)
+        yield transient
 
     def _live(self) -> Iterator[Metric]:
         seen = CounterMetricFamily("academy_bus_events_seen", "Academy events heard on the bus since start",

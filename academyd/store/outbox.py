@@ -1,5 +1,5 @@
 """The outbox: every outbound event, queued in the transaction that makes it true, until it is published
-(or parked after too many failed attempts)."""
+(or parked after the server refused it `max_attempts` times; see academyd.outbox)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,14 @@ class OutboxRows(Connection):
         self.conn.execute("UPDATE outbox SET published_at=?, last_attempt_at=?, attempts=attempts+1 WHERE id=?",
                           (iso(now), iso(now), outbox_id))
 
+    def outbox_mark_retrying(self, outbox_id: int, error: str, now: datetime) -> None:
+        """Keep the error of an attempt the bus failed (an outage): not counted against the row."""
+        self.conn.execute("UPDATE outbox SET last_error=?, last_attempt_at=? WHERE id=?",
+                          (error[:2000], iso(now), outbox_id))
+
     def outbox_mark_failed(self, outbox_id: int, error: str, now: datetime, *, max_attempts: int) -> bool:
-        """Count a failed attempt and keep its error; park the row once it reached `max_attempts`.
-        True when the row is parked now."""
+        """Count an attempt the server refused and keep its error; park the row once it reached
+        `max_attempts`. True when the row is parked now."""
         self.conn.execute(
             "UPDATE outbox SET attempts=attempts+1, last_error=?, last_attempt_at=?,"
             " parked_at=CASE WHEN attempts+1>=? THEN ? ELSE NULL END WHERE id=?",
@@ -49,6 +54,19 @@ class OutboxRows(Connection):
         return [dict(r) for r in self.conn.execute(
             "SELECT id, msg_id, subject, attempts, last_error, created_at, parked_at FROM outbox"
             " WHERE parked_at IS NOT NULL AND published_at IS NULL ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def outbox_parked_subjects(self) -> list[str]:
+        """Subjects with a parked row: their later rows wait behind it (order per subject)."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT subject FROM outbox WHERE parked_at IS NOT NULL AND published_at IS NULL")]
+
+    def outbox_unsent(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Unpublished rows that failed at least once, parked or still retried (oldest first), without
+        their payloads: what `academyd outbox list` shows."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT id, msg_id, subject, attempts, last_error, last_attempt_at, created_at, parked_at FROM outbox"
+            " WHERE published_at IS NULL AND (parked_at IS NOT NULL OR last_error IS NOT NULL)"
+            " ORDER BY id LIMIT ?", (limit,))]
 
     def outbox_unpark(self, outbox_id: int | None = None) -> int:
         """Give parked rows (one, or all) another `max_attempts` tries; returns how many."""
