@@ -126,7 +126,11 @@ class App:
                                  nc=self.bus.nc, base=self.base)
         self.trigger.on_request(self.pipeline.wake)
         self.status_builder = StatusBuilder(s, self.store, self.clock, self.health, lambda: self.nats_url)
-        self.status_builder.add(self.pipeline)
+        from academyd.serving import ServedState
+
+        self.served = ServedState()  # the follower's last report, beside the champion in academy.status
+        self.add_listener(self.served.on_event)
+        self.status_builder.add(self.pipeline, self.served)
         await self.bus.serve("academy", __version__,
                              endpoints(self.status_builder, self.trigger, self.pipeline, self.champion))
         await self.bus.watch(LIVE_SUBJECTS, self._on_live)

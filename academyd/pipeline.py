@@ -437,6 +437,7 @@ class Pipeline:
 
         champ = Registry(self.store, self.settings).champion()
         out: dict[str, Any] = {"training": None, "champion": champ["version"] if champ else None,
+                               "champion_generation": self.store.champion_generation(),  # the follower's desired state
                                "last_dataset": self.store.latest_dataset(),
                                "base_model": self.base.to_dict() if self.base is not None else None}
         run = self.store.active_run()

@@ -47,12 +47,20 @@ class RegistryError(Exception):
 # ---------------------------------------------------------------- checksums
 
 
+SERVING_COPIES = ("adapter.gguf", ".adapter.gguf.tmp")
+"""Files the follower's `venom` target places at the top of `adapter/` (Venom deploys only a GGUF inside it): a
+copy of `<version>/adapter.gguf`, which has its own hash (gguf_sha256). Left out of the manifest, so that
+adapter_sha256 always means the trained adapter's files, installed for Venom or not."""
+
+
 def adapter_manifest(adapter_dir: Path) -> str:
-    """The `sha256sum`-format manifest of every file under `adapter_dir` (sorted by relative path)."""
+    """The `sha256sum`-format manifest of every file under `adapter_dir` (sorted by relative path), but the
+    serving copies (SERVING_COPIES)."""
     if not adapter_dir.is_dir():
         raise RegistryError(f"adapter directory {adapter_dir} does not exist")
     lines = []
-    for path in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
+    for path in sorted(p for p in adapter_dir.rglob("*")
+                       if p.is_file() and p.relative_to(adapter_dir).as_posix() not in SERVING_COPIES):
         rel = path.relative_to(adapter_dir).as_posix()
         lines.append(f"{sha256_file(path)}  {rel}\n")
     if not lines:

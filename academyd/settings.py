@@ -380,12 +380,51 @@ class FollowerSettings(BaseModel):
         "a LoRA's small deltas away).",
     )
     venom_url: str | None = Field(default=None, description="venom: Venom's API, e.g. http://127.0.0.1:8000.")
-    venom_runtime_id: str | None = None
-    venom_model_id: str | None = None
+    venom_runtime_id: Literal["ollama", "vllm", "onnx"] | None = Field(
+        default=None, description="venom: the chat runtime Venom deploys to (activate's runtime_id; required).",
+    )
+    venom_model_id: str | None = Field(
+        default=None, description="venom: the base model as Venom's runtime names it (activate's model_id, e.g. "
+        "smollm2:135m; required). Deactivating must bring chat back to it.",
+    )
+    venom_base_models: dict[str, str] = Field(
+        default_factory=dict, description="venom: the Academy's base model (training.base_model, or its file "
+        "name) -> the name Venom knows it by, written as metadata.json's base_model (Venom refuses a deploy "
+        "whose metadata base differs from model_id). Must name training.base_model.",
+    )
     venom_chat_url: str | None = Field(
-        default=None, description="venom: an OpenAI-compatible chat URL the probe asks after activation.",
+        default=None, description="venom: the runtime's OpenAI-compatible chat URL (Ollama: "
+        "http://127.0.0.1:11434/v1/chat/completions); the probe asks it for the chat_model Venom's reply names.",
     )
     timeout_s: float = Field(default=120.0, gt=0, description="One HTTP call to the runtime.")
+    reconcile_interval_s: float = Field(
+        default=60.0, gt=0, description="The timer: this often the follower reads the desired state from the daemon "
+        "and converges the runtime on it; also the longest wait between tries while the runtime is down.",
+    )
+    retry_initial_s: float = Field(default=1.0, gt=0, description="First wait after a failed try; doubles.")
+    max_tries: int = Field(
+        default=5, ge=1, description="Tries of an event (or a generation) that fails unexpectedly before it is "
+        "dead-lettered; an unreachable runtime is retried for ever instead.",
+    )
+
+    def venom_base_for(self, base_model: str) -> str | None:
+        """The name Venom knows `base_model` by (exact key, else the key equal to its file name)."""
+        if base_model in self.venom_base_models:
+            return self.venom_base_models[base_model]
+        return self.venom_base_models.get(Path(base_model).name)
+
+    @model_validator(mode="after")
+    def _venom_complete(self) -> FollowerSettings:
+        if self.target == "venom":
+            missing = [k for k in ("venom_url", "venom_runtime_id", "venom_model_id", "venom_chat_url")
+                       if not getattr(self, k)]
+            if not self.venom_base_models:
+                missing.append("venom_base_models")
+            if missing:
+                raise ValueError("follower.target = venom needs " + ", ".join(f"follower.{k}" for k in missing)
+                                 + " (docs/follower.md: Venom refuses a deploy without runtime_id and model_id, "
+                                 "and one whose metadata.json names another base)")
+        return self
 
 
 class WatchSettings(BaseModel):
@@ -484,6 +523,11 @@ class Settings(BaseSettings):
             t.trainer_python = absolute(t.trainer_python)
         t.base_model = local_or_name(t.base_model)
         t.docker_mounts = [_absolute_mount(m) for m in t.docker_mounts]
+        f = self.follower
+        if f.target == "venom" and f.venom_base_for(t.base_model) is None:
+            raise ValueError(f"follower.venom_base_models names no Venom model for training.base_model "
+                             f"{t.base_model!r}: add it (the name Venom's runtime knows this base by, e.g. "
+                             f"{{{Path(t.base_model).name!r} = {f.venom_model_id!r}}})")
         return self
 
     # Derived paths: one place decides the data layout.

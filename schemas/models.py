@@ -262,12 +262,20 @@ class ModelPromoted(OutEvent):
     probes_path: str | None = Field(
         default=None, description="The arena's frozen probes (academyd.arena.runtime.read_probes) for a swap check."
     )
+    generation: int | None = Field(
+        default=None, ge=1, description="The desired serving state's generation (the champion move's id): every "
+        "promote and rollback increases it; an event of an older generation changes nothing. Absent: older daemon.",
+    )
 
 
 class ModelRolledBack(OutEvent):
     from_version: str
     to_version: str | None = None
     reason: str
+    generation: int | None = Field(
+        default=None, ge=1, description="The desired serving state's generation (the champion move's id): every "
+        "promote and rollback increases it; an event of an older generation changes nothing. Absent: older daemon.",
+    )
 
 
 class ProbeResult(BaseModel):
@@ -296,6 +304,10 @@ class Deployment(OutEvent):
     agreement: float | None = Field(default=None, description="Share of probe answers equal to the expected.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds: verify, load, probe, switch, total.")
     checks: dict[str, Any] = Field(default_factory=dict, description="sha256 and base identity, as verified.")
+    generation: int | None = Field(
+        default=None, description="The generation of the desired state this outcome is about (one model.deployed "
+        "per generation reached).",
+    )
 
 
 class ModelDeployed(Deployment):
@@ -308,8 +320,12 @@ class ModelDeployFailed(Deployment):
     """`model.deploy_failed`: `version` was not switched to; `serving` is what still serves."""
 
     reason: Literal["sha256_mismatch", "base_mismatch", "probe_failed", "load_failed", "missing_artifact",
-                    "target_failed", "unknown_version"]
+                    "target_failed", "unknown_version", "runtime_refused", "base_unreachable", "dead_lettered"]
     detail: str
+    reason_code: str | None = Field(
+        default=None, description="The runtime's own code for a refusal (Venom's `reason_code`, e.g. "
+        "ADAPTER_METADATA_INCOMPLETE), as it answered.",
+    )
 
 
 INBOUND: dict[str, type[Event]] = {

@@ -10,5 +10,6 @@ pytest_plugins = [
     "fixtures.systemd",
     "fixtures.scale",
     "fixtures.follower",
+    "fixtures.venom",
     "fixtures.realmodel",
 ]

@@ -12,8 +12,9 @@ and every rollback (manual, command, the post-promotion watch):
 3. when `arena.ollama_url` is set, create `venom-adapter-<vN>` through Ollama's HTTP API (blobs, then
    `/api/create`); a failure refuses the promotion (Venom would be told of a model it cannot load);
 4. in ONE transaction: the old champion becomes `retired` (`rejected` on a rollback), the version
-   `champion`, the `champion` alias moves, and `model.promoted` (plus `model.rolled_back` on a
-   rollback) is queued in the outbox;
+   `champion`, the `champion` alias moves, the move is recorded (its id is the new `generation` of the
+   desired serving state, carried by both events and `academy.status`), and `model.promoted` (plus
+   `model.rolled_back` on a rollback) is queued in the outbox;
 5. after the commit, `active_adapter.json` is replaced atomically. A crash between 4 and 5 leaves the
    file one version behind until `sync_active_adapter` runs (the pipeline calls it at start).
 
@@ -141,6 +142,7 @@ async def promote(store: Store, settings: Settings, version: str, *, reason: str
     with store.transaction():
         _compare_and_swap(store, expected_champion, action="promote", to=version, basis=basis, reason=reason,
                           now=now)
+        payload["generation"] = store.champion_generation()  # this move's: the follower's desired state
         if previous is not None:
             store.set_model_status(previous["version"], "retired")
             store.add_model_history(previous["version"], "retired", f"{version} promoted", now)
@@ -208,6 +210,10 @@ async def rollback(store: Store, settings: Settings, *, reason: str, now: dateti
     with store.transaction():
         _compare_and_swap(store, champ["version"], action="rollback", to=rolled["to_version"], basis=basis,
                           reason=reason, now=now)
+        generation = store.champion_generation()  # one move: both events carry its generation
+        rolled["generation"] = generation
+        if promoted is not None:
+            promoted["generation"] = generation
         store.set_model_status(champ["version"], "rejected")
         store.add_model_history(champ["version"], "rolled_back", reason, now)
         events.enqueue(store, rolled_event, now)

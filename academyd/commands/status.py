@@ -49,6 +49,23 @@ def _until(when: str | None, now: str | None) -> str:
     return f"in {left} ({datetime.fromisoformat(when):%Y-%m-%d %H:%M} UTC)"
 
 
+def _served(s: dict[str, Any]) -> str:
+    """What the follower last reported, beside the champion: the same, behind, or why not."""
+    served = s.get("served")
+    if not served:
+        return "[yellow]not reported yet[/] (no model.deployed / model.deploy_failed seen since the daemon started)"
+    version = served.get("serving")
+    text = f"{version or 'base model'} on {served.get('target')}"
+    if served.get("generation") is not None:
+        text += f"  (generation {served['generation']})"
+    if served.get("outcome") == "model.deploy_failed":
+        code = f" {served['reason_code']}" if served.get("reason_code") else ""
+        text += f"  [red]{served.get('version') or 'base model'} not deployed: {served.get('reason')}{code}[/]"
+    if version != s.get("champion") or (served.get("generation") or 0) < (s.get("champion_generation") or 0):
+        return f"[yellow]{text}  (behind the champion)[/]"
+    return f"[green]{text}[/]"
+
+
 def render(s: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -88,7 +105,9 @@ def render(s: dict[str, Any]) -> None:
         state = f"[{colour}]{last['state']}[/]" if colour else last["state"]
         t.add_row("last run", f"{last['run_id']} {state}{extra}")
     if "champion" in s:
-        t.add_row("champion", str(s.get("champion") or "base model"))
+        t.add_row("champion", str(s.get("champion") or "base model")
+                  + (f"  (generation {s['champion_generation']})" if s.get("champion_generation") else ""))
+        t.add_row("served", _served(s))
     base = s.get("base_model")
     if isinstance(base, dict):
         t.add_row("base model", f"{base.get('name')} ({base.get('kind')}) {base.get('path')}")

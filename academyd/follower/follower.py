@@ -1,21 +1,34 @@
-"""The follower: Venom's side of the hot swap.
+"""The follower: Venom's side of the hot swap. It converges; it does not replay.
 
-A durable JetStream consumer on `model.promoted` and `model.rolled_back` (the Academy's outbound stream),
-one event at a time and in order. For each event:
+The desired state is the champion with its `generation` (the id of the champion move that made it; every
+promote and rollback increases it), carried by `model.promoted` / `model.rolled_back` and by the daemon's
+`academy.status` (`champion`, `champion_generation`). The follower keeps the desired state, the version it
+serves and the generation that reached, in its record (a JSON file replaced atomically), and:
 
-1. already handled (its event id is in the follower's record)? publish the recorded outcome again (same
-   `Nats-Msg-Id`, so the server drops a copy that did get out) and ack: a redelivery never swaps twice;
-2. verify: the adapter's files hash to `adapter_sha256` (and the GGUF to `gguf_sha256` when announced),
+- on every event (a durable JetStream consumer on the two subjects, one event at a time): validate it,
+  record what it makes desired, ack, and wake the converger. The ack path does no runtime work. An event
+  of an older generation than the desired or served one changes nothing (a `model.promoted` delivered
+  after the rollback that superseded it); an event id already handled publishes its recorded outcome
+  again (same `Nats-Msg-Id`). An event whose handling raises is retried `follower.max_tries` times, then
+  dead-lettered (terminated on the server, recorded) and never blocks the next;
+- on a timer (APScheduler, `follower.reconcile_interval_s`): ask the daemon for the desired state and
+  converge; the timer is also the backstop for a runtime that changed behind the follower's back;
+- converging: when the runtime does not serve the desired version, deploy it (below). A runtime that does
+  not answer is retried with backoff (`retry_initial_s`, doubling, at most the timer period) for as long
+  as it takes, the status saying "diverged since T: why"; the first failure of a generation is reported
+  once (`model.deploy_failed`, `target_failed`). A refusal (files, base, probe, the runtime's own
+  reason_code) is reported once per generation and not retried until a newer generation (or a restart);
+  an unexpected error is retried `max_tries` times, then the generation is dead-lettered. One
+  `model.deployed` per generation reached, with the generation.
+
+A deploy:
+1. verify: the adapter's files hash to `adapter_sha256` (and the GGUF to `gguf_sha256` when announced),
    and the GGUF adapter's base identity (`general.base_model.*`) is the base the runtime serves;
-3. stage the version beside the one serving, ask it the frozen probe prompts (chat messages, greedy), and
+2. stage the version beside the one serving, ask it the frozen probe prompts (chat messages, greedy), and
    compare with the answers the arena's runtime gave; below `follower.min_agreement` it is not switched
-   to and is freed again, and the old version keeps serving;
-4. switch, free the old one, record the outcome, publish `model.deployed` or `model.deploy_failed` (probe
-   results and timings), and only then ack.
-
-A runtime that does not answer is retried with the consumer's redelivery (a few times), then reported as
-`model.deploy_failed` (`target_failed`). `model.rolled_back` goes back the same way: to the version it
-names (when the follower has seen its promotion) or to the base model (`to_version` null).
+   to and is freed again, and the old version keeps serving (a runtime that can only be asked after the
+   switch, Venom, is switched back);
+3. switch, free the old one, record the outcome, publish `model.deployed` or `model.deploy_failed`.
 
 Probe prompts come, in this order, from the event's `probe` list, from the arena's frozen probes (the
 event's `probes_path`, else `models/<version>/arena/probes.json`: each probe's `runtime` answer is the
@@ -58,7 +71,6 @@ DEFAULT_PROBE = [
     {"messages": [{"role": "user", "content": "Write one sentence about the sea."}]},
 ]
 KEEP_DONE = 1000
-TARGET_RETRIES = 4
 PROMPT_CHARS = 200
 
 
@@ -67,7 +79,12 @@ def _outcome_id(prefix: str, event: dict[str, Any]) -> str:
 
 
 class State:
-    """The follower's record (a JSON file, replaced atomically): outcomes by event id, promotions seen."""
+    """The follower's record (a JSON file, replaced atomically).
+
+    `desired` ({version, generation, event_id, subject, at, from_version}), `serving` and
+    `served_generation`, `known` promotions by version, `done` outcomes by event id, `settled` desired
+    states (by key) reported as refused or dead-lettered, `tries` of unexpected failures by key,
+    `dead` dead-lettered events, `diverged` ({since, why}) while the runtime is not on the desired state."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -77,11 +94,32 @@ class State:
         self.done: dict[str, dict[str, Any]] = data.get("done", {})
         self.known: dict[str, dict[str, Any]] = data.get("known", {})
         self.serving: str | None = data.get("serving")
+        self.served_generation: int | None = data.get("served_generation")
+        self.desired: dict[str, Any] | None = data.get("desired")
+        self.reported: str | None = data.get("reported")
+        self.settled: dict[str, str] = data.get("settled", {})
+        self.tries: dict[str, int] = data.get("tries", {})
+        self.dead: dict[str, str] = data.get("dead", {})
+        self.diverged: dict[str, Any] | None = data.get("diverged")
+        self.failure_reported: list[str] = data.get("failure_reported", [])
 
     def save(self) -> None:
         while len(self.done) > KEEP_DONE:
             self.done.pop(next(iter(self.done)))
-        atomic_write_json(self.path, {"serving": self.serving, "done": self.done, "known": self.known}, indent=None)
+        while len(self.dead) > KEEP_DONE:
+            self.dead.pop(next(iter(self.dead)))
+        self.failure_reported = self.failure_reported[-KEEP_DONE:]
+        atomic_write_json(self.path, {
+            "serving": self.serving, "served_generation": self.served_generation, "desired": self.desired,
+            "reported": self.reported, "settled": self.settled, "tries": self.tries, "dead": self.dead,
+            "diverged": self.diverged, "failure_reported": self.failure_reported, "done": self.done,
+            "known": self.known}, indent=None)
+
+
+def desired_key(desired: dict[str, Any]) -> str:
+    """One desired state: its generation, or (an older daemon's event, no generation) its event id."""
+    gen = desired.get("generation")
+    return f"g{gen}" if gen is not None else f"e{desired['event_id']}"
 
 
 def _arena_probes(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -155,7 +193,7 @@ def follower_nats(settings: Settings) -> Any:
 
 
 class Follower:
-    """Consumes the Academy's promotions and rollbacks and makes a runtime serve what they say."""
+    """Converges a runtime on the Academy's champion (see the module's docstring)."""
 
     def __init__(self, settings: Settings, *, target: Target | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -168,6 +206,11 @@ class Follower:
         self.feed: Any = None
         self.ready = asyncio.Event()
         self.handled: list[tuple[str, dict[str, Any]]] = []  # (subject, payload) published, for embedders
+        self._wake = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._lock = asyncio.Lock()
+        self._scheduler: Any = None
+        self.converged = asyncio.Event()  # set while the runtime serves the desired state (tests, embedders)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -177,7 +220,9 @@ class Follower:
 
         await self.target.start()
         self.target.assume(self.state.serving)
-        await self.reconcile()
+        # A refusal is retried once per start (the operator may have fixed what was refused); a
+        # dead-lettered generation is not.
+        self.state.settled = {k: v for k, v in self.state.settled.items() if v == "dead_lettered"}
         self.bus = Bus(follower_nats(self.settings))
         await self.bus.connect(daemon_url(self.settings))
         await self.bus.ensure_streams()
@@ -185,32 +230,97 @@ class Follower:
         await self.feed.bind()
         self.ready.set()
         log.info("follower_started", target=self.target.name, runtime=self.target.runtime,
-                 serving=self.state.serving, consumer=self.cfg.consumer)
-
-    async def reconcile(self) -> None:
-        """A runtime that restarted (a fresh endpoint serves the base) gets the recorded version back."""
-        want = self.state.serving
-        have = await self.target.serving()
-        if want is None or have == want or want not in self.state.known:
-            return
-        event = self.state.known[want]
-        subject, payload = await self.deploy("model.promoted", event, want, event)
-        log.info("runtime_reconciled", wanted=want, had=have, outcome=subject, serving=payload["serving"])
-        if subject != "model.deployed":
-            self.state.serving = payload["serving"]
-            self.state.save()
+                 serving=self.state.serving, desired=self.state.desired, consumer=self.cfg.consumer)
 
     async def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
         if self.bus is not None:
             await self.bus.close()
         await self.target.close()
 
     async def run(self, stop: asyncio.Event) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self._stop = stop
         try:
             await self.start()
-            await self.feed.run(self.handle, stop)
+            self._scheduler = AsyncIOScheduler(timezone="UTC")
+            self._scheduler.add_job(self.tick, "interval", seconds=self.cfg.reconcile_interval_s, id="reconcile",
+                                    coalesce=True, max_instances=1)
+            self._scheduler.start()
+            self._wake.set()  # converge on what the record says, now
+            converger = asyncio.create_task(self._converger(stop), name="follower-converge")
+            try:
+                await self.feed.run(self.handle, stop)
+            finally:
+                self._wake.set()
+                await converger
         finally:
             await self.close()
+
+    def status(self) -> dict[str, Any]:
+        """The follower's view: desired vs served, and since when and why they differ."""
+        s = self.state
+        d = s.diverged
+        return {"target": self.target.name, "runtime": self.target.runtime, "desired": s.desired,
+                "serving": s.serving, "served_generation": s.served_generation,
+                "converged": d is None and s.desired is not None and s.reported == desired_key(s.desired),
+                "diverged": f"diverged since {d['since']}: {d['why']}" if d else None,
+                "dead_lettered": len(s.dead)}
+
+    # ---------------------------------------------------------------- the desired state
+
+    async def tick(self) -> None:
+        """The timer: the daemon's desired state, then converge."""
+        await self.read_desired()
+        self._wake.set()
+
+    async def read_desired(self) -> None:
+        """`academy.status`'s champion and generation; a newer generation than the follower's record whose
+        promotion it has seen becomes desired (the event itself brings the files: an unseen version waits
+        for it). A daemon that does not answer changes nothing."""
+        if self.bus is None or self.bus.nc is None:
+            return
+        try:
+            msg = await self.bus.nc.request("academy.status", b"{}", timeout=5)
+            status = json.loads(msg.data or b"{}")
+        except Exception as exc:  # the daemon is down or busy: the record's desired state stands
+            log.debug("desired_state_unread", error=f"{type(exc).__name__}: {exc}")
+            return
+        gen, version = status.get("champion_generation"), status.get("champion")
+        d = self.state.desired
+        if not isinstance(gen, int) or gen < 1 or (d is not None and (d.get("generation") or 0) >= gen):
+            return
+        if version is not None and version not in self.state.known:
+            self._diverge(f"the daemon's champion is {version} (generation {gen}); waiting for its model.promoted")
+            return
+        self.state.desired = {"version": version, "generation": gen, "event_id": f"status-g{gen}",
+                              "subject": "model.promoted" if version else "model.rolled_back",
+                              "at": status.get("now"), "from_version": self.state.serving}
+        self.state.save()
+        log.info("desired_from_daemon", version=version, generation=gen)
+
+    def accept(self, subject: str, event: dict[str, Any]) -> bool:
+        """Record what `event` makes desired; False: it changes nothing (an older generation, or the other
+        event of the same move)."""
+        version = event["version"] if subject == "model.promoted" else event.get("to_version")
+        if subject == "model.promoted":
+            self.state.known[event["version"]] = event
+        gen = event.get("generation")
+        d = self.state.desired
+        newest = max((d or {}).get("generation") or 0, self.state.served_generation or 0)
+        if gen is not None and gen <= newest:
+            if gen < newest:
+                log.info("event_superseded", subject=subject, event_id=event["event_id"], version=version,
+                         generation=gen, desired_generation=newest)
+            return False
+        self.state.desired = {"version": version, "generation": gen, "event_id": event["event_id"],
+                              "subject": subject, "at": event.get("at"),
+                              "from_version": event.get("from_version") if subject == "model.rolled_back"
+                              else event.get("previous_version")}
+        return True
 
     # ---------------------------------------------------------------- one event
 
@@ -222,47 +332,141 @@ class Follower:
         except (ValueError, ValidationError) as exc:
             return Reject("invalid_event", f"{item.subject} does not match the contract: {exc}"[:1000])
         event_id = raw["event_id"]
-        done = self.state.done.get(event_id)
-        if done is None:
-            try:
-                subject, payload = await self.apply(item.subject, raw)
-            except TargetError as exc:
-                if item.num_delivered < TARGET_RETRIES:
-                    log.warning("target_unavailable", event_id=event_id, error=str(exc), delivery=item.num_delivered)
-                    return Retry(min(30.0, 2.0 * item.num_delivered), "target_unavailable")
-                subject, payload = self._failed(item.subject, raw, raw.get("version") or raw.get("to_version"),
-                                                await self._serving_or_none(), Refused("target_failed", str(exc)),
-                                                {}, [], None, {})
-            done = {"subject": subject, "payload": payload}
-            self.state.done[event_id] = done
-            self.state.save()
-        await self.bus.publish(done["subject"], json.dumps(done["payload"]).encode(), done["payload"]["event_id"])
-        self.handled.append((done["subject"], done["payload"]))
-        log.info(done["subject"], source_event_id=event_id, version=done["payload"]["version"],
-                 serving=done["payload"]["serving"], reason=done["payload"].get("reason"))
-        return Ack()
-
-    async def _serving_or_none(self) -> str | None:
         try:
-            return await self.target.serving()
-        except TargetError:
-            return self.state.serving
+            done = self.state.done.get(event_id)
+            if done is not None:
+                if "subject" in done:  # a redelivery: the recorded outcome again (the server drops a copy)
+                    await self._publish(done["subject"], done["payload"])
+                return Ack()
+            if self.accept(item.subject, raw):
+                self._wake.set()
+            else:
+                self.state.done.setdefault(event_id, {"superseded": True})
+            self.state.save()
+            return Ack()
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            if item.num_delivered < self.cfg.max_tries:
+                log.warning("event_failed", event_id=event_id, error=why, delivery=item.num_delivered)
+                return Retry(min(self.cfg.reconcile_interval_s, self.cfg.retry_initial_s * 2 ** item.num_delivered),
+                             "event_failed")
+            self.state.dead[event_id] = why[:1000]
+            self.state.save()
+            log.error("event_dead_lettered", event_id=event_id, subject=item.subject, error=why,
+                      deliveries=item.num_delivered)
+            return Reject("dead_lettered", why)
 
-    async def apply(self, subject: str, event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Do what the event says to the target; return the outcome (subject, payload) to publish."""
-        if subject == "model.promoted":
-            self.state.known[event["version"]] = event
-            return await self.deploy(subject, event, event["version"], event)
-        to = event.get("to_version")
-        if to is None:
-            previous = self.state.known.get(event.get("from_version") or "")
-            return await self.deploy(subject, event, None, previous)
-        known = self.state.known.get(to)
-        if known is None:
-            return self._failed(subject, event, to, await self.target.serving(),
-                                Refused("unknown_version", f"no model.promoted of {to} was seen here; the "
-                                        "model.promoted that follows the rollback will bring it"), {}, [], None, {})
-        return await self.deploy(subject, event, to, known)
+    async def _publish(self, subject: str, payload: dict[str, Any]) -> None:
+        await self.bus.publish(subject, json.dumps(payload).encode(), payload["event_id"])
+        self.handled.append((subject, payload))
+        log.info(subject, source_event_id=payload["source_event_id"], version=payload["version"],
+                 serving=payload["serving"], generation=payload.get("generation"), reason=payload.get("reason"))
+
+    # ---------------------------------------------------------------- converging
+
+    async def _converger(self, stop: asyncio.Event) -> None:
+        from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+        while not stop.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            if stop.is_set():
+                return
+            try:
+                async for attempt in AsyncRetrying(
+                        retry=retry_if_exception_type((TargetError, _Again)), sleep=self._sleep, reraise=True,
+                        wait=wait_exponential(multiplier=self.cfg.retry_initial_s, max=self.cfg.reconcile_interval_s)):
+                    with attempt:
+                        if not stop.is_set():
+                            await self.converge()
+            except (TargetError, _Again):  # only when stopping
+                pass
+            except Exception:
+                log.exception("converge_failed")
+
+    async def _sleep(self, seconds: float) -> None:
+        """Backoff between tries, cut short by an event, the timer, or stopping."""
+        self._wake.clear()
+        stop = self._stop
+        waits = [asyncio.create_task(self._wake.wait())] + ([asyncio.create_task(stop.wait())] if stop else [])
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        self._wake.clear()
+
+    def _diverge(self, why: str) -> None:
+        if self.state.diverged is None:
+            self.state.diverged = {"since": self.clock().isoformat(), "why": why[:1000]}
+        else:
+            self.state.diverged["why"] = why[:1000]
+        self.converged.clear()
+        self.state.save()
+
+    async def converge(self) -> None:
+        """One try at making the runtime serve the desired state. Raises TargetError (the runtime did not
+        answer) or _Again (an unexpected failure, under max_tries) to be tried again with backoff."""
+        async with self._lock:
+            d = self.state.desired
+            if d is None:
+                return
+            key = desired_key(d)
+            if key in self.state.settled:
+                return
+            version = d["version"]
+            promoted = self.state.known.get(version) if version else self.state.known.get(d.get("from_version") or "")
+            if version is not None and promoted is None:
+                self._diverge(f"{version} is desired but no model.promoted of it was seen here; waiting for it")
+                return
+            try:
+                have = await self.target.serving()
+                if have == version and self.state.serving == version and self.state.reported == key:
+                    if self.state.diverged is not None:
+                        self.state.diverged = None
+                        self.state.save()
+                    self.converged.set()
+                    return
+                subject, payload = await self.deploy(d["subject"], d, version, promoted)
+            except TargetError as exc:
+                self._diverge(f"{self.target.name} at {self.target.runtime}: {exc}")
+                log.warning("runtime_unavailable", desired=version, generation=d.get("generation"), error=str(exc))
+                if key not in self.state.failure_reported:  # reported once per generation; retried for ever
+                    self.state.failure_reported.append(key)
+                    _, failed = self._failed(d["subject"], d, version, self.state.serving,
+                                             Refused("target_failed", str(exc)), {}, [], None, {})
+                    failed["event_id"] = _outcome_id("unreachable", d)
+                    self.state.save()
+                    await self._publish("model.deploy_failed", failed)
+                raise
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                self.state.tries[key] = self.state.tries.get(key, 0) + 1
+                log.exception("deploy_crashed", desired=version, generation=d.get("generation"),
+                              tries=self.state.tries[key])
+                if self.state.tries[key] < self.cfg.max_tries:
+                    self._diverge(f"deploying {version or 'the base model'} failed: {why}")
+                    raise _Again(why) from exc
+                subject, payload = self._failed(d["subject"], d, version, self.state.serving,
+                                                Refused("dead_lettered", f"{self.state.tries[key]} tries failed; "
+                                                        f"the last: {why}"), {}, [], None, {})
+                self.state.dead[d["event_id"]] = why[:1000]
+            if subject == "model.deployed":
+                self.state.serving = version
+                self.state.served_generation = d.get("generation")
+                self.state.reported = key
+                self.state.diverged = None
+                self.state.tries.pop(key, None)
+                self.converged.set()
+            else:
+                self.state.settled[key] = payload["reason"]
+                self._diverge(f"{version or 'the base model'} (generation {d.get('generation')}) was not deployed: "
+                              f"{payload['reason']}"
+                              + (f" {payload['reason_code']}" if payload.get("reason_code") else "")
+                              + f": {payload['detail'][:300]}")
+            self.state.done[d["event_id"]] = {"subject": subject, "payload": payload}
+            self.state.save()
+            await self._publish(subject, payload)
 
     async def deploy(self, subject: str, event: dict[str, Any], version: str | None,
                      promoted: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
@@ -281,7 +485,8 @@ class Follower:
                 announced = {**(promoted or {}), "gguf_sha256": announced_gguf_sha256(promoted or {})}
                 files = {**(await asyncio.to_thread(check_files, announced)),
                          "adapter_path": (promoted or {})["adapter_path"],
-                         "modelfile_path": (promoted or {}).get("modelfile_path")}
+                         "modelfile_path": (promoted or {}).get("modelfile_path"),
+                         "base_model": (promoted or {}).get("base_model")}
                 checks.update({k: files.get(k) for k in ("adapter_sha256", "gguf_sha256")})
                 checks["gguf_sha256_announced"] = bool(announced["gguf_sha256"])
                 keys = await asyncio.to_thread(gguf_keys, Path(files["gguf_path"])) if files.get("gguf_path") else {}
@@ -317,11 +522,19 @@ class Follower:
             return self._failed(subject, event, version, previous, Refused("probe_failed", exc.why), timings,
                                 exc.probe, exc.agreement, checks, t0)
         except Refused as exc:
-            return self._failed(subject, event, version, previous, exc, timings, [], None, checks, t0)
+            failed = self._failed(subject, event, version, previous, exc, timings, [], None, checks, t0)
+            failed[1]["serving"] = await self._serving_now(previous)  # a refusal may leave chat elsewhere (Venom)
+            return failed
         if previous is not None and previous != version:
             await self.target.discard(previous)
         self.state.serving = version
         return self._deployed(subject, event, version, previous, probe, agreement, timings, checks, t0)
+
+    async def _serving_now(self, fallback: str | None) -> str | None:
+        try:
+            return await self.target.serving()
+        except TargetError:
+            return fallback
 
     async def _switch(self, version: str | None, files: dict[str, Any], timings: dict[str, float]) -> None:
         t = time.perf_counter()
@@ -381,7 +594,7 @@ class Follower:
             "source_event_id": event["event_id"], "source_subject": subject, "version": version,
             "target": self.target.name, "runtime": self.target.runtime, "serving": serving, "previous": previous,
             "probe": probe, "agreement": agreement, "timings": {k: round(v, 4) for k, v in timings.items()},
-            "checks": checks,
+            "checks": checks, "generation": event.get("generation"),
         }
 
     def _deployed(self, subject: str, event: dict[str, Any], version: str | None, previous: str | None,
@@ -396,10 +609,15 @@ class Follower:
                 checks: dict[str, Any], t0: float | None = None) -> tuple[str, dict[str, Any]]:
         now, body = self._common(subject, event, version, previous, previous, probe, agreement, timings, checks, t0)
         payload = events.envelope("model.deploy_failed", _outcome_id("deploy-failed", event), now,
-                                  {**body, "reason": exc.reason, "detail": exc.detail[:2000]}).payload
-        log.warning("deploy_refused", version=version, reason=exc.reason, detail=exc.detail[:500],
+                                  {**body, "reason": exc.reason, "detail": exc.detail[:2000],
+                                   "reason_code": exc.code}).payload
+        log.warning("deploy_refused", version=version, reason=exc.reason, code=exc.code, detail=exc.detail[:500],
                     still_serving=previous)
         return "model.deploy_failed", payload
+
+
+class _Again(Exception):
+    """An unexpected failure of one try, to be tried again (up to follower.max_tries)."""
 
 
 class _ProbeFailed(Exception):

@@ -470,67 +470,198 @@ def _sha256_of(path: Path) -> str:
 # ------------------------------------------------------------------ Venom
 
 
+VENOM_PREFIX = "venom-adapter-"
+VENOM_GGUF = "adapter.gguf"  # inside adapter/: Venom deploys any adapter/*.gguf (registry.SERVING_COPIES)
+
+
+def _venom_refusal(status: int, answer: Any, what: str) -> Exception:
+    """Venom's answer to a refused call as a Refused with its reason_code (a 4xx, or a 5xx that names one);
+    a 5xx without a code, or an unreadable answer, is a TargetError (tried again)."""
+    detail = answer.get("detail") if isinstance(answer, dict) else None
+    code = None
+    if isinstance(detail, dict):
+        code = detail.get("reason_code") or detail.get("error")
+        text = str(detail.get("message") or detail)
+    else:
+        text = str(detail if detail is not None else _error_text(answer))
+    if code is None and status == 404:
+        code = "ADAPTER_NOT_FOUND"  # Venom answers {"detail": "Adapter not found"}: no code of its own
+    if code is None and status >= 500:
+        return TargetError(f"Venom could not {what}: HTTP {status}: {text}")
+    return Refused("runtime_refused", f"Venom refused to {what}: HTTP {status}: {text}"[:2000], str(code or f"HTTP_{status}"))
+
+
 class VenomTarget(Target):
-    """Venom's own hot-swap API: `POST /api/v1/academy/adapters/activate` (localhost only), `.../deactivate`
-    for the base. Venom loads the adapter itself, so the probe (through `venom_chat_url`, an
-    OpenAI-compatible chat endpoint of Venom's runtime) runs after activation; a failed one switches back."""
+    """Venom's own adapter API, as it really behaves (../shared/venom/academy-api.md; docs/follower.md).
+
+    - stage: the version is installed where Venom reads it, `<models_dir>/<id>/` (Venom's
+      ACADEMY_MODELS_DIR must be the Academy's models directory): the GGUF adapter inside `adapter/`
+      (a hard link to `<id>/adapter.gguf`; the registry's adapter_sha256 leaves it out) and a canonical
+      `metadata.json` v2 naming the base as Venom knows it (`follower.venom_base_models`);
+    - switch: `activate` with `deploy_to_chat_runtime`, `runtime_id` and `model_id`; Venom creates
+      `venom-adapter-<id>` in its runtime and chats with the reply's `chat_model`. Venom's deactivate goes
+      one step back (to the model that served before the last activate), so before every activate the
+      follower deactivates what is active: the step back from any adapter is then always the base.
+      Back to the base: deactivate, then read where chat is; not on `model_id`: refused, saying where;
+    - the probe asks the runtime's OpenAI endpoint (`venom_chat_url`) for the reply's `chat_model`;
+    - serving: the truth, read back from `GET /api/v1/academy/adapters` and
+      `GET /api/v1/system/llm-runtime/active` (the chat model in use);
+    - a refusal becomes `runtime_refused` with Venom's `reason_code`; an activate refused after the
+      deactivate activates the version that was active before again."""
 
     name = "venom"
     probe_first = False
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        if not self.cfg.venom_url:
-            raise TargetError("follower.target = venom needs follower.venom_url (e.g. http://127.0.0.1:8000)")
-        self.url = self.cfg.venom_url.rstrip("/")
-        self._serving: str | None = None
-        self._files: dict[str, dict[str, Any]] = {}
+        missing = [k for k in ("venom_url", "venom_runtime_id", "venom_model_id", "venom_chat_url")
+                   if not getattr(self.cfg, k)]
+        if missing:
+            raise TargetError("follower.target = venom needs " + ", ".join(f"follower.{k}" for k in missing))
+        self.url = str(self.cfg.venom_url).rstrip("/")
+        self.model_id = str(self.cfg.venom_model_id)
+        self.models_dir = settings.models_dir
+        self._chat: dict[str | None, str] = {}
 
     @property
     def runtime(self) -> str:
-        return self.url
+        return f"{self.url} ({self.cfg.venom_runtime_id} {self.model_id})"
+
+    # ------------------------------------------------------------ the truth
+
+    async def adapters(self) -> list[dict[str, Any]]:
+        status, answer = await self._req("GET", f"{self.url}/api/v1/academy/adapters")
+        if status != 200 or not isinstance(answer, list):
+            raise TargetError(f"GET {self.url}/api/v1/academy/adapters answered HTTP {status}: {_error_text(answer)}")
+        return answer
+
+    async def chat_model(self) -> str:
+        """The model Venom chats with now (`GET /api/v1/system/llm-runtime/active`)."""
+        status, answer = await self._req("GET", f"{self.url}/api/v1/system/llm-runtime/active")
+        if status != 200 or not isinstance(answer, dict):
+            raise TargetError(f"GET {self.url}/api/v1/system/llm-runtime/active answered HTTP {status}: "
+                              f"{_error_text(answer)}")
+        for key in ("active_model", "model", "model_name"):
+            if answer.get(key):
+                return str(answer[key])
+        raise TargetError(f"Venom's llm-runtime/active names no model: {str(answer)[:300]}")
+
+    def _is_base(self, chat: str) -> bool:
+        return chat.strip().lower() == self.model_id.strip().lower()
+
+    async def truth(self) -> tuple[str | None, str]:
+        """(the adapter Venom's registry says is active, the model chat is on)."""
+        active = next((a.get("adapter_id") for a in await self.adapters() if a.get("is_active")), None)
+        return active, await self.chat_model()
 
     async def serving(self) -> str | None:
-        return self._serving
+        """What chat is on: None (the base), a version (`venom-adapter-<v>`), or `?<model>` (something else,
+        never a version: it differs from every desired state)."""
+        chat = await self.chat_model()
+        if self._is_base(chat):
+            return None
+        if chat.startswith(VENOM_PREFIX):
+            return chat[len(VENOM_PREFIX):]
+        return f"?{chat}"
 
-    def assume(self, version: str | None) -> None:
-        self._serving = version
+    # ------------------------------------------------------------ install, activate, deactivate
+
+    def _install(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
+        from datetime import UTC, datetime
+
+        from academyd.files import atomic_write_json
+
+        adapter = Path(files["adapter_path"])
+        vdir = self.models_dir / version
+        if adapter.resolve() != (vdir / "adapter").resolve():
+            raise Refused("missing_artifact", f"Venom reads <ACADEMY_MODELS_DIR>/<adapter_id>/adapter only; {adapter} "
+                                              f"is not {vdir / 'adapter'}")
+        base = files.get("base_model") or ""
+        venom_base = self.cfg.venom_base_for(base)
+        if venom_base is None:
+            raise Refused("base_mismatch", f"follower.venom_base_models names no Venom model for the base {base!r} "
+                                           f"of {version}; Venom would refuse it (ADAPTER_BASE_MODEL_MISMATCH)")
+        placed = None
+        if files.get("gguf_path") and Path(files["gguf_path"]).is_file():
+            src, dst = Path(files["gguf_path"]), adapter / VENOM_GGUF
+            if not dst.exists() or not os.path.samefile(src, dst):
+                tmp = adapter / ".adapter.gguf.tmp"  # registry.SERVING_COPIES: outside adapter_sha256
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    import shutil
+
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            placed = str(dst)
+        meta = {"metadata_version": 2, "source_flow": "academyd",
+                "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "base_model": venom_base, "effective_base_model": venom_base, "parameters": {}}
+        atomic_write_json(vdir / "metadata.json", meta)
+        return {"venom_metadata": str(vdir / "metadata.json"), "venom_base_model": venom_base, "venom_gguf": placed}
 
     async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
-        adapter_path = Path(files["adapter_path"])
-        if adapter_path.name != "adapter" or adapter_path.parent.name != version:
-            raise Refused("missing_artifact", f"Venom activates <models_dir>/<adapter_id>/adapter only; "
-                                              f"{adapter_path} is not <...>/{version}/adapter")
-        self._files[version] = files
-        return {}
+        return await asyncio.to_thread(self._install, version, files)
 
-    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
-        if not self.cfg.venom_chat_url:
-            raise TargetError("no follower.venom_chat_url to probe Venom's runtime with")
-        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
-        if self.cfg.venom_model_id:
-            body["model"] = self.cfg.venom_model_id
-        status, answer = await self._req("POST", self.cfg.venom_chat_url, json_body=body)
+    async def _deactivate(self) -> dict[str, Any]:
+        status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/deactivate?deploy_to_chat_runtime=true")
         if status != 200:
-            raise TargetError(f"Venom's chat answered HTTP {status}: {_error_text(answer)}")
-        return str(answer["choices"][0]["message"].get("content") or "")
+            raise _venom_refusal(status, answer, "deactivate")
+        return answer if isinstance(answer, dict) else {}
+
+    async def _activate(self, version: str) -> dict[str, Any]:
+        body = {"adapter_id": version, "adapter_path": str(self.models_dir / version / "adapter"),
+                "runtime_id": self.cfg.venom_runtime_id, "model_id": self.model_id,
+                "deploy_to_chat_runtime": True, "require_chat_signature": False}
+        status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/activate", json_body=body)
+        if status != 200:
+            raise _venom_refusal(status, answer, f"activate {version}")
+        if not isinstance(answer, dict) or answer.get("success") is False or not answer.get("chat_model"):
+            raise Refused("runtime_refused", f"Venom did not deploy {version} to chat: {str(answer)[:500]}",
+                          "NOT_DEPLOYED")
+        return answer
 
     async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
+        active, chat = await self.truth()
         if version is None:
-            status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/deactivate", json_body={})
-        else:
-            files = files or self._files.get(version) or {}
-            body: dict[str, Any] = {"adapter_id": version, "adapter_path": str(files["adapter_path"]),
-                                    "deploy_to_chat_runtime": True, "require_chat_signature": False}
-            if self.cfg.venom_runtime_id:
-                body["runtime_id"] = self.cfg.venom_runtime_id
-            if self.cfg.venom_model_id:
-                body["model_id"] = self.cfg.venom_model_id
-            status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/activate", json_body=body)
-        if status != 200 or (isinstance(answer, dict) and answer.get("success") is False):
-            raise TargetError(f"Venom refused to {'activate ' + version if version else 'deactivate'}: HTTP {status}: "
-                              f"{_error_text(answer)}")
-        self._serving = version
+            await self._to_base(active, chat)
+            return
+        if active is not None or not self._is_base(chat):
+            # One step back from here must be the base: leave the active adapter before activating another.
+            if active is not None:
+                await self._deactivate()
+        try:
+            reply = await self._activate(version)
+        except Refused:
+            if active is not None and active != version:
+                try:  # put back what served (its files are installed: it was activated before)
+                    await self._activate(active)
+                except (Refused, TargetError) as exc:
+                    log.warning("venom_restore_failed", version=active, error=str(exc))
+            raise
+        self._chat[version] = str(reply["chat_model"])
+
+    async def _to_base(self, active: str | None, chat: str) -> None:
+        if active is None and self._is_base(chat):
+            return
+        answer = await self._deactivate()
+        after = await self.chat_model()
+        if answer.get("success") is False:
+            raise Refused("runtime_refused", f"Venom: {answer.get('message') or answer}; chat is on {after}, not the "
+                          f"base {self.model_id}", "NO_ACTIVE_ADAPTER")
+        if not self._is_base(after):
+            raise Refused("base_unreachable", f"Venom deactivated {active} but chat is on {after}, not the base "
+                          f"{self.model_id}: Venom's deactivate goes back one step (to PREVIOUS_MODEL_<server> in its "
+                          f"env file), and that was not the base; set Venom's chat model to {self.model_id} there")
+
+    async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
+        model = self._chat.get(version) or (VENOM_PREFIX + version if version else self.model_id)
+        status, answer = await self._req("POST", str(self.cfg.venom_chat_url), json_body={
+            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": False})
+        if status != 200:
+            raise TargetError(f"{self.cfg.venom_chat_url} with {model}: HTTP {status}: {_error_text(answer)}")
+        return str(answer["choices"][0]["message"].get("content") or "")
 
 
 def make_target(settings: Settings) -> Target:

@@ -21,9 +21,10 @@ class Refused(Exception):
 
     reason: str
     detail: str
+    code: str | None = None  # the runtime's own reason code, when it refused (Venom's reason_code)
 
     def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
+        return f"{self.reason}{' ' + self.code if self.code else ''}: {self.detail}"
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -128,3 +128,8 @@ class Models(Connection):
                 return False
             raise
         return True
+
+    def champion_generation(self) -> int:
+        """The generation of the desired serving state: the id of the last champion move (every promote and
+        rollback increases it; 0 before the first). Read inside a move's transaction, it is that move's."""
+        return int(self.scalar("SELECT COALESCE(MAX(id), 0) FROM champion_moves") or 0)
