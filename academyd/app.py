@@ -42,6 +42,7 @@ from academyd.seams import Counters, Listener
 from academyd.settings import Settings
 from academyd.status import StatusBuilder
 from academyd.store import Store
+from academyd.supervise import supervise, watch_jobs
 from academyd.trigger import Trigger
 
 log = structlog.get_logger("academyd.app")
@@ -123,7 +124,7 @@ class App:
         await self.bus.bind_consumer()
         await self.bus.watch_max_deliveries(self.intake.on_exhausted)
         self.pipeline = Pipeline(s, self.store, self.clock, self.outbox, self.trigger, self.champion,
-                                 nc=self.bus.nc, base=self.base)
+                                 nc=self.bus.nc, base=self.base, health=self.health)
         self.trigger.on_request(self.pipeline.wake)
         self.status_builder = StatusBuilder(s, self.store, self.clock, self.health, lambda: self.nats_url)
         from academyd.serving import ServedState
@@ -136,7 +137,11 @@ class App:
         await self.bus.watch(LIVE_SUBJECTS, self._on_live)
         self._start_scheduler()
         await self._start_extensions()
-        self._tasks.append(asyncio.create_task(self.relay.run(self.stop_event), name="outbox"))
+        sv, relay = s.supervision, self.relay
+        self._tasks.append(asyncio.create_task(supervise(
+            "outbox", lambda: relay.run(self.stop_event), stop=self.stop_event, health=self.health, clock=self.clock,
+            first_s=sv.restart_backoff_s, max_s=sv.restart_backoff_max_s, healthy_after_s=sv.healthy_after_s,
+        ), name="outbox"))
         self.relay.kick()  # anything a crash left unpublished goes out now
         if self.notifier.watchdog_interval_s:
             self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
@@ -169,6 +174,7 @@ class App:
         )
         if self.monitor is not None:
             self.monitor.schedule(self._scheduler)  # the post-promotion watch's tick (#20)
+        watch_jobs(self._scheduler, self.health, self.clock)  # a job that raised: degraded until it runs well
         self._scheduler.start()
 
     async def _tick(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,11 +28,13 @@ from academyd.champion.moves import ANY
 from academyd.clock import Clock
 from academyd.events import EventSink
 from academyd.habitat import HabitatError, JobHandle, JobStatus, TrainingJob, habitat_for
+from academyd.health import Health
 from academyd.policy import failure_backoff
 from academyd.runs import IllegalTransition
 from academyd.seams import ChampionMoves, RunRequests
 from academyd.settings import Settings
 from academyd.store import Store, iso
+from academyd.supervise import HealthReport, supervise
 from academyd.trainer.spec import SpecError, TrainSpec, spec_hash
 
 if TYPE_CHECKING:
@@ -60,7 +63,8 @@ class Pipeline:
     connection (remote workers) and the resolved base model."""
 
     def __init__(self, settings: Settings, store: Store, clock: Clock, sink: EventSink, runs: RunRequests,
-                 champion: ChampionMoves, *, nc: NATS | None = None, base: BaseModel | None = None) -> None:
+                 champion: ChampionMoves, *, nc: NATS | None = None, base: BaseModel | None = None,
+                 health: HealthReport | None = None) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
@@ -73,6 +77,8 @@ class Pipeline:
         self._task: asyncio.Task[None] | None = None
         self._live: dict[str, Any] = {}
         self._habitat: Any = None
+        self.health = health or Health()
+        self._stopping = asyncio.Event()
 
     def now(self) -> datetime:
         return self.clock()
@@ -84,20 +90,29 @@ class Pipeline:
         if await sync_active_adapter_async(self.settings, self.now()):
             log.warning("active_adapter_resynchronised")
         if self.settings.training.autorun:
-            self._task = asyncio.create_task(self._loop(), name="pipeline")
+            self._task = asyncio.create_task(self._supervised(self._loop), name="pipeline")
         elif self.nc is not None:
             # autorun=false: this daemon never trains on its own host. A run waits, recorded, until an
             # `academyd worker` is connected, then goes to the workers (the nats habitat) like any other.
             from academyd.habitat.nats import NatsHabitat
 
             self._habitat = NatsHabitat(self.settings, self.nc)
-            self._task = asyncio.create_task(self._loop(gate=self._habitat.any_worker), name="pipeline")
+            gate = self._habitat.any_worker
+            self._task = asyncio.create_task(self._supervised(lambda: self._loop(gate=gate)), name="pipeline")
+
+    async def _supervised(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """The loop, restarted with backoff when it dies (a store error in `_fail`): academyd.supervise."""
+        sv = self.settings.supervision
+        await supervise("pipeline", loop, stop=self._stopping, health=self.health, clock=self.clock,
+                        first_s=sv.restart_backoff_s, max_s=sv.restart_backoff_max_s,
+                        healthy_after_s=sv.healthy_after_s)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def stop(self) -> None:
         # The training job itself is left running (its habitat keeps it); the next start re-attaches.
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -110,8 +125,9 @@ class Pipeline:
                     await self.execute(run["run_id"])
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # a bug must not wedge the slot: fail the run, say why
+                except Exception as exc:  # a bug must not wedge the slot: end its job, fail the run, say why
                     log.exception("pipeline_crashed", run_id=run["run_id"])
+                    await self._cancel_job(run["run_id"])
                     self._fail(run["run_id"], f"internal error: {type(exc).__name__}: {exc}")
                 continue
             self._wake.clear()
@@ -119,6 +135,21 @@ class Pipeline:
                 await asyncio.wait_for(self._wake.wait(), timeout=5.0)
             except TimeoutError:
                 pass
+
+    async def _cancel_job(self, run_id: str) -> None:
+        """Cancel the run's training job, if it has one, before the run is failed: the next run must not
+        start while this one's trainer still holds the slot."""
+        run = self.store.get_run(run_id)
+        if not run or not run.get("job_ref"):
+            return
+        try:
+            habitat = self.habitat()
+            handle = await habitat.reattach(run["job_ref"])
+            if handle is not None:
+                await habitat.cancel(handle)
+                log.warning("job_cancelled_after_internal_error", run_id=run_id, ref=run["job_ref"])
+        except Exception:
+            log.exception("job_cancel_failed", run_id=run_id, ref=run["job_ref"])
 
     def habitat(self) -> Any:
         if self._habitat is None:

@@ -333,6 +333,15 @@ class OutboxSettings(BaseModel):
     backoff_max_s: float = Field(default=30.0, gt=0, description="The longest wait between tries in an outage.")
 
 
+class SupervisionSettings(BaseModel):
+    """How the daemon's long-running tasks are restarted when they die (see academyd.supervise)."""
+
+    restart_backoff_s: float = Field(default=1.0, gt=0, description="Wait before the first restart; doubles.")
+    restart_backoff_max_s: float = Field(default=60.0, gt=0, description="The longest wait between restarts.")
+    healthy_after_s: float = Field(
+        default=30.0, gt=0, description="A restarted task counts as healthy again after running this long.")
+
+
 class FollowerSettings(BaseModel):
     """The serving side of the hot swap: `academyd follow` (see academyd.follower)."""
 
@@ -490,6 +499,7 @@ class Settings(BaseSettings):
     workers: WorkersSettings = Field(default_factory=WorkersSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    supervision: SupervisionSettings = Field(default_factory=SupervisionSettings)
     follower: FollowerSettings = Field(default_factory=FollowerSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     bridge: BridgeSettings = Field(default_factory=BridgeSettings)
