@@ -142,6 +142,22 @@ class CuratorSettings(BaseModel):
     )
     shingle_chars: int = Field(default=5, ge=2, le=16, description="Character shingle size for near-duplicates.")
     num_perm: int = Field(default=64, ge=16, le=512, description="MinHash permutations (LSH candidates only).")
+    system_prompt: str = Field(
+        default="You are Venom, a helpful local AI assistant.", min_length=1,
+        description="The system prompt Venom sends with its chat: lessons are trained as that chat exchange "
+        "(the question as the user's turn, the answer as the assistant's) and the arena asks with it.",
+    )
+    family_threshold: float = Field(
+        default=0.7, gt=0.0, le=1.0,
+        description="Questions this similar (Jaccard of character shingles, the prompt alone) are one family: "
+        "a family is held out or trained on whole.",
+    )
+    decontamination_threshold: float = Field(
+        default=0.7, gt=0.0, le=1.0,
+        description="A held-out question this similar to a training question (exact Jaccard, after LSH) is moved "
+        "to training with its family: the check that the family split held (LSH misses, splits remembered from "
+        "before families). Lower it to be stricter; short templated prompts then all look alike.",
+    )
 
 
 class TrainingSettings(BaseModel):
@@ -254,6 +270,11 @@ class WorkersSettings(BaseModel):
     )
     require_gpu: bool = Field(default=False, description="Jobs wait for a worker with a GPU.")
     artifacts_ttl_h: float = Field(default=7 * 24.0, gt=0, description="Objects older than this are dropped.")
+    slow_transfers: dict[str, float] = Field(
+        default_factory=dict,
+        description="Testing a slow link: a worker's transfer whose '<get|put>:<object name>' matches a pattern "
+        "(fnmatch, e.g. 'get:runs/*/ckpt/*') takes that many seconds longer. Empty in production.",
+    )
 
     @property
     def heartbeat_s(self) -> float:
@@ -292,6 +313,28 @@ class ArenaSettings(BaseModel):
         default=60.0, ge=0.0, description="After an automatic rollback (done or refused) the watch waits this long."
     )
     auto_promote: bool = True
+    min_heldout_families: int = Field(
+        default=8, ge=1,
+        description="Held-out families (questions never trained on) needed before a verdict; fewer: the run ends "
+        "'insufficient evidence' and the champion stays. The curator holds out at least this many per source "
+        "(up to a quarter of its families).",
+    )
+    right_answers_alpha: float = Field(
+        default=0.05, gt=0.0, lt=1.0,
+        description="Promotion needs more right answers than the champion on held-out families, significant at "
+        "this level (one-sided exact sign test over families).",
+    )
+    collapse_min_diversity: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Refuse a candidate whose distinct answers are fewer than this share of the references' own.",
+    )
+    collapse_max_dominant: float = Field(
+        default=0.3, ge=0.0, le=1.0,
+        description="Refuse a candidate that gives one fact to more than this share of questions about others.",
+    )
+    answer_sample: int = Field(
+        default=64, ge=0, description="Checkable held-out questions asked through the serving artifact (at most)."
+    )
     eval_time_limit_s: float = Field(default=3600.0, gt=0, description="Limit of one arena measurement.")
     max_new_tokens: int = Field(default=64, ge=1, description="Generation length of the arena's sample.")
     seed: int = Field(default=0, description="Seed of the generation sample and the bootstrap.")

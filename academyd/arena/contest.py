@@ -36,9 +36,9 @@ def trainer_python(settings: Settings) -> Path:
 
 def trainer_env() -> dict[str, str]:
     """The environment of a trainer-side process: the `academyd` package importable, nothing else leaked."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("VIRTUAL_ENV", None)
-    return env
+    from academyd.childenv import child_env
+
+    return child_env(pythonpath=str(REPO_ROOT))
 
 
 async def run_trainer_module(
@@ -80,6 +80,25 @@ async def run_trainer_module(
     return result
 
 
+def dataset_sidecars(heldout_path: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checks file and the manifest the curator wrote beside a held-out set (`heldout_<tag>.jsonl`)."""
+    name = heldout_path.name
+    if not name.startswith("heldout_"):
+        return None, None
+    tag = name[len("heldout_"):-len(".jsonl")]
+    checks = heldout_path.with_name(f"checks_{tag}.jsonl")
+    manifest_path = heldout_path.with_name(f"dataset_{tag}.manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    return (checks if checks.is_file() else None), manifest
+
+
+def read_checks(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 async def evaluate(
     settings: Settings,
     *,
@@ -114,6 +133,9 @@ async def evaluate(
             "--general-sample", str(arena.general_sample)]
     if settings.training.max_seq_length:
         args += ["--max-length", str(settings.training.max_seq_length)]
+    checks_path, manifest = dataset_sidecars(heldout_path)
+    if checks_path is not None:
+        args += ["--checks", str(checks_path), "--answer-sample", str(arena.answer_sample)]
     if champion_adapter is not None:
         args += ["--champion", str(champion_adapter)]
     if arena.cpu_threads:
@@ -130,6 +152,11 @@ async def evaluate(
             # The judge is optional evidence: its failure is recorded, not fatal.
             log.warning("arena.judge_failed", error=str(exc))
             measurement["judge"] = {"error": str(exc)}
+    if checks_path is not None:
+        measurement["checks"] = read_checks(checks_path)
+    if manifest is not None and isinstance(manifest.get("families"), dict):
+        measurement["families"] = {**{k: v for k, v in manifest["families"].items() if k != "moves"},
+                                   "heldout_fraction": (manifest.get("split") or {}).get("heldout_fraction")}
     (out_dir / "measure.json").write_text(json.dumps(measurement, indent=1))
     verdict = await asyncio.to_thread(decide, measurement, arena, champion=champion)
     (out_dir / "verdict.json").write_text(json.dumps(verdict.to_event(), indent=2, default=str))

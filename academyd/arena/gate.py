@@ -24,6 +24,20 @@ Rules (all must pass to promote; every rule adds one reason either way):
    A runtime that was asked for and could not load the adapter (`refused`) rejects; a base without a GGUF
    is reported and not judged by these rules.
 
+6. Right answers (when the held-out set has checkable answers: the curator's checks file, see
+   academyd.arena.answers). The arena asks every checkable held-out question (up to `answer_sample`) of the
+   candidate and the champion through the serving artifact, as Venom asks (its system prompt, the question as
+   chat messages, greedy), and scores each reply right or wrong against the answer's keys. Per held-out family
+   (questions never trained on) the share of right replies is compared; promotion needs more families better
+   than worse, significant at `right_answers_alpha` in a one-sided exact sign test over families. Then rules
+   1, 2 and 5b (loss, exact match, chrF: they reward the answers' wording) are reported as supporting
+   evidence and no longer decide.
+7. No collapse (with right answers): refused when the candidate's distinct replies are fewer than
+   `collapse_min_diversity` of the references' own, or when one fact's answer is given to more than
+   `collapse_max_dominant` of the questions about other facts.
+0. Evidence: fewer held-out families than `min_heldout_families` (checkable ones, when there are any) is no
+   verdict at all: "insufficient evidence", with how many more lessons would be enough; the champion stays.
+
 "Champion" is the base model when there is no champion yet. Non-finite losses always reject.
 """
 
@@ -35,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from academyd.arena.answers import collapse, is_right, sign_test
 from academyd.settings import ArenaSettings
 
 
@@ -180,8 +195,113 @@ def decide(measurement: dict[str, Any], arena: ArenaSettings, *, champion: str |
         metrics["judge"] = dict(judge)
 
     _served(measurement.get("runtime"), arena, name, rules, reasons, metrics)
+    checked = _right_answers(measurement, arena, name, rules, reasons, metrics)
+    if checked:
+        # Right answers decide; loss, exact match and chrF reward the answers' wording and stay as evidence.
+        supporting = {k: rules.pop(k) for k in SUPPORTING if k in rules}
+        metrics["supporting_rules"] = supporting
+    _evidence(measurement, arena, checked, rules, reasons, metrics)
     return Verdict(promote=all(rules.values()) and bool(rules), reasons=reasons, metrics=metrics,
                    champion=champion, rules=rules)
+
+
+SUPPORTING = ("heldout", "exact_match", "chrf", "served_heldout")
+
+
+def _evidence(measurement: dict[str, Any], arena: ArenaSettings, checked: int, rules: dict[str, bool],
+              reasons: list[str], metrics: dict[str, Any]) -> None:
+    """Rule 0: enough held-out families for a verdict (checkable ones when there are any)."""
+    fam = measurement.get("families")
+    if not isinstance(fam, dict) and not checked:
+        return  # a measurement without the curator's family counts (an older dataset): not judged here
+    families = checked or int((fam or {}).get("heldout") or 0)
+    need = arena.min_heldout_families
+    per_family = float((fam or {}).get("mean_size") or 1.0)
+    fraction = float((fam or {}).get("heldout_fraction") or 0.1)
+    # The curator holds out at least min(need, a quarter of the families): below 4 x need families each new
+    # family adds a quarter of a held-out one, above it `fraction` of one. What is missing, in lessons.
+    total = int((fam or {}).get("train") or 0) + int((fam or {}).get("heldout") or 0)
+    rate = 0.25 if total < 4 * need or fraction <= 0 else fraction
+    lessons_needed = math.ceil((need - families) * per_family / rate) if families < need else 0
+    metrics["evidence"] = {"heldout_families": families, "needed": need, "checkable": bool(checked),
+                           "lessons_needed": lessons_needed}
+    ok = families >= need
+    rules["evidence"] = ok
+    what = "held-out families with a checkable answer" if checked else "held-out families"
+    if ok:
+        reasons.append(f"evidence: {families} {what} (at least {need} needed)")
+    else:
+        reasons.append(f"insufficient evidence: {families} {what}, at least {need} needed (arena.min_heldout_families); "
+                       f"about {max(lessons_needed, 1)} more lessons that ask new questions would be enough; "
+                       "the champion stays")
+
+
+def _right_answers(measurement: dict[str, Any], arena: ArenaSettings, name: str, rules: dict[str, bool],
+                   reasons: list[str], metrics: dict[str, Any]) -> int:
+    """Rules 6 and 7: more right answers than the champion on held-out families (exact sign test), and no
+    collapse onto one answer. Returns the number of checkable families answered (0: not judged)."""
+    checks = measurement.get("checks") or []
+    got = measurement.get("answers") or {}
+    cand, champ = got.get("candidate") or {}, got.get("champion") or {}
+    rows = [c for c in checks if str(c["index"]) in cand and str(c["index"]) in champ]
+    if not rows:
+        if checks:
+            rules["right_answers"] = False
+            reasons.append("right answers could not be measured: the arena got no answers to the checkable "
+                           "held-out questions")
+            return len({c["family"] for c in checks})
+        return 0
+    by_family: dict[str, list[tuple[bool, bool]]] = {}
+    for c in rows:
+        by_family.setdefault(c["family"], []).append(
+            (is_right(cand[str(c["index"])], c["keys"]), is_right(champ[str(c["index"])], c["keys"])))
+    wins = losses = 0
+    fam_right = {"candidate": 0, "champion": 0}
+    for pairs in by_family.values():
+        c_rate = sum(a for a, _ in pairs) / len(pairs)
+        k_rate = sum(b for _, b in pairs) / len(pairs)
+        wins += c_rate > k_rate
+        losses += c_rate < k_rate
+        fam_right["candidate"] += c_rate > 0.5
+        fam_right["champion"] += k_rate > 0.5
+    q_right = {"candidate": sum(a for p in by_family.values() for a, _ in p),
+               "champion": sum(b for p in by_family.values() for _, b in p)}
+    p_value = sign_test(wins, losses)
+    n_fam, n_q = len(by_family), len(rows)
+    ok = wins > losses and p_value <= arena.right_answers_alpha
+    rules["right_answers"] = ok
+    metrics["right_answers"] = {
+        "engine": got.get("engine"), "families": n_fam, "questions": n_q, "better": wins, "worse": losses,
+        "p_value": p_value, "alpha": arena.right_answers_alpha,
+        "candidate_right": q_right["candidate"], "champion_right": q_right["champion"],
+        "candidate_families_right": fam_right["candidate"], "champion_families_right": fam_right["champion"],
+    }
+    reasons.append(
+        f"right answers on {n_fam} held-out families ({n_q} questions, asked as Venom asks, {got.get('engine')}): "
+        f"candidate {q_right['candidate']}/{n_q}, {name} {q_right['champion']}/{n_q}; better in {wins} families, "
+        f"worse in {losses}, one-sided exact sign test p={p_value:.4f} "
+        + (f"<= {arena.right_answers_alpha}: a significant gain" if ok
+           else f"> {arena.right_answers_alpha}: no significant gain in right answers"))
+    col = collapse([{"reply": cand[str(c["index"])], "reference": c["reference"], "keys": c["keys"]} for c in rows])
+    metrics["collapse"] = col
+    if col["questions"] >= 4 and col["distinct_references"] >= 2:
+        few = col["diversity"] < arena.collapse_min_diversity
+        one = col["dominant_share"] > arena.collapse_max_dominant
+        rules["no_collapse"] = not (few or one)
+        if few:
+            reasons.append(f"collapse: {col['distinct_replies']} distinct answers to {col['questions']} held-out "
+                           f"questions whose references have {col['distinct_references']} "
+                           f"(diversity {col['diversity']:.2f} < {arena.collapse_min_diversity}); most common, "
+                           f"{col['top_reply_count']} times: {col['top_reply']!r}")
+        if one:
+            reasons.append(f"collapse: the answer of one fact ({', '.join(col['dominant_fact'] or [])}) is given to "
+                           f"{col['dominant_share']:.0%} of the questions about other facts "
+                           f"(> {arena.collapse_max_dominant:.0%})")
+        if not (few or one):
+            reasons.append(f"answers stay diverse: {col['distinct_replies']} distinct for "
+                           f"{col['distinct_references']} distinct references; no fact given to more than "
+                           f"{col['dominant_share']:.0%} of the questions about others")
+    return n_fam
 
 
 def _served(rt: dict[str, Any] | None, arena: ArenaSettings, name: str, rules: dict[str, bool],

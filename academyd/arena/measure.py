@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, help="where the GGUF adapters and probes.json are written")
     p.add_argument("--general-sample", type=int, default=12, help="general questions answered in the runtime")
     p.add_argument("--generation-sample", type=int, default=16)
+    p.add_argument("--checks", type=Path, help="the curator's checks file: checkable held-out questions to answer")
+    p.add_argument("--answer-sample", type=int, default=64, help="checkable questions answered (at most)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
@@ -201,6 +203,7 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
             gen[f"{side}_exact_match"] = sum(normalize(h) == normalize(r) for h, r in zip(hyps, refs, strict=True)) / len(refs)
             gen[f"{side}_chrf"] = CHRF().corpus_score(hyps, [refs]).score
     result["generation"] = gen
+    checked = checked_indices(a.checks, len(heldout), a.answer_sample)
     if a.runtime == "llamacpp":
         from academyd.arena.served import measure_served
 
@@ -208,8 +211,39 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
         result["runtime"] = measure_served(
             a, model=model, tokenizer=tokenizer, using=using, identity=identity, adapters=sides,
             heldout=heldout, fmt=fmt, enc_held=enc_held, general=general, gfmt=gfmt, enc_gen=enc_gen,
-            picks=picks, trainer_answers={e["index"]: (e["candidate"], trainer_ids[e["index"]]) for e in examples})
+            picks=picks, trainer_answers={e["index"]: (e["candidate"], trainer_ids[e["index"]]) for e in examples},
+            checked=checked)
+    if checked and not (result.get("runtime") or {}).get("measured"):
+        # No serving artifact to ask (a base without a GGUF): the trainer's own greedy answers, said so.
+        answers: dict[str, Any] = {"engine": "transformers", "candidate": {}, "champion": {}}
+        for i in checked:
+            ids = prompt_ids(heldout[i], fmt, tokenizer)[-a.max_length:]
+            for side in ("candidate", "champion"):
+                with using(side):
+                    answers[side][str(i)] = generate(model, tokenizer, ids, a.max_new_tokens)
+        result["answers"] = answers
+    elif checked:
+        result["answers"] = result["runtime"].pop("answers")
     return result
+
+
+def checked_indices(path: Path | None, n: int, sample: int) -> list[int]:
+    """The held-out lines to ask: every checkable one, or `sample` of them spread over families (round-robin)."""
+    if path is None or not path.is_file() or sample <= 0:
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_family: dict[str, list[int]] = {}
+    for r in rows:
+        if 0 <= int(r["index"]) < n:
+            by_family.setdefault(str(r["family"]), []).append(int(r["index"]))
+    order: list[int] = []
+    queues = [sorted(v) for _, v in sorted(by_family.items())]
+    while queues and len(order) < sample:
+        queues = [q for q in queues if q]
+        for q in queues:
+            if len(order) < sample:
+                order.append(q.pop(0))
+    return sorted(order)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def measure_served(a: Any, *, model: Any, tokenizer: Any, using: Any, identity: 
                    adapters: dict[str, Path | None], heldout: list[dict[str, Any]], fmt: str,
                    enc_held: list[dict[str, Any]], general: list[dict[str, Any]], gfmt: str,
                    enc_gen: list[dict[str, Any]], picks: list[int],
-                   trainer_answers: dict[int, tuple[str, list[int]]]) -> dict[str, Any]:
+                   trainer_answers: dict[int, tuple[str, list[int]]],
+                   checked: list[int] | None = None) -> dict[str, Any]:
     from sacrebleu.metrics import CHRF
 
     from academyd.arena.export_gguf import ExportError, export_for_base
@@ -108,7 +109,7 @@ def measure_served(a: Any, *, model: Any, tokenizer: Any, using: Any, identity: 
             if side != "base":
                 result["heldout"][side] = [_loss_row(rt, e) for e in enc_held]
                 answers[side] = {i: rt.answer(chat_messages(heldout[i], fmt), max_tokens=a.max_new_tokens)
-                                 for i in picks}
+                                 for i in sorted(set(picks) | set(checked or []))}
             result["general"][side] = [_loss_row(rt, e) for e in enc_gen]
             if side == "candidate":
                 for p in probes:
@@ -149,6 +150,11 @@ def measure_served(a: Any, *, model: Any, tokenizer: Any, using: Any, identity: 
             ga[f"{side}_exact_match"] = sum(normalize(general_answers[side][i]) == normalize(grefs[i])
                                             for i in gpicks) / len(gpicks)
     result["general_answers"] = ga
+    if checked:
+        # The checkable held-out questions, asked of the serving artifact as Venom asks (its system prompt and
+        # the question as chat messages, greedy): what the gate scores right or wrong.
+        result["answers"] = {"engine": "llama.cpp", **{s: {str(i): answers[s][i] for i in checked}
+                                                        for s in ("candidate", "champion")}}
     result["timings"] = {"export_s": t_export, **{f"{k}_s": v for k, v in t_sides.items()},
                          "total_s": time.monotonic() - t0}
     R.write_probes(out_dir / R.PROBES_FILE, {

@@ -23,7 +23,9 @@ from academyd.curator import sources
 from academyd.curator.dedup import Deduper
 from academyd.curator.examples import ENCODER, SOURCES, Example
 from academyd.curator.rules import trivial_reason
-from academyd.curator.split import assign, replay_sample
+from academyd.curator.checks import checks_of
+from academyd.curator.families import assign_families, decontaminate, family_of
+from academyd.curator.split import replay_sample
 from academyd.files import atomic_write_bytes
 from academyd.secrets import scanner as secret_scanner
 from academyd.settings import Settings
@@ -213,12 +215,14 @@ def build_dataset(
     report("dedup", len(after_secrets), len(after_secrets))
     clock.lap("dedup")
 
-    # -------------------------------------------------------------- split, scope, replay
+    # -------------------------------------------------------------- families, split, decontamination
     remembered = store.dataset_splits()
-    by_source: dict[str, list[str]] = defaultdict(list)
-    for ex in unique:
-        by_source[ex.source].append(ex.key)
-    split, why = assign(dict(by_source), cfg.heldout_fraction, remembered)
+    family = family_of(unique, threshold=cfg.family_threshold, num_perm=cfg.num_perm, k=cfg.shingle_chars)
+    fsplit = assign_families(unique, family, cfg.heldout_fraction, remembered,
+                             min_families=settings.arena.min_heldout_families)
+    decontaminated = decontaminate(unique, family, fsplit, threshold=cfg.decontamination_threshold,
+                                   num_perm=cfg.num_perm, k=cfg.shingle_chars)
+    split, why = fsplit.split, fsplit.why
     # duplicates whose own hash split differs from the kept twin's: a leak between train and held-out
     # had they both been kept
     across = sum(1 for d, first in dup_of.items() if first in split and _hash_split(d, cfg) != split[first])
@@ -305,11 +309,14 @@ def build_dataset(
         },
         "split": {
             "heldout_fraction": cfg.heldout_fraction,
-            "rule": "sha256(record key) / 2^64 < fraction, per source; remembered splits win",
+            "rule": "by family (same or near question, one lesson's restatements): sha256(family) / 2^64 < "
+                    "fraction per source, at least min(arena.min_heldout_families, a quarter of the families) "
+                    "held out; remembered splits win; decontaminated on the prompt",
             "by_rule": dict(Counter(why[e.key] for e in train + heldout)),
             "scope": cfg.scope,
             "replay_fraction": cfg.replay_fraction,
         },
+        "families": _family_stats(family, train + replay, heldout, fsplit.moved, decontaminated, cfg),
         "settings": cfg.model_dump(mode="json"),
     }
     if survivors < cfg.min_examples:
@@ -337,6 +344,12 @@ def build_dataset(
     content_hash = hashlib.sha256(cfg.format.encode() + b"\0" + train_bytes + b"\0" + held_bytes).hexdigest()
     _write(names["train"], train_bytes)
     _write(names["heldout"], held_bytes)
+    checks = checks_of(heldout, [e for e in unique if e.source == "lesson"], family)
+    for c in checks:
+        c["record"] = safe_keys.get(c["record"], c["record"])
+    _write(names["checks"], "".join(ENCODER.encode(c) + "\n" for c in checks).encode())
+    manifest["families"]["heldout_checkable"] = len({c["family"] for c in checks})
+    manifest["families"]["heldout_checkable_examples"] = len(checks)
     report("write", 1, 3)
 
     def public(key: str) -> str:
@@ -354,6 +367,7 @@ def build_dataset(
             "files": {
                 "train": str(names["train"]),
                 "heldout": str(names["heldout"]),
+                "checks": str(names["checks"]),
                 "decisions": str(names["decisions"]),
             },
             "sha256": {"train": hashlib.sha256(train_bytes).hexdigest(), "heldout": hashlib.sha256(held_bytes).hexdigest()},
@@ -386,6 +400,20 @@ def build_dataset(
     return result
 
 
+def _family_stats(family: dict[str, str], train: list[Example], heldout: list[Example],
+                  moved: list[dict[str, str]], decontaminated: int, cfg: Any) -> dict[str, Any]:
+    sizes = Counter(family[e.key] for e in train + heldout)
+    held = {family[e.key] for e in heldout}
+    trained = {family[e.key] for e in train}
+    return {
+        "train": len(trained), "heldout": len(held), "crossing": len(held & trained),
+        "largest": max(sizes.values(), default=0),
+        "mean_size": round(statistics.fmean(sizes.values()), 2) if sizes else 0,
+        "moved": len(moved), "decontaminated": decontaminated, "moves": moved[:200],
+        "family_threshold": cfg.family_threshold, "decontamination_threshold": cfg.decontamination_threshold,
+    }
+
+
 def _hash_split(key: str, cfg: Any) -> str:
     from academyd.curator.split import is_heldout_by_hash
 
@@ -405,6 +433,8 @@ def _names(out_dir: Path, fmt: str, stamp: str, taken: set[str]) -> dict[str, An
         # Not `dataset_*.jsonl`: a tool that globs for datasets must never pick up the held-out set.
         "heldout": out_dir / f"heldout_{tag}.jsonl",
         "decisions": out_dir / f"decisions_{tag}.jsonl",
+        # what a right answer to each checkable held-out example contains (academyd.curator.checks)
+        "checks": out_dir / f"checks_{tag}.jsonl",
         "manifest": out_dir / f"dataset_{tag}.manifest.json",
     }
 

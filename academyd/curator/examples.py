@@ -10,6 +10,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# What Venom sends as its chat's system prompt (curator.system_prompt): lessons are trained as the chat
+# exchange Venom will have, the question as the user's turn and the answer as the assistant's.
+VENOM_SYSTEM_PROMPT = "You are Venom, a helpful local AI assistant."
+# The instruction lessons were rendered with before they became chat exchanges (kept for old datasets).
 LESSON_INSTRUCTION = (
     "You are Venom's assistant. Given the situation below, say what action to take, what result it had "
     "and the lesson learned."
@@ -33,6 +37,15 @@ class Example:
     instruction: str
     turns: list[tuple[str, str]]  # ("human"|"gpt", text), alternating, ending with gpt
     required: dict[str, str | None] = field(default_factory=dict)  # fields checked for triviality
+    family: str | None = None  # examples that teach the same thing (a lesson's restatements) share one
+    answer_key: Any = None  # what a right answer must contain, when the record says (metadata.answer_key)
+
+    def prompt(self) -> str:
+        """What is asked (the human turns): what the held-out split and decontamination compare."""
+        return "\n".join(t for r, t in self.turns if r == "human")
+
+    def answer(self) -> str:
+        return self.turns[-1][1]
 
     def texts(self) -> list[str]:
         return [self.instruction, *(t for _, t in self.turns)]
@@ -60,8 +73,17 @@ class Example:
         return ENCODER.encode(self.render(fmt))
 
 
+def lesson_answer(action: str, feedback: str | None) -> str:
+    """What Venom should say when asked the lesson's question: the action, then the lesson learned, with no
+    result marker (a "Result: sukces ✅" inside an answer teaches the model to say it to users)."""
+    parts = [action.strip()]
+    if feedback and feedback.strip() and feedback.strip() != action.strip():
+        parts.append(feedback.strip())
+    return "\n\n".join(parts)
+
+
 def lesson_output(action: str, result: str, feedback: str | None) -> str:
-    """Venom's mapping: the action, then the result and the lesson learned."""
+    """Venom's own mapping (its instruction format): the action, then the result and the lesson learned."""
     parts = [action.strip(), f"Result: {result.strip()}"]
     if feedback and feedback.strip():
         parts.append(f"Lesson learned: {feedback.strip()}")

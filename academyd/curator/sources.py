@@ -11,11 +11,10 @@ from academyd.curator import git as gitsrc
 from academyd.curator import rules
 from academyd.curator.examples import (
     COMMIT_INSTRUCTION,
-    LESSON_INSTRUCTION,
     TASK_INSTRUCTION,
     Example,
     history_turns,
-    lesson_output,
+    lesson_answer,
 )
 from academyd.settings import CuratorSettings
 from academyd.store import Store
@@ -43,13 +42,15 @@ def lessons(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
         if not rules.is_successful_lesson(result, meta if isinstance(meta, dict) else {}):
             yield Dropped("lesson", key, order, "failure")
             continue
+        meta = meta if isinstance(meta, dict) else {}
         yield Example(
             source="lesson",
             key=key,
             order=order,
-            instruction=LESSON_INSTRUCTION,
-            turns=[("human", situation.strip()), ("gpt", lesson_output(action, result, feedback))],
+            instruction=cfg.system_prompt,
+            turns=[("human", situation.strip()), ("gpt", lesson_answer(action, feedback))],
             required={"situation": situation, "action": action},
+            answer_key=meta.get("answer_key"),
         )
 
 
