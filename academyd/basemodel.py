@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from academyd.childenv import child_env
 from academyd.files import atomic_write_json, sha256_file
 
 BUILTIN_NAME = "smollm2-135m-instruct"
@@ -130,7 +131,7 @@ def builtin_gguf(trainer_python: Path | None = None) -> Path:
                 "print(list(s.submodule_search_locations)[0] if s else '')")
         try:
             out = subprocess.run([str(trainer_python), "-c", code], capture_output=True, text=True, timeout=60,
-                                 check=False).stdout.strip()
+                                 check=False, env=child_env()).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             out = ""
         if out and (Path(out) / BUILTIN_FILE).is_file():

@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from academyd import nats_auth
+from academyd.childenv import child_env
 
 log = structlog.get_logger("academyd.embedded")
 
@@ -106,6 +107,7 @@ class EmbeddedServer:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=child_env(),  # its passwords come in its 0600 config file, not from our environment
             start_new_session=True,  # a Ctrl-C in the terminal reaches the daemon, which stops us in order
             preexec_fn=_die_with_parent,
         )

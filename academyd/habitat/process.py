@@ -41,6 +41,7 @@ from typing import Any
 import structlog
 
 import academyd
+from academyd.childenv import child_env
 from academyd.files import atomic_write_json
 from academyd.habitat import jobdir
 from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
@@ -200,8 +201,7 @@ class ProcessHabitat:
         # Written before the launch: a daemon that dies right after it still knows this attempt (see start).
         record = self._new_record(ref, job, spec, offset)
         _write_json(out / JOB_FILE, record)
-        env = {**os.environ, **job.env, "PYTHONPATH": str(package_root()), "PYTHONUNBUFFERED": "1"}
-        env.pop("VIRTUAL_ENV", None)
+        env = child_env({**job.env, "PYTHONUNBUFFERED": "1"}, pythonpath=str(package_root()))
         with (out / STDOUT_FILE).open("ab") as so, (out / STDERR_FILE).open("ab") as se:
             # Popen returns at once. Not asyncio's subprocess: its child watcher reaps for the loop, and a
             # re-attached habitat must find the same files whether or not it is the parent.

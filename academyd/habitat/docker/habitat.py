@@ -18,6 +18,7 @@ import docker
 import structlog
 from docker.errors import DockerException, ImageNotFound, NotFound
 
+from academyd.childenv import child_env
 from academyd.habitat import jobdir
 from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
 from academyd.habitat.docker import host
@@ -126,8 +127,7 @@ class DockerHabitat(ProcessHabitat):
 
     async def _dequantize_on_host(self, base: Path) -> None:
         assert self.options.host_trainer_python is not None
-        env = {**os.environ, "PYTHONPATH": self.options.source_dir}
-        env.pop("VIRTUAL_ENV", None)
+        env = child_env(pythonpath=self.options.source_dir)
         t0 = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
