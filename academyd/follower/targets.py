@@ -181,14 +181,13 @@ class LlamaCppTarget(Target):
             raise TargetError(f"no interpreter {python} for the llama.cpp endpoint: set follower.runtime_python to "
                               "one with llama-cpp-python (make trainer-env installs it in .venv-trainer)")
         threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)
-        # The token goes by file, never through a child's environment (nor does anything else secret).
+        # Nothing secret of ours reaches the endpoint through its environment (academyd.childenv).
         env = child_env(pythonpath=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         log_path = self.settings.follower_dir / "endpoint.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [str(python), "-m", "academyd.follower.endpoint", "--base", str(base_gguf), "--host", cfg.host,
-             "--port", str(cfg.port), "--threads", str(threads), "--served-name", cfg.served_name,
-             "--token-file", str(self.token_file)],
+             "--port", str(cfg.port), "--threads", str(threads), "--served-name", cfg.served_name],
             stdout=subprocess.PIPE, stderr=open(log_path, "ab"), env=env,  # noqa: SIM115
         )
         assert self.proc.stdout is not None

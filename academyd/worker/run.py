@@ -1,50 +1,40 @@
 """The worker: pull a job, hold its lease, run the trainer locally (the process habitat), send results back.
 
-One job at a time, held from acquire to ack by its lease (academyd.worker.lease.HeldLease): an in-progress
-ack and a lease refresh (compare-and-swap) every heartbeat, through the downloads (inputs, the checkpoint
-to resume from), the trainer, the uploads and the result record alike. Transfers retry transient JetStream
-errors for as long as the lease holds. The trainer's events are forwarded to `academy.jobs.events.<run_id>`;
-each checkpoint is uploaded beside the trainer and recorded in the lease. At the end: adapter, summary and
-loss log uploaded (sha256 checked by the store against what was read), the lease set to its final state,
-then the job acked. A worker that cannot refresh its lease for `stop_after_s` (cut off from NATS) or finds
-it taken (fenced) stops everything it does for the job, its trainer first, and leaves the job to whoever
-holds it; SIGTERM stops the trainer (its checkpoint is kept), gives the lease back and naks the job so
-another worker resumes at once.
-
-The trainer dies with the worker: it watches the worker's pid (ACADEMY_TRAINER_PARENT) and ends its own
-process group when the worker is gone, SIGKILL included. A restarted worker ends any trainer a previous
-one left (`end_leftover_trainers`) before it takes work.
+One job at a time. While it runs: an in-progress ack, a lease refresh (compare-and-swap) and an
+advertisement every heartbeat; the trainer's events forwarded to `academy.jobs.events.<run_id>`; each
+checkpoint uploaded and recorded in the lease. At the end: adapter, summary and loss log uploaded
+(sha256 checked by the store against what was read), the lease set to its final state, then the job
+acked. A worker that cannot refresh its lease for `stop_after_s` (cut off from NATS) or finds it taken
+(fenced) kills its trainer and leaves the job to whoever holds it; SIGTERM stops the trainer (its
+checkpoint is kept), gives the lease back and naks the job so another worker resumes at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nats
 import structlog
+from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import ValidationError
 
 from academyd.artifacts import ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file
 from academyd.childenv import child_env
-from academyd.habitat.base import HabitatError, JobResult, JobStatus, TrainingJob
-from academyd.habitat.process import JOB_FILE, ProcessHabitat, _proc_stat, package_root
+from academyd.habitat.base import HabitatError, JobStatus, TrainingJob
+from academyd.habitat.process import ProcessHabitat, package_root
 from academyd.settings import Settings
 from academyd.trainer import spec as S
-from academyd.trainer._process import PARENT_ENV, process_start
-from academyd.worker.lease import HeldLease, LeaseLost
 from academyd.worker.protocol import (
     WORKER_ID_PATTERN,
     WORKER_ID_RE,
