@@ -72,6 +72,7 @@ DEFAULT_PROBE = [
 ]
 KEEP_DONE = 1000
 PROMPT_CHARS = 200
+STOP_GRACE_S = 5.0
 
 
 def _outcome_id(prefix: str, event: dict[str, Any]) -> str:
@@ -256,7 +257,10 @@ class Follower:
                 await self.feed.run(self.handle, stop)
             finally:
                 self._wake.set()
-                await converger
+                try:  # a swap in flight may finish; one that hangs (a runtime that does not answer) is left:
+                    await asyncio.wait_for(converger, STOP_GRACE_S)  # the next start converges from the truth
+                except TimeoutError:
+                    log.warning("follower_stopped_mid_swap", desired=self.state.desired)
         finally:
             await self.close()
 
