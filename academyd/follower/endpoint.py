@@ -17,6 +17,11 @@ small aiohttp server around one `llama_cpp.Llama` (one model, one context), with
 - `POST /admin/activate` `{id}` (null: the base): what the served name means from the next request on.
 - `DELETE /admin/adapters/{id}`: free an adapter that is not active.
 
+Admin calls always need `Authorization: Bearer <token>` (`--token-file`, which the follower generates into
+the data directory, or `ACADEMY_ENDPOINT_TOKEN`; without either, the admin API is closed: 401) and a JSON
+body (`Content-Type: application/json`, else 415): a web page can make a browser send a `text/plain` POST
+to localhost without asking anybody, never one with a JSON content type or a header of its own.
+
 Requests are served one at a time on the single context (an asyncio lock; generation runs in a worker
 thread). The adapter set on the context is chosen per request, so a swap never interrupts a request: the
 one in flight finishes on the adapter it started with, the next one starts on the new adapter. After a
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import hmac
 import json
 import os
 import sys
@@ -205,8 +211,16 @@ class Server:
                                      status=400)
 
     def _admin(self, request: web.Request) -> None:
-        if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
-            raise EndpointError(401, "admin calls need 'Authorization: Bearer <token>'", "unauthorized")
+        if not self.token:
+            raise EndpointError(401, "the admin API is closed: this endpoint was started without a token "
+                                "(--token-file or ACADEMY_ENDPOINT_TOKEN)", "unauthorized")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise EndpointError(401, "admin calls need 'Authorization: Bearer <token>' (the follower's token: "
+                                "<data_dir>/follower/endpoint.token)", "unauthorized")
+        if request.method == "POST" and request.content_type != "application/json":
+            raise EndpointError(415, f"admin calls take a JSON body (Content-Type: application/json), not "
+                                f"{request.content_type or 'none'}", "unsupported_media_type")
 
     def _adapter_info(self, a: Adapter) -> dict[str, Any]:
         return {"id": a.id, "path": a.path, "sha256": a.sha256, "meta": a.meta, "loaded_at": a.loaded_at}
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--served-name", default="academy", help="the model name clients ask for")
+    p.add_argument("--token-file", type=Path, help="the admin token (default: ACADEMY_ENDPOINT_TOKEN; neither: "
+                   "the admin API is closed)")
     p.add_argument("--adapter", action="append", default=[], metavar="ID=PATH",
                    help="load and activate an adapter at start (the last one given is active)")
     a = p.parse_args(argv)
@@ -301,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": "missing_base", "reason": f"base model {a.base} does not exist"}), flush=True)
         return 2
     token = os.environ.get("ACADEMY_ENDPOINT_TOKEN") or None
+    if a.token_file is not None:
+        try:
+            token = a.token_file.read_text().strip() or None
+        except OSError as exc:
+            print(json.dumps({"error": "bad_token_file", "reason": f"cannot read {a.token_file}: {exc}"}), flush=True)
+            return 2
     rt = Runtime(a.base, threads=a.threads, n_ctx=a.ctx)
     for spec in a.adapter:
         aid, _, path = spec.partition("=")

@@ -154,8 +154,13 @@ class LlamaCppTarget(Target):
         super().__init__(settings)
         self.url = (self.cfg.endpoint_url or "").rstrip("/")
         self.proc: subprocess.Popen[bytes] | None = None
-        token = os.environ.get("ACADEMY_ENDPOINT_TOKEN")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        from academyd.follower.admin_token import TOKEN_FILE, ensure_token
+
+        # The admin token: ACADEMY_ENDPOINT_TOKEN for an endpoint joined at endpoint_url, else the one
+        # generated into the data directory (the endpoint started here reads the same file).
+        self.token_file = settings.follower_dir / TOKEN_FILE
+        token = (os.environ.get("ACADEMY_ENDPOINT_TOKEN") if self.url else None) or ensure_token(self.token_file)
+        self.headers = {"Authorization": f"Bearer {token}"}
 
     @property
     def runtime(self) -> str:
@@ -181,13 +186,14 @@ class LlamaCppTarget(Target):
             raise TargetError(f"no interpreter {python} for the llama.cpp endpoint: set follower.runtime_python to "
                               "one with llama-cpp-python (make trainer-env installs it in .venv-trainer)")
         threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)
-        # Nothing secret of ours reaches the endpoint through its environment (academyd.childenv).
+        # The token goes by file, never through a child's environment (nor does anything else secret).
         env = child_env(pythonpath=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         log_path = self.settings.follower_dir / "endpoint.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [str(python), "-m", "academyd.follower.endpoint", "--base", str(base_gguf), "--host", cfg.host,
-             "--port", str(cfg.port), "--threads", str(threads), "--served-name", cfg.served_name],
+             "--port", str(cfg.port), "--threads", str(threads), "--served-name", cfg.served_name,
+             "--token-file", str(self.token_file)],
             stdout=subprocess.PIPE, stderr=open(log_path, "ab"), env=env,  # noqa: SIM115
         )
         assert self.proc.stdout is not None
