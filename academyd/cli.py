@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "academyd.commands.outbox",
     "academyd.commands.models",
     "academyd.commands.import_venom",
+    "academyd.commands.bridge",
     "academyd.commands.schemas",
     "academyd.commands.worker",
     "academyd.commands.follow",

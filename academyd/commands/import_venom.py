@@ -24,9 +24,11 @@ from academyd.commands.common import (
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "import-venom",
-        help="publish Venom's lessons.json and state_dump.json as events",
-        description="Read Venom's data/memory/lessons.json and state_dump.json and publish them as "
-        "lesson.created and task.completed events, so they take the same path as live events. Event ids "
+        help="publish Venom's lessons, tasks, thumbs and approved answers as events (once)",
+        description="Read Venom's data/memory/lessons.json and state_dump.json, data/feedback/feedback.jsonl and "
+        "data/learning/hidden_prompts.jsonl and publish them as lesson.created, task.completed, feedback.given "
+        "and prompt.approved events, so they take the same path as live events (`bridge-venom` follows the "
+        "same files continuously). Event ids "
         "come from Venom's ids: running it twice adds nothing. Finished tasks only. A record that does not fit "
         "is reported and the rest are imported (exit code 1 when there were any).",
     )
@@ -37,14 +39,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _import(args: argparse.Namespace) -> int:
-    from academyd.venom_import import Bad, ImportError_, Skipped, lessons, memory_dir, tasks
+    from academyd.venom_import import (
+        Bad,
+        ImportError_,
+        Skipped,
+        approved_event,
+        approved_file,
+        feedback_event,
+        feedback_file,
+        jsonl,
+        lessons,
+        memory_dir,
+        tasks,
+    )
 
     bad: list[Bad] = []
     skipped = 0
     events: list[tuple[str, Any]] = []
     try:
         mem = memory_dir(args.dir)
-        for subject, source in (("lesson.created", lessons(mem)), ("task.completed", tasks(mem))):
+        appended = (("feedback.given", jsonl(feedback_file(mem), feedback_event)[0]),
+                    ("prompt.approved", jsonl(approved_file(mem), approved_event)[0]))
+        for subject, source in (("lesson.created", lessons(mem)), ("task.completed", tasks(mem)), *appended):
             for item in source:
                 if isinstance(item, Bad):
                     bad.append(item)
@@ -62,7 +78,8 @@ def _import(args: argparse.Namespace) -> int:
         print_json({"ok": not bad, **report})
     else:
         print(f"published {counts['published']} events from {mem} "
-              f"({counts['lessons']} lessons, {counts['tasks']} tasks; {counts['duplicates']} already on the bus"
+              f"({counts['lessons']} lessons, {counts['tasks']} tasks, {counts['feedback']} thumbs, "
+              f"{counts['approved']} approved answers; {counts['duplicates']} already on the bus"
               + (f"; {skipped} unfinished tasks left for task.completed" if skipped else "") + ")")
     if bad:
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -85,12 +102,14 @@ async def _publish(settings: Any, events: list[tuple[str, Any]]) -> dict[str, in
     except Exception as exc:
         raise DaemonUnreachable(f"cannot reach NATS at {daemon_url(settings)}: {exc}") from None
     js = nc.jetstream(timeout=10)
-    out = {"published": 0, "duplicates": 0, "lessons": 0, "tasks": 0}
+    out = {"published": 0, "duplicates": 0, "lessons": 0, "tasks": 0, "feedback": 0, "approved": 0}
+    kinds = {"lesson.created": "lessons", "task.completed": "tasks", "feedback.given": "feedback",
+             "prompt.approved": "approved"}
     try:
         for subject, ev in events:
             ack = await js.publish(subject, ev.model_dump_json().encode(), headers={"Nats-Msg-Id": ev.event_id})
             out["duplicates" if ack.duplicate else "published"] += 1
-            out["lessons" if subject == "lesson.created" else "tasks"] += 1
+            out[kinds[subject]] += 1
     finally:
         await nc.close()
     return out

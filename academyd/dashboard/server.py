@@ -120,6 +120,7 @@ class WebServer:
         r.add_get("/api/datasets", self._datasets)
         r.add_get("/api/models", self._models)
         r.add_get("/api/dlq", self._dlq)
+        r.add_get("/api/watch", self._watch)
         r.add_get("/api/events", self._events)
         r.add_post("/api/train", self._train)
         r.add_post("/api/models/{version}/promote", self._promote)
@@ -265,6 +266,15 @@ class WebServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         return _json(data.models(self._store(), self.daemon_settings))
+
+    async def _watch(self, request: web.Request) -> web.Response:
+        """Per promotion: the champion's running rate and confidence sequence against its parent (#20)."""
+        from academyd.dashboard import watch
+
+        self._store()
+        limit = _limit(request, 10, 100)
+        return _json({"promotions": await asyncio.to_thread(watch.read, self.daemon_settings.db_path,
+                                                             self.daemon_settings, limit)})
 
     async def _dlq(self, request: web.Request) -> web.Response:
         store = self._store()

@@ -253,7 +253,7 @@ MIGRATIONS.append((
     ALTER TABLE tasks ADD COLUMN empty INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tasks ADD COLUMN leak INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tasks ADD COLUMN updated_at TEXT;
-    UPDATE tasks SET served_version = model_version, done_seq = seq;
+    UPDATE tasks SET served_version = model_version, done_seq = seq, updated_at = received_at;
     CREATE INDEX tasks_served ON tasks(served_version, done_seq);
     CREATE INDEX tasks_done ON tasks(done_seq);
     CREATE TABLE feedback(

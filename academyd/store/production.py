@@ -59,8 +59,9 @@ class Production(Connection):
         return out[::-1] if latest is not None else out
 
     def done_seq_at(self, when: str) -> int:
-        """The last task finished (first stored) before `when` (an ISO time): where a promotion's record starts."""
-        return int(self.scalar("SELECT COALESCE(MAX(done_seq), 0) FROM tasks WHERE received_at < ?", (when,)))
+        """The last task that had finished before `when` (an ISO time): where a promotion's record starts."""
+        return int(self.scalar("SELECT COALESCE(MAX(done_seq), 0) FROM tasks WHERE status_rank >= 2 AND updated_at < ?",
+                               (when,)))
 
     def feedback_count(self) -> int:
         return int(self.scalar("SELECT COUNT(*) FROM feedback"))

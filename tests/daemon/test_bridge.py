@@ -1,0 +1,85 @@
+"""The bridge's parts (#20): its systemd unit, and how it reads Venom's files (the cursor, half-written files,
+appended lines, restarts). The bridge end to end, on a real nats-server and daemon, is
+tests/pipeline/test_production.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from academyd.bridge import Bridge
+from fixtures.nats import REPO
+from schemas.models import Event
+
+
+def test_bridge_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: scripts/install-system-deps installs Debian's systemd"
+    unit = (REPO / "systemd" / "academyd-bridge.service").read_text()
+    for needed in ("bridge-venom ${VENOM_DIR}", "Restart=always", "StateDirectory=academyd-bridge",
+                   "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only"):
+        assert needed in unit
+    installed = tmp_path / "academyd-bridge.service"
+    installed.write_text(unit.replace("/opt/academyd/.venv/bin/academyd", str(Path(sys.executable).parent / "academyd")))
+    out = subprocess.run([analyze, "verify", str(installed)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "academyd-bridge.service" not in out.stderr, out.stderr
+
+
+class Recorder:
+    """Unit tests only: what the bridge would publish (the real bus is in tests/pipeline/test_production.py)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+
+    async def __call__(self, subject: str, event: Event) -> bool:
+        new = (subject, event.event_id) not in self.sent
+        self.sent.append((subject, event.event_id))
+        return new
+
+
+def venom_dir(tmp_path: Path) -> Path:
+    mem = tmp_path / "data" / "memory"
+    mem.mkdir(parents=True)
+    (tmp_path / "data" / "feedback").mkdir()
+    return mem
+
+
+def task(tid: str, status: str) -> dict[str, Any]:
+    return {"id": tid, "content": "c", "status": status, "result": None, "logs": [], "context_history": {},
+            "created_at": "2026-11-01T10:00:00Z"}
+
+
+async def test_each_status_once_half_written_files_waited_for_and_the_cursor_survives(tmp_path: Path) -> None:
+    mem = venom_dir(tmp_path)
+    state = mem / "state_dump.json"
+    fb = mem.parent / "feedback" / "feedback.jsonl"
+    rec = Recorder()
+    cursor = tmp_path / "cursor.json"
+    b = Bridge(mem, rec, cursor, max_per_s=1000)
+    state.write_text(json.dumps({"tasks": [task("a", "PENDING"), task("b", "COMPLETED")]}))
+    whole = json.dumps({"tasks": [task("a", "PROCESSING"), task("b", "COMPLETED")]})
+    state.write_text(whole[: len(whole) // 2])  # Venom caught in the middle of its write
+    await b.poll()
+    assert rec.sent == [] and b.stats.half_read == 1
+    state.write_text(whole)
+    line = json.dumps({"task_id": "a", "rating": "up", "timestamp": "2026-11-01T10:00:00"}) + "\n"
+    fb.write_text(line + line[:12])  # the second line is still being written
+    await b.poll()
+    assert [s for s, _ in rec.sent] == ["task.completed", "task.completed", "feedback.given"]
+    assert {e for _, e in rec.sent} >= {"venom-task-a-processing", "venom-task-b"}
+    await b.poll()
+    assert len(rec.sent) == 3  # nothing changed: nothing read, nothing sent
+    with open(fb, "a") as f:
+        f.write(line[12:])
+    state.write_text(json.dumps({"tasks": [task("a", "COMPLETED"), task("b", "COMPLETED")]}))
+    # A new bridge on the same cursor (a restart) sends only what is new: a's COMPLETED and the second line.
+    again = Bridge(mem, rec, cursor, max_per_s=1000)
+    await again.poll()
+    assert rec.sent[3:] == [("task.completed", "venom-task-a"), ("feedback.given", rec.sent[3 + 1][1])]
+    assert len({e for s, e in rec.sent if s == "feedback.given"}) == 1  # the same line content: the same id
+    assert b.stats.bad == again.stats.bad == 0
