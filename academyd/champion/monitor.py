@@ -134,6 +134,9 @@ class Monitor:
         parent, mine, theirs = promotion_records(self.store, self.settings, champ)
         a = await asyncio.to_thread(assess, version, parent, mine, theirs, self.settings.watch)
         self.latest = a
+        with self.store.transaction():
+            self.store.record_latest(version, promoted_at, parent, decided["state"] if decided else a.state,
+                                     a.reason, a.stats, now)
         if decided is not None and not (decided["state"] == "confirmed" and a.state == "rolled_back"
                                         and a.cause != "worse"):
             return f"{decided['state']}: {decided['reason']}"

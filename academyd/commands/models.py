@@ -137,6 +137,7 @@ def _show(args: argparse.Namespace) -> int:
         store.close()
     if v is None:
         return fail(f"no version {version} in the registry; see `academyd models list`", EXIT_USAGE)
+    v["production"] = _production(args, version)
     if args.json:
         print_json(v)
         return 0
@@ -156,8 +157,34 @@ def _show(args: argparse.Namespace) -> int:
             table.add_row("", reason)
     for h in v.get("history") or []:
         table.add_row("history", f"{h['at'][:19]} {h['action']}: {h['reason']}")
+    for p in v["production"]:
+        table.add_row("in production", _production_line(p))
     Console().print(table)
     return 0
+
+
+def _production(args: argparse.Namespace, version: str) -> list[dict[str, Any]]:
+    """The watch of each promotion of `version` (#20): its running rate and band against its parent."""
+    from academyd.dashboard import watch
+
+    settings = settings_from(args)
+    try:
+        return [{k: val for k, val in p.items() if k != "series"}
+                for p in watch.read(settings.db_path, settings, limit=1000) if p["version"] == version]
+    except FileNotFoundError:
+        return []
+
+
+def _production_line(p: dict[str, Any]) -> str:
+    def pct(x: Any) -> str:
+        return "-" if x is None else f"{100 * x:.1f} %"
+
+    state = f"watching ({p.get('tasks') or 0} tasks)" if p["state"] == "watching" else (
+        f"{p['state']} ({p['cause']}) at task {p['at_task']}, {str(p.get('decided_at') or '')[:19]}")
+    return (f"promoted {str(p.get('promoted_at') or '')[:19]}: {state}; success {pct(p.get('rate'))} over "
+            f"{p.get('tasks') or 0} tasks, band {pct(p.get('cs_lower'))}-{pct(p.get('cs_upper'))}; {p['parent']} "
+            f"{pct(p.get('parent_rate'))} over {p.get('parent_tasks') or 0} (rolled back below "
+            f"{pct(p.get('rollback_below'))}, confirmed above {pct(p.get('confirm_above'))})")
 
 
 def _reply(args: argparse.Namespace, reply: dict[str, Any], ok_text: str) -> int:

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from academyd import __version__
 from academyd.dashboard.data import models
 from academyd.dashboard.live import LiveFeed
+from academyd.dashboard.watch_metrics import watch_metrics
 from academyd.health import Health
 from academyd.seams import Counters, StatusSource
 from academyd.settings import Settings
@@ -91,6 +92,7 @@ class AcademyCollector:
         yield self._durations(store)
         yield self._verdicts(store)
         yield from self._champion()
+        yield from watch_metrics(store)  # the production watch (#20)
         yield from self._policy(store)
         yield from self._live()
 

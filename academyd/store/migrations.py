@@ -294,6 +294,24 @@ MIGRATIONS.append((
     """,
 ))
 
+
+MIGRATIONS.append((
+    # #20: the watch's latest assessment of each champion it looked at (while watching too), for /metrics
+    # and `academy.status` without recomputing the statistics at every scrape.
+    "0021_watch_latest",
+    """
+    CREATE TABLE watch_latest(
+        champion    TEXT PRIMARY KEY,
+        promoted_at TEXT NOT NULL,
+        parent      TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        stats       TEXT NOT NULL,
+        at          TEXT NOT NULL
+    );
+    """,
+))
+
 def migrate(store: Connection) -> list[str]:
     """Apply the migrations not yet applied; return their names."""
     conn = store.conn

@@ -100,6 +100,24 @@ class Production(Connection):
         )
         return cur.rowcount == 1
 
+    def record_latest(self, champion: str, promoted_at: str, parent: str, state: str, reason: str,
+                      stats: dict[str, Any], now: datetime) -> None:
+        """The watch's latest assessment of `champion` (replaces the one before; the series left out)."""
+        slim = {k: v for k, v in stats.items() if k != "series"}
+        self.conn.execute(
+            "INSERT OR REPLACE INTO watch_latest(champion, promoted_at, parent, state, reason, stats, at)"
+            " VALUES (?,?,?,?,?,?,?)", (champion, promoted_at, parent, state, reason, json.dumps(slim), iso(now)))
+
+    def latest_assessments(self) -> list[dict[str, Any]]:
+        return [_decision(r) for r in self.conn.execute("SELECT * FROM watch_latest ORDER BY at DESC")]
+
+    def decision_counts(self) -> dict[tuple[str, str], int]:
+        return {(r[0], r[1]): r[2] for r in self.conn.execute(
+            "SELECT state, cause, COUNT(*) FROM watch_decisions GROUP BY state, cause")}
+
+    def thumb_counts(self) -> dict[str, int]:
+        return {r[0]: r[1] for r in self.conn.execute("SELECT rating, COUNT(*) FROM feedback GROUP BY rating")}
+
     def decision(self, champion: str, promoted_at: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT * FROM watch_decisions WHERE champion=? AND promoted_at=?",
                                 (champion, promoted_at)).fetchone()

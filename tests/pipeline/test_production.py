@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fixtures.nats import daemon_cmd, daemon_env, wait_for
-from fixtures.web import TOKEN, artifact_path, register_version
+from fixtures.web import TOKEN, artifact_path, register_version, run_cli
 
 # What each version's answers are worth (successes per 10 tasks, spread evenly): v2 is a real regression.
 QUALITY = {"base": 8, "v1": 8, "v2": 4}
@@ -256,6 +256,24 @@ async def test_venom_files_through_the_bridge_attributed_confirmed_and_rolled_ba
         shot = artifact_path("academy-watch.png")
         await page.screenshot(path=str(shot), full_page=True)
         print(f"screenshot: {shot}")
+
+        # `academyd models show v2` prints it; /metrics has it.
+        shown = await run_cli("models", "show", "v2", "--data-dir", str(settings.data_dir), "--json")
+        assert shown.code == 0, shown.err
+        (prod,) = shown.json()["production"]
+        assert (prod["state"], prod["parent"], prod["cause"]) == ("rolled_back", "v1", "worse")
+        assert prod["cs_upper"] < prod["rollback_below"] < prod["parent_rate"]
+        text = await run_cli("models", "show", "v2", "--data-dir", str(settings.data_dir))
+        assert "rolled_back (worse) at task" in text.out, text.out
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(app.web.url + "/metrics") as r:
+                metrics = await r.text()
+        assert 'academy_watch_decisions_total{cause="worse",state="rolled_back"} 1.0' in metrics
+        assert 'academy_watch_state{parent="v1",state="rolled_back",version="v2"} 1.0' in metrics
+        assert f'academy_served_tasks_total{{version="v2"}} {float(by_version["v2"])}' in metrics
+        assert "academy_watch_confidence_lower{" in metrics and "academy_feedback_thumbs_total{rating=" in metrics
     finally:
         if bridge.poll() is None:
             bridge.send_signal(signal.SIGTERM)
