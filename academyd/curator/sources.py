@@ -79,6 +79,20 @@ def tasks(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
         )
 
 
+def approved(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
+    """Answers a user approved with a thumbs up (Venom's hidden_prompts.jsonl, `prompt.approved`, #20): the
+    prompt and the approved answer, as Venom's own learning loop uses them."""
+    for seq, event_id, task_id, prompt, answer, _intent, received_at in store.approved_pair_rows():
+        yield Example(
+            source="approved",
+            key=f"approved:{task_id or event_id}",
+            order=(received_at, "approved", seq),
+            instruction=TASK_INSTRUCTION,
+            turns=[("human", prompt.strip()), ("gpt", answer.strip())],
+            required={"prompt": prompt, "approved_response": answer},
+        )
+
+
 def commits(store: Store, cfg: CuratorSettings, repos: dict[str, Path]) -> Iterator[Item]:
     rows = store.commit_rows()
     by_repo: dict[str, list[tuple[int, str, str]]] = {}

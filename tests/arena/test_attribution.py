@@ -119,3 +119,18 @@ def test_a_guardrail_acts_before_any_statistics() -> None:
     a = assess("v2", "v1", [outcome(i) for i in range(5)], parent, WatchSettings())
     assert a.state == "watching" and "watching (5 tasks)" in a.reason
     assert a.stats["series"][-1]["task"] == 5 and a.stats["parent_rate"] == pytest.approx(0.8)
+
+
+def test_approved_answers_are_a_curation_source(ingest: tuple[Store, Ingestor]) -> None:
+    from academyd.curator import sources
+
+    store, ing = ingest
+    body = {"schema_version": 1, "event_id": "venom-approved-1", "task_id": "t1", "prompt": " Napisz haiku ",
+            "approved_response": "Cisza w konsoli", "timestamp": "2026-11-01T10:00:00", "intent": "chat",
+            "prompt_hash": "abc", "note": None}
+    data = json.dumps(body).encode()
+    r = ing.process([Inbound("prompt.approved", data, None), Inbound("prompt.approved", data, None)], NOW)
+    assert [o.duplicate for o in r.outcomes] == [False, True]
+    (ex,) = sources.approved(store, Settings(data_dir=store.path.parent).curator)
+    assert (ex.source, ex.key, ex.turns) == ("approved", "approved:t1", [("human", "Napisz haiku"),
+                                                                          ("gpt", "Cisza w konsoli")])
