@@ -4,6 +4,7 @@ tests/pipeline/test_production.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -83,3 +84,28 @@ async def test_each_status_once_half_written_files_waited_for_and_the_cursor_sur
     assert rec.sent[3:] == [("task.completed", "venom-task-a"), ("feedback.given", rec.sent[3 + 1][1])]
     assert len({e for s, e in rec.sent if s == "feedback.given"}) == 1  # the same line content: the same id
     assert b.stats.bad == again.stats.bad == 0
+
+
+async def test_the_bridge_publishes_as_the_agent_identity(make_settings, start_daemon, tmp_path: Path) -> None:
+    """On the daemon's own embedded server (credentials required), `bridge-venom --once` pointed at the
+    daemon's data directory publishes as `agent`: the new subjects are allowed to it and captured."""
+    from fixtures.nats import daemon_cmd, daemon_env, wait_for
+
+    d = await start_daemon(make_settings(nats={"url": None, "embedded_port": 0}))
+    mem = venom_dir(tmp_path / "venom")
+    (mem.parent / "learning").mkdir()
+    (mem / "state_dump.json").write_text(json.dumps({"tasks": [task("a", "COMPLETED")]}))
+    (mem.parent / "feedback" / "feedback.jsonl").write_text(
+        json.dumps({"task_id": "a", "rating": "down", "timestamp": "2026-11-01T10:00:00"}) + "\n")
+    (mem.parent / "learning" / "hidden_prompts.jsonl").write_text(
+        json.dumps({"task_id": "a", "prompt": "p", "approved_response": "r", "prompt_hash": "h"}) + "\n")
+    out = await asyncio.to_thread(
+        subprocess.run, daemon_cmd("bridge-venom", str(tmp_path / "venom"), "--once", "--nats-url", d.app.nats_url,
+                                   "--data-dir", str(d.app.settings.data_dir)),
+        env=daemon_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    store = d.app.store
+    await wait_for(lambda: store.feedback_count() == 1 and store.counts()["task.completed"] == 1
+                   and store.scalar("SELECT COUNT(*) FROM approved_pairs") == 1)
+    assert store.dlq_count() == 0
+    assert store.scalar("SELECT served_version FROM tasks") is None
