@@ -253,7 +253,7 @@ class ProcessHabitat:
         if not record or record.get("ref") != ref:
             return None
         handle = JobHandle(ref=ref, run_id=record.get("run_id", ""), output_dir=str(out))
-        if self._alive(record):
+        if await self._is_alive(record):
             self._watch(handle, record)
         return handle
 
@@ -269,6 +269,15 @@ class ProcessHabitat:
         stat = _proc_stat(int(record["pid"]))
         return stat is not None and stat[0] != "Z" and stat[2] == record.get("proc_start")
 
+    async def _is_alive(self, record: dict[str, Any]) -> bool:
+        """`_alive` from async code: here a /proc read; a habitat whose check is an engine call (Docker)
+        runs it off the event loop."""
+        return self._alive(record)
+
+    async def _concluded(self, handle: JobHandle) -> tuple[JobStatus, dict[str, Any]]:
+        """`_conclude` from async code (see `_is_alive`)."""
+        return self._conclude(handle)
+
     def _record(self, handle: JobHandle) -> dict[str, Any]:
         record = _read_json(Path(handle.output_dir) / JOB_FILE)
         if not record:
@@ -276,7 +285,7 @@ class ProcessHabitat:
         return record
 
     async def status(self, handle: JobHandle) -> JobStatus:
-        return self._conclude(handle)[0]
+        return (await self._concluded(handle))[0]
 
     def _final_event(self, handle: JobHandle, record: dict[str, Any]) -> dict[str, Any] | None:
         out = Path(handle.output_dir)
@@ -331,7 +340,7 @@ class ProcessHabitat:
         offset = int(record.get("events_offset", 0))
         while True:
             # Check liveness before reading, so the last read after death sees every line written.
-            running = self._alive(record)
+            running = await self._is_alive(record)
             events, offset = self._events_since(handle, offset)
             for event in events:
                 yield event
@@ -344,7 +353,7 @@ class ProcessHabitat:
                                                   event.get("exit_code"))
                     return
             if not running:
-                status, info = self._conclude(handle)
+                status, info = await self._concluded(handle)
                 if info.get("final") is not None:
                     yield info["final"]  # the trainer's last word reached only stdout (a bad spec)
                     return
@@ -367,15 +376,15 @@ class ProcessHabitat:
 
     async def _wait_exit(self, record: dict[str, Any], timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while self._alive(record) and time.monotonic() < deadline:
+        while await self._is_alive(record) and time.monotonic() < deadline:
             await asyncio.sleep(self.poll_s / 2)
 
     async def result(self, handle: JobHandle) -> JobResult:
         record = self._record(handle)
-        while self._alive(record):
+        while await self._is_alive(record):
             await asyncio.sleep(self.poll_s)
         await self._wait_exit_file(handle)
-        status, info = self._conclude(handle)
+        status, info = await self._concluded(handle)
         summary = None
         adapter = None
         if status is JobStatus.SUCCEEDED:
@@ -413,7 +422,7 @@ class ProcessHabitat:
 
     async def cancel(self, handle: JobHandle, *, grace_s: float = 10.0) -> None:
         record = self._record(handle)
-        if not self._alive(record):
+        if not await self._is_alive(record):
             return
         _write_json(Path(handle.output_dir) / CANCEL_FILE, {"time": self._clock()})
         await self._stop(record, grace_s)
@@ -423,11 +432,11 @@ class ProcessHabitat:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while self._alive(record) and time.monotonic() < deadline:
+        while await self._is_alive(record) and time.monotonic() < deadline:
             await asyncio.sleep(self.poll_s / 2)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        while self._alive(record):
+        while await self._is_alive(record):
             await asyncio.sleep(self.poll_s / 4)
 
     def _watch(self, handle: JobHandle, record: dict[str, Any]) -> None:
@@ -442,7 +451,7 @@ class ProcessHabitat:
         out = Path(handle.output_dir)
         time_limit = record.get("time_limit_s")
         mem_limit = record.get("memory_limit_mb")
-        while self._alive(record):
+        while await self._is_alive(record):
             elapsed = self._clock() - float(record["started_at"])
             if time_limit and elapsed > float(time_limit):
                 _write_json(out / LIMIT_FILE, {"code": "time_limit", "reason": (

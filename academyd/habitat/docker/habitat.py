@@ -58,8 +58,10 @@ class DockerHabitat(ProcessHabitat):
     """Runs the trainer in a container. Same interface as ProcessHabitat; the layout of the job's
     directory is `academyd.habitat.jobdir`'s (a daemon-owned control directory, a writable output mount).
 
-    Engine calls that may take a while (create, start, stop, remove) run in a worker thread; the quick
-    state reads behind `status` and the progress stream are a single inspect over the engine's socket.
+    Every engine call runs in a worker thread, never on the event loop: the state reads behind `status`,
+    the progress stream and the watchdog too (each polls ~4 times a second, and a slow or hung engine
+    would otherwise freeze ingest, acks and the systemd watchdog for up to the client's timeout). Reads of
+    one job's state that overlap share one engine call (`_is_alive`).
     """
 
     name = "docker"
@@ -69,6 +71,7 @@ class DockerHabitat(ProcessHabitat):
         super().__init__(poll_s=poll_s, clock=clock)
         self.client = client
         self.options = options
+        self._state_reads: dict[str, asyncio.Future[bool]] = {}  # ref -> the engine call in flight
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerHabitat:
@@ -258,7 +261,7 @@ class DockerHabitat(ProcessHabitat):
         if found and all(c.labels.get(LABEL_RUN_ID) != record.get("run_id") for c in found):
             return None  # job.json is stale: another job owns this directory now
         handle = JobHandle(ref=ref, run_id=str(record.get("run_id", "")), output_dir=str(jd.root))
-        if self._alive(record):
+        if await self._is_alive(record):
             self._watch(handle, record)
         return handle
 
@@ -285,6 +288,20 @@ class DockerHabitat(ProcessHabitat):
             raise HabitatError(f"the Docker engine does not answer about {record.get('container_name')}: "
                                f"{exc}; start dockerd (the job's files stay in its directory)") from None
         return found[0] if found else None
+
+    async def _is_alive(self, record: dict[str, Any]) -> bool:
+        ref = record["ref"]
+        read = self._state_reads.get(ref)
+        if read is None:
+            read = asyncio.ensure_future(asyncio.to_thread(self._alive, record))
+            self._state_reads[ref] = read
+            read.add_done_callback(lambda _: self._state_reads.pop(ref, None))
+        return await asyncio.shield(read)
+
+    async def _concluded(self, handle: JobHandle) -> tuple[JobStatus, dict[str, Any]]:
+        if await self._is_alive(self._record(handle)):  # the shared read: most calls end here
+            return JobStatus.RUNNING, {}
+        return await asyncio.to_thread(self._conclude, handle)
 
     def _alive(self, record: dict[str, Any]) -> bool:
         jd = JobDir(Path(record["ref"][len(REF_PREFIX) :]))
@@ -315,10 +332,18 @@ class DockerHabitat(ProcessHabitat):
         if not (jd / LIMIT_FILE).exists():
             _write_json(jd / LIMIT_FILE, {"code": exc.code, "reason": str(exc)})
             log.warning("docker_job_refused", run_id=handle.run_id, reason=str(exc))
-        container = self._container(self._record(handle))
-        if container is not None and container.status in LIVE_STATES:
-            with contextlib.suppress(DockerException):
-                container.kill()
+        record = self._record(handle)
+
+        def kill() -> None:
+            with contextlib.suppress(DockerException, HabitatError):
+                container = self._container(record)
+                if container is not None and container.status in LIVE_STATES:
+                    container.kill()
+
+        try:  # called from the progress stream (the loop) or from `_conclude` (a worker thread)
+            asyncio.get_running_loop().run_in_executor(None, kill)
+        except RuntimeError:
+            kill()
 
     async def _collect(self, handle: JobHandle) -> tuple[dict[str, Any] | None, str]:
         jd = JobDir(Path(handle.output_dir))
@@ -339,19 +364,19 @@ class DockerHabitat(ProcessHabitat):
     # ------------------------------------------------------------ control
 
     async def _stop(self, record: dict[str, Any], grace_s: float) -> None:
-        container = self._container(record)
+        container = await asyncio.to_thread(self._container, record)
         if container is not None:
             try:
                 # docker stop: SIGTERM (the init passes it to the trainer), SIGKILL after the timeout.
                 await asyncio.to_thread(container.stop, timeout=int(math.ceil(grace_s)))
             except NotFound:
                 pass
-        while self._alive(record):
+        while await self._is_alive(record):
             await asyncio.sleep(self.poll_s / 4)
 
     async def result(self, handle: JobHandle) -> JobResult:
         result = await super().result(handle)
-        container = self._container(self._record(handle))
+        container = await asyncio.to_thread(self._container, self._record(handle))
         if container is not None:  # the end is in the control directory now; the container can go
             await asyncio.to_thread(container.remove, force=True)
         return result
