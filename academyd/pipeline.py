@@ -411,6 +411,12 @@ class Pipeline:
         model = registry.get(version)
         if model is None:
             raise RunFailed(f"version {version} is missing from the registry")
+        if model.get("promoted_at"):
+            # A daemon that died between this run's promotion and its end: the promotion stands. Measuring
+            # again would judge the champion against itself and overwrite the verdict it was promoted on.
+            log.info("evaluation_already_promoted", run_id=run["run_id"], version=version,
+                     promoted_at=model["promoted_at"])
+            return
         ds = self.store.get_dataset(run["dataset_id"])
         if ds is None:
             raise RunFailed(f"dataset {run['dataset_id']} is not in the store")
