@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -237,6 +238,41 @@ class BatchResult:
     rejected: int
 
 
+_SHA = re.compile(r"[0-9a-fA-F]{4,64}")
+
+
+def known_commits(batch: list[Inbound], repos: dict[str, Any]) -> frozenset[tuple[str, str]]:
+    """(repo, sha) of the batch's commit.pushed events whose sha names a commit in the repository's clone:
+    one batched `git cat-file` per repository (blocking: run it in a thread). A message that does not
+    decode is skipped here; its handler never runs."""
+    from academyd.curator.git import existing_commits, open_repo
+
+    wanted: dict[str, set[str]] = {}
+    for item in batch:
+        if item.subject != "commit.pushed":
+            continue
+        try:
+            body = json.loads(item.data)
+            repo, sha = body["repo"], body["sha"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(repo, str) and isinstance(sha, str) and repo in repos and _SHA.fullmatch(sha):
+            wanted.setdefault(repo, set()).add(sha)
+    found: set[tuple[str, str]] = set()
+    for name, shas in wanted.items():
+        try:
+            clone = open_repo(repos[name])
+        except Exception:
+            continue  # not a repository (now): every sha of it is "not there yet", as the handler says
+        try:
+            found.update((name, sha) for sha in existing_commits(clone, sorted(shas)))
+        except Exception as exc:
+            log.warning("commit_lookup_failed", repo=name, error=_exc_text(exc))
+        finally:
+            clone.close()
+    return frozenset(found)
+
+
 class _Isolate(Exception):
     """The fast path met an exception it cannot attribute without savepoints: redo the batch slowly."""
 
@@ -266,8 +302,13 @@ class Ingestor:
 
     async def process_async(self, batch: list[Inbound], now: datetime) -> BatchResult:
         """As `process`, with the COMMIT (the fsync) on a worker thread: the loop meanwhile receives the
-        next batch. Only for a store of its own (no one else may use its connection until this returns)."""
-        result = self._stage(batch, now)
+        next batch. Only for a store of its own (no one else may use its connection until this returns).
+        The batch's commit.pushed shas are looked up in their clones first, in a thread and before the
+        transaction opens: one `git cat-file --batch-check` per repository, not a git process per event
+        inside the transaction."""
+        known = await asyncio.to_thread(known_commits, batch, self.settings.repos) if any(
+            item.subject == "commit.pushed" for item in batch) else None
+        result = self._stage(batch, now, known)
         await asyncio.to_thread(self._commit)
         return result
 
@@ -277,10 +318,11 @@ class Ingestor:
         except Exception as exc:
             raise (store_fault(exc) or StoreFault("commit failed", _exc_text(exc))) from exc
 
-    def _stage(self, batch: list[Inbound], now: datetime) -> BatchResult:
+    def _stage(self, batch: list[Inbound], now: datetime,
+               known: frozenset[tuple[str, str]] | None = None) -> BatchResult:
         """The batch written in an open transaction (the caller commits)."""
         try:
-            return self._run(batch, now, isolated=False)
+            return self._run(batch, now, isolated=False, known=known)
         except _Isolate:
             pass
         except StoreFault:
@@ -292,15 +334,16 @@ class Ingestor:
             log.warning("batch_isolated", size=len(batch), error=_exc_text(exc))
         self.isolated_batches += 1
         try:
-            return self._run(batch, now, isolated=True)
+            return self._run(batch, now, isolated=True, known=known)
         except StoreFault:
             raise
         except Exception as exc:
             fault = store_fault(exc)
             raise (fault or StoreFault("store error", _exc_text(exc))) from exc
 
-    def _run(self, batch: list[Inbound], now: datetime, *, isolated: bool) -> BatchResult:
-        ctx = HandlerContext(store=self.store, settings=self.settings, now=now)
+    def _run(self, batch: list[Inbound], now: datetime, *, isolated: bool,
+             known: frozenset[tuple[str, str]] | None = None) -> BatchResult:
+        ctx = HandlerContext(store=self.store, settings=self.settings, now=now, known_commits=known)
         outcomes: list[Outcome] = []
         stored: dict[str, int] = {}
         duplicates = rejected = 0

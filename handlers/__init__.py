@@ -50,6 +50,9 @@ class HandlerContext:
     store: Store
     settings: Settings
     now: datetime
+    # (repo name, sha) of the batch's commit.pushed events found in their clones, looked up before the
+    # transaction and off the event loop (academyd.ingest); None: the handler asks git itself.
+    known_commits: frozenset[tuple[str, str]] | None = None
 
 
 Handler = Callable[[Any, HandlerContext], Outcome]

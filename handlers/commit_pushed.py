@@ -14,7 +14,9 @@ def handle(event: CommitPushed, ctx: HandlerContext) -> Outcome:
     if path is None:
         allowed = ", ".join(sorted(ctx.settings.repos)) or "none configured"
         return Reject("repo_not_allowed", f"repo {event.repo!r} is not in the allowlist ({allowed})")
-    if not commit_available(path, event.sha):
+    found = ((event.repo, event.sha) in ctx.known_commits if ctx.known_commits is not None
+             else commit_available(path, event.sha))
+    if not found:
         # The push may not have reached the local clone yet; the bus dead-letters after the last try.
         return Retry(SHA_RETRY_S, f"commit {event.sha} not found in {event.repo}")
     stored = ctx.store.insert_commit(event, ctx.now)
