@@ -99,8 +99,10 @@ class Monitor:
             raise
         except Exception:
             log.exception("watch_failed")
-        if self._poked:  # poked while it checked (max_instances=1 skipped that tick): look again soon
-            self.poke()
+            raise  # to the scheduler: the daemon reports the job unhealthy until a check succeeds (#22)
+        finally:
+            if self._poked:  # poked while it checked (max_instances=1 skipped that tick): look again soon
+                self.poke()
 
     # ------------------------------------------------------------ deciding
 

@@ -102,3 +102,29 @@ async def test_supervise_restarts_with_backoff_and_reports_until_it_holds() -> N
     stop.set()
     await asyncio.wait_for(task, 5)
     assert len(starts) == 4
+
+
+async def test_a_scheduler_job_that_raises_is_reported_until_it_runs_well() -> None:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    from academyd.supervise import watch_jobs
+
+    health = Health()
+    runs: list[int] = []
+
+    async def tick() -> None:  # as the policy tick or the champion watch meeting a locked store once
+        runs.append(1)
+        if len(runs) == 1:
+            raise sqlite3.OperationalError("database is locked")
+
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler.add_job(tick, "interval", seconds=0.3, id="policy", next_run_time=datetime.now(UTC))
+    watch_jobs(scheduler, health, lambda: datetime.now(UTC))
+    scheduler.start()
+    try:
+        await wait_for(lambda: "scheduler:policy" in health.problems(), timeout=5)
+        assert "database is locked" in health.problems()["scheduler:policy"].reason
+        await wait_for(lambda: health.ok, timeout=5)
+        assert len(runs) >= 2
+    finally:
+        scheduler.shutdown(wait=False)
