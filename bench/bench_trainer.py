@@ -18,6 +18,18 @@ so and stops instead of printing CPU numbers as GPU ones.
 
 The tiny model's CPU runs use one torch thread: on a shared 2-core machine two threads fighting other work
 for a core run ~10x slower and the comparison becomes noise.
+
+    .venv/bin/python bench/bench_trainer.py --busy [--tiny] [--repeat 2]
+
+The machine shared (issue 21): the same job (backend=auto, threads chosen by the trainer from the CPUs
+free, academyd.trainer.cpu) with every core idle and with one core held busy by a spinning process, runs
+alternating (idle, busy, idle, busy ...); prints training time busy / idle (target <= 2.5x) and the
+threads the trainer chose.
+
+    .venv/bin/python bench/bench_trainer.py --save-calibration
+
+also writes the tokens/s of both backends, keyed by this machine, where the trainer's `backend=auto` reads
+them on the CPU (academyd.trainer.backend.calibration_path): auto then trains with the faster one here.
 """
 
 from __future__ import annotations
@@ -94,6 +106,67 @@ def run_backend(work: Path, tag: str, spec: dict[str, Any]) -> dict[str, Any]:
         "final_loss", "base_heldout_loss", "adapter_heldout_loss", "steps")}}
 
 
+HOG = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def run_busy(work: Path, tag: str, spec: dict[str, Any], busy: bool) -> dict[str, Any]:
+    """One run of `spec`; with `busy`, a process spins one core for as long as the run lasts."""
+    hog = subprocess.Popen([sys.executable, "-c", HOG.format(seconds=3600)]) if busy else None
+    try:
+        if hog is not None:
+            import time
+
+            time.sleep(1.0)  # at full speed before the trainer measures the CPUs
+        out = work / tag
+        r = run_backend(work, tag, spec)
+        start = next(json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()
+                     if json.loads(line)["type"] == "start")
+        return {**r, "cpu": start["cpu"]}
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+
+
+def busy_mode(work: Path, spec: dict[str, Any], repeat: int, model: dict[str, Any], out_json: Path | None) -> None:
+    spec = {**spec, "cpu_threads": None, "backend": "auto"}
+    runs: dict[str, list[dict[str, Any]]] = {"idle": [], "busy": []}
+    for i in range(repeat):
+        for arm in ("idle", "busy"):
+            r = run_busy(work, f"{arm}-{i}", spec, arm == "busy")
+            runs[arm].append(r)
+            print(f"  run {i + 1}/{repeat} {arm:5s} {r['train_duration_s']:7.1f} s  {r['tokens_per_s']:7.0f} tok/s  "
+                  f"threads {r['cpu']['threads']} (busy {r['cpu']['busy']:.2f}, wait {r['cpu']['omp_wait_policy']}, "
+                  f"nice {r['cpu']['nice']})  backend {r['backend']}", file=sys.stderr)
+    med = {arm: statistics.median(r["train_duration_s"] for r in rs) for arm, rs in runs.items()}
+    ratio = med["busy"] / med["idle"]
+    print(f"trainer on a shared machine: {model['name']}, {spec['max_steps']} steps x batch "
+          f"{spec['hyperparameters']['batch_size']}, backend auto ({runs['idle'][0]['backend']}), median of {repeat}")
+    for arm in ("idle", "busy"):
+        threads = sorted({r["cpu"]["threads"] for r in runs[arm]})
+        print(f"{arm:5s} one core {'held busy' if arm == 'busy' else 'free     '}: training {med[arm]:7.1f} s, "
+              f"threads {threads}")
+    print(f"ratio busy/idle: x{ratio:.2f} (target <= 2.5)")
+    if out_json:
+        out_json.write_text(json.dumps({"model": model["name"], "runs": runs, "median_train_s": med,
+                                        "ratio_busy_idle": ratio}, indent=2))
+
+
+def save_calibration(result: dict[str, Any]) -> Path:
+    """The two backends' tokens/s, keyed by this machine, where backend=auto reads them on the CPU."""
+    probe = subprocess.run([str(trainer_python()), "-c", "from academyd.trainer.backend import calibration_path, "
+                            "machine_key; print(calibration_path()); print(machine_key())"],
+                           env=env(), capture_output=True, text=True, check=True)
+    path_s, machine = probe.stdout.strip().splitlines()
+    path = Path(path_s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "machine": machine, "measured_by": "bench/bench_trainer.py", "model": result["model"],
+        "tokens_per_s": {b: result["backends"][b]["tokens_per_s"] for b in ("unsloth", "peft")},
+    }, indent=2))
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="~1B-param model on CUDA (needs a GPU trainer env)")
@@ -102,6 +175,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 16 real, 60 tiny, 30 GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2 real, 1 tiny)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--busy", action="store_true", help="one core held busy vs idle, same job, backend auto")
+    p.add_argument("--save-calibration", action="store_true",
+                   help="write the backends' tokens/s for backend=auto on this machine's CPU")
     a = p.parse_args()
     real = not a.gpu and not a.tiny
     repeat = a.repeat or (2 if real else 3)
@@ -135,6 +211,9 @@ def main() -> None:
                                   capture_output=True, text=True, check=False)
             if warm.returncode != 0:
                 sys.exit(f"the base model could not be prepared:\n{warm.stdout}{warm.stderr[-3000:]}")
+        if a.busy:
+            busy_mode(work, spec, repeat, model, a.json)
+            return
         runs: dict[str, list[dict[str, Any]]] = {"unsloth": [], "peft": []}
         for i in range(repeat):
             for backend in ("unsloth", "peft"):
@@ -170,6 +249,10 @@ def main() -> None:
     print(f"ratio unsloth/peft: tokens/s x{ratio:.2f}, peak RSS x{mem_ratio:.2f}")
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))
+    if a.save_calibration:
+        if device.startswith("cuda"):
+            sys.exit("--save-calibration is for the CPU (on CUDA auto tries Unsloth first)")
+        print(f"calibration written: {save_calibration(result)}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ hyperparameters, seed, output_dir, backend (auto|unsloth|peft), max_steps.
 
 Stdout carries only the protocol: one JSON object per line, each with "type" and "time" (unix seconds);
 library output goes to stderr. Every line is also appended to <output_dir>/events.jsonl.
-    start       backend, backend_note, versions, device, memory_bytes, spec_hash, total_steps,
+    start       backend, backend_note, versions, device, memory_bytes, cpu (CPUs allowed, cgroup quota,
+                busy, threads, wait policy, nice: academyd.trainer.cpu), spec_hash, total_steps,
                 resumed_from (step or null), examples, heldout_examples, hyperparameters, plan_notes
-    progress    step, total_steps, epoch, loss, learning_rate, grad_norm, tokens_per_s; eval_loss when computed
+    progress    step, total_steps, epoch, loss, learning_rate, grad_norm, tokens_per_s; eval_loss when computed;
+                general_kl (and kl_budget) every hyperparameters.kl_steps steps
     checkpoint  step, path
     done        summary (the content of summary.json); already_done: true when the spec had finished before
     error       code (bad_input|loss_nan|loss_exploding|out_of_memory|cancelled|unexpected), reason, exit_code
@@ -24,8 +26,9 @@ Exit codes (constants in academyd.trainer.spec):
 Output layout in output_dir:
     adapter/            adapter_model.safetensors, adapter_config.json (base_model_name_or_path = the
                         spec's base_model), tokenizer files and chat template; renamed into place whole
-    summary.json        backend, versions, spec and spec_hash, steps, losses (final, base and adapter
-                        held-out), tokens/s, peak memory, durations, probe logits
+    summary.json        backend, versions, cpu, spec and spec_hash, steps, losses (final, base and adapter
+                        held-out), general_kl (mean KL(adapter || base) per response token on the arena's
+                        general set), kl_log, kl_stopped, tokens/s, peak memory, durations, probe logits
     loss.jsonl          one line per logged step: step, epoch, loss, learning_rate, grad_norm
     heldout_eval.json   per-example held-out loss of the base model and of the adapter
     events.jsonl        the protocol lines

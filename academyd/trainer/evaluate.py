@@ -99,6 +99,33 @@ def heldout_loss(model: Any, encoded: list[dict[str, Any]], pad_id: int, *, batc
     }
 
 
+def general_kl(model: Any, encoded: list[dict[str, Any]], pad_id: int, *, batch_size: int = 8) -> float:
+    """Mean KL(candidate || base) per response token, in nats: how far the adapter moved the model's
+    next-token distribution from the base's (adapter switched off) on these examples. Forgetting tracks
+    this distance (RL's Razor, arXiv 2509.04259), so it is what a forgetting budget is spent in."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], pad_id)
+            ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            mask = batch["labels"][:, 1:].to(device) != IGNORE_INDEX
+            c_logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1, :].float(), dim=-1)
+            with model.disable_adapter():
+                b_logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1, :].float(), dim=-1)
+            kl = (c_logp.exp() * (c_logp - b_logp)).sum(-1)
+            total += float((kl * mask).sum())
+            tokens += int(mask.sum())
+    if was_training:
+        model.train()
+    return total / tokens if tokens else float("nan")
+
+
 def probe(model: Any, ids: list[int], *, top_k: int = PROBE_TOP_K) -> dict[str, Any]:
     """Top-k logits of the next token after `ids`."""
     import torch

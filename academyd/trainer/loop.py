@@ -73,7 +73,7 @@ def distill_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_
 
 
 def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, device, ckpt_dir, h, events,
-                  steps, collate):  # type: ignore[no-untyped-def]
+                  steps, collate, enc_general=None):  # type: ignore[no-untyped-def]
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -113,6 +113,10 @@ def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, dev
     # TrainerCallback is mixed in here, not at import time: transformers may only load after unsloth.
     callback_cls = type("ProtocolCallback", (ProtocolCallback, TrainerCallback), {})
     callback = callback_cls(events, Path(spec.output_dir) / S.LOSS_FILE, counter, h, steps)
+    callbacks = [callback]
+    if enc_general and hp.kl_steps > 0:
+        watch_cls = type("KLWatch", (KLWatch, TrainerCallback), {})
+        callbacks.append(watch_cls(events, model, enc_general, pad_id, hp.batch_size, hp.kl_budget, hp.kl_steps))
     trainer_cls = Trainer
     if hp.replay_loss == "kl":
         def compute_loss(self: Any, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -129,7 +133,7 @@ def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, dev
         train_dataset=enc_train,
         eval_dataset=enc_heldout if use_eval else None,
         data_collator=counter,
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     return trainer, counter
 
@@ -195,3 +199,51 @@ class ProtocolCallback:
             atomic_write_json(path / CHECKPOINT_MARKER, {"spec_hash": self.spec_hash, "step": state.global_step},
                               sort_keys=True, allow_nan=False)
             self.events.emit(S.EVENT_CHECKPOINT, step=state.global_step, path=str(path))
+
+
+class KLWatch:
+    """Forgetting as a budget: every `every` steps the mean KL(candidate || base) on the general set
+    (evaluate.general_kl). Within the budget the adapter's trainable weights are kept (in memory: a LoRA is
+    small); past it the kept ones are put back and training stops, so the adapter written is the last one
+    measured inside the budget (the one training began with, if none was)."""
+
+    def __init__(self, events: EventWriter, model: Any, encoded: list[dict[str, Any]], pad_id: int,
+                 batch_size: int, budget: float, every: int) -> None:
+        self.events, self.model, self.encoded, self.pad_id = events, model, encoded, pad_id
+        self.batch_size, self.budget, self.every = batch_size, budget, every
+        self.log: list[dict[str, float]] = []
+        self.stopped: dict[str, Any] | None = None
+        self._kept: tuple[int, dict[str, Any]] | None = None
+
+    def _keep(self, step: int) -> None:
+        self._kept = (step, {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.budget:
+            self._keep(state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step % self.every:
+            return
+        from academyd.trainer.evaluate import general_kl
+
+        kl = general_kl(self.model, self.encoded, self.pad_id, batch_size=self.batch_size)
+        self.log.append({"step": state.global_step, "general_kl": kl})
+        self.events.emit(S.EVENT_PROGRESS, step=state.global_step, total_steps=state.max_steps, general_kl=kl,
+                         **({"kl_budget": self.budget} if self.budget else {}))
+        if not self.budget:
+            return
+        if kl <= self.budget:
+            self._keep(state.global_step)
+            return
+        assert self._kept is not None  # kept at on_train_begin
+        kept_step, weights = self._kept
+        params = dict(self.model.named_parameters())
+        import torch
+
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        self.stopped = {"step": state.global_step, "general_kl": kl, "kl_budget": self.budget,
+                        "kept_step": kept_step}
+        control.should_training_stop = True

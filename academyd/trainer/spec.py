@@ -121,6 +121,12 @@ class Hyperparameters:
     replay_loss: str = "kl"
     adjust: bool = True  # let plan_hyperparameters fit batch/epochs to data and memory
     adapter: str = "lora"  # one of ADAPTERS
+    # Forgetting as a budget: the mean KL(candidate || base) per response token on the general set (the
+    # arena's, academyd/arena/data/general.jsonl), measured every kl_steps optimiser steps (0: only after
+    # training) and reported as general_kl. With kl_budget > 0 a run whose KL passes the budget stops there
+    # with the adapter of its last measurement inside the budget. 0: no budget.
+    kl_budget: float = 0.0
+    kl_steps: int = 0
     # rsLoRA scales by alpha/sqrt(r) instead of alpha/r. Runtimes read a plain LoRA's alpha/r, so the saved
     # adapter carries lora_alpha rewritten to alpha*sqrt(r) and use_rslora false (checkpoint.save_adapter).
     use_rslora: bool = False
@@ -271,6 +277,9 @@ def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
         (0.0 <= hp.replay_general <= 4.0, "replay_general must be in [0, 4]"),
         (hp.replay_loss in ("kl", "ce"), "replay_loss must be 'kl' or 'ce'"),
         (hp.adapter in ADAPTERS, f"adapter must be one of {ADAPTERS}"),
+        (hp.kl_budget >= 0, "kl_budget must be >= 0 (0: no budget)"),
+        (hp.kl_steps >= 0, "kl_steps must be >= 0"),
+        (hp.kl_budget == 0 or hp.kl_steps >= 1, "kl_budget needs kl_steps >= 1 (how often the KL is measured)"),
     ]
     problems += [f"hyperparameters.{msg}" for ok, msg in checks if not ok]
     problems += [f"hyperparameters cannot be served: {why}" for why in unservable(raw)]
@@ -320,7 +329,7 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-_ADDED_LATER = {"adapter": "lora", "use_rslora": False}
+_ADDED_LATER = {"adapter": "lora", "use_rslora": False, "kl_budget": 0.0, "kl_steps": 0}
 
 
 def spec_hash(spec: TrainSpec) -> str:

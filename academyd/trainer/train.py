@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from academyd.files import atomic_write_json, sha256_file
+from academyd.trainer import cpu
 from academyd.trainer import spec as S
 from academyd.trainer.backend import detect_device, load_backend, versions
 from academyd.trainer.checkpoint import find_checkpoint, previous_result, save_adapter, trim_loss_log
@@ -35,7 +36,8 @@ from academyd.trainer.inputs import check_inputs
 from academyd.trainer.loop import ProtocolCallback, make_trainer
 
 
-def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, Any]], events: EventWriter) -> dict[str, Any]:
+def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, Any]], events: EventWriter,
+        cpu_plan: cpu.CpuPlan | None = None) -> dict[str, Any]:
     t_start = time.monotonic()
     out_dir = Path(spec.output_dir)
     h = S.spec_hash(spec)
@@ -43,11 +45,16 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     resume_path, resume_step = find_checkpoint(ckpt_dir, h)
     for stale in out_dir.glob(".adapter.*"):  # an earlier attempt stopped while saving
         shutil.rmtree(stale, ignore_errors=True)
-    if spec.cpu_threads:
-        os.environ["OMP_NUM_THREADS"] = str(spec.cpu_threads)
-        import torch
+    if cpu_plan is None:  # called directly (run_main measures before torch is imported)
+        cpu_plan = cpu.measure(spec.cpu_threads)
+        cpu.apply_env(cpu_plan)
+    import torch
 
-        torch.set_num_threads(spec.cpu_threads)
+    torch.set_num_threads(cpu_plan.threads)
+    cpu_log = {**cpu_plan.to_dict(), "torch_threads": torch.get_num_threads(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+    print(f"trainer cpu: {cpu_plan.reason}; torch threads {cpu_log['torch_threads']}, wait policy "
+          f"{cpu_log['omp_wait_policy']}, nice {cpu_log['nice']}", file=sys.stderr, flush=True)
 
     device, device_desc, memory = detect_device()
     plan = S.plan_hyperparameters(spec.hyperparameters, n_examples=len(train), memory_bytes=memory, device=device)
@@ -90,6 +97,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
             # Replay rows learn the base's whole next-token distribution (see loop.distill_loss), not its greedy text.
             enc_train = [{**e, "distill": int(e["index"] >= n_dataset)} for e in enc_train]
         enc_heldout, heldout_skipped = encode_all(heldout, fmt, tokenizer, hp.max_length)
+        enc_general = _general_set(spec, tokenizer, hp.max_length)
     except DataError as exc:
         raise BadInput(str(exc)) from None
     if not enc_train:
@@ -105,6 +113,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         versions=versions(),
         device=device_desc,
         memory_bytes=memory,
+        cpu=cpu_log,
         spec_hash=h,
         total_steps=steps,
         resumed_from=resume_step if resume_path else None,
@@ -121,7 +130,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     base_eval = heldout_loss(model, enc_heldout, pad_id, batch_size=hp.batch_size) if enc_heldout else None
 
     trainer, counter = make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, device,
-                                     ckpt_dir, h, events, steps, collate)
+                                     ckpt_dir, h, events, steps, collate, enc_general)
     loss_log = out_dir / S.LOSS_FILE
     if resume_path:
         trim_loss_log(loss_log, resume_step)
@@ -132,6 +141,11 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     train_s = time.monotonic() - t_train
 
     adapter_eval = heldout_loss(model, enc_heldout, pad_id, batch_size=hp.batch_size) if enc_heldout else None
+    from academyd.trainer.evaluate import general_kl
+    from academyd.trainer.loop import KLWatch
+
+    kl = general_kl(model, enc_general, pad_id, batch_size=hp.batch_size) if enc_general else None
+    watch = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, KLWatch)), None)
     probe_ex = heldout[enc_heldout[0]["index"]] if enc_heldout else train[enc_train[0]["index"]]
     fingerprint = probe(model, prompt_ids(probe_ex, fmt, tokenizer))
     adapter = save_adapter(model, tokenizer, out_dir, spec.base_model, base_identity)
@@ -147,6 +161,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         "backend_note": backend_note,
         "versions": versions(),
         "device": device_desc,
+        "cpu": cpu_log,
         "hyperparameters": asdict(hp),
         "plan_notes": list(plan.notes),
         "examples": len(enc_train),
@@ -170,6 +185,11 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         "base_heldout_perplexity": base_eval["perplexity"] if base_eval else None,
         "adapter_heldout_perplexity": adapter_eval["perplexity"] if adapter_eval else None,
         "heldout_tokens": adapter_eval["tokens"] if adapter_eval else 0,
+        # Mean KL(adapter || base) per response token on the arena's general set, nats (None: no set).
+        "general_kl": kl,
+        "kl_budget": hp.kl_budget or None,
+        "kl_log": watch.log if watch else [],
+        "kl_stopped": watch.stopped if watch else None,
         "train_tokens": counter.tokens,
         "tokens_per_s": counter.tokens / train_s if train_s > 0 else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -188,6 +208,19 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     # The adapter and summary are durable: the optimizer states in the checkpoints are no longer needed.
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
+
+
+def _general_set(spec: S.TrainSpec, tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """The arena's general set (academyd/arena/data/general.jsonl), encoded as the dataset is rendered: what
+    the KL to the base is measured on. [] when the package has none."""
+    from academyd.trainer.data import read_examples, rendered
+    from academyd.trainer.evaluate import encode_all
+
+    path = Path(__file__).resolve().parent.parent / "arena" / "data" / "general.jsonl"
+    if not path.is_file():
+        return []
+    general, fmt = rendered(read_examples(path, "alpaca", what="general set"), "alpaca", spec.render)
+    return encode_all(general, fmt, tokenizer, max_length)[0]
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -218,7 +251,11 @@ def run_main(argv: list[str]) -> int:
         if previous is not None:
             events.emit(S.EVENT_DONE, summary=previous, already_done=True)
             return S.EXIT_OK
-        summary = run(spec, train, heldout, events)
+        # Before torch is imported: its OpenMP runtime reads the thread count and wait policy once, at load.
+        cpu_plan = cpu.measure(spec.cpu_threads)
+        cpu.apply_env(cpu_plan)
+        cpu.lower_priority()
+        summary = run(spec, train, heldout, events, cpu_plan)
     except BadInput as exc:
         events.emit(S.EVENT_ERROR, code="bad_input", reason=str(exc), exit_code=S.EXIT_BAD_INPUT)
         return S.EXIT_BAD_INPUT

@@ -39,6 +39,8 @@ def test_servable_adapters_load(hp: dict[str, Any]) -> None:
     ({"target_modules": ["lm_head"]}, "cannot be served: target module 'lm_head'"),
     ({"adapter": "pissa"}, "hyperparameters.adapter must be one of"),
     ({"use_rslora": "yes"}, "hyperparameters.use_rslora must be true or false"),
+    ({"kl_budget": 0.1}, "kl_budget needs kl_steps >= 1"),
+    ({"kl_budget": -1.0, "kl_steps": 5}, "kl_budget must be >= 0"),
 ])
 def test_the_spec_refuses_them_too(hp: dict[str, Any], reason: str) -> None:
     # A spec written by hand, or by a daemon of another version, meets the same rule in the trainer.
@@ -50,15 +52,16 @@ def test_variants_are_part_of_what_is_trained_and_old_hashes_stay() -> None:
     plain = TrainSpec.from_dict(BASE)
     assert TrainSpec.from_dict({**BASE, "hyperparameters": {"adapter": "mica"}}).hyperparameters.adapter == "mica"
     hashes = {spec_hash(TrainSpec.from_dict({**BASE, "hyperparameters": hp}))
-              for hp in ({}, {"adapter": "mica"}, {"use_rslora": True}, {"adapter": "mica", "use_rslora": True})}
-    assert len(hashes) == 4
+              for hp in ({}, {"adapter": "mica"}, {"use_rslora": True}, {"adapter": "mica", "use_rslora": True},
+                         {"kl_steps": 5}, {"kl_steps": 5, "kl_budget": 0.05})}
+    assert len(hashes) == 6
     # The defaults of the fields added here hash as the spec did before they existed (a resume across an
     # upgrade finds its checkpoints): the canonical form of the old spec, written out.
     assert Hyperparameters().adapter == "lora" and Hyperparameters().use_rslora is False
     old = plain.to_dict()
     for key in ("output_dir", "run_id", "cpu_threads"):
         old.pop(key)
-    for key in ("adapter", "use_rslora"):
+    for key in ("adapter", "use_rslora", "kl_budget", "kl_steps"):
         old["hyperparameters"].pop(key)
     canonical = json.dumps(old, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert spec_hash(plain) == hashlib.sha256(canonical.encode()).hexdigest()

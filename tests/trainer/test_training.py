@@ -120,11 +120,18 @@ def test_peft_fallback_when_unsloth_cannot_import(
     shadow = tmp_path / "no-unsloth" / "unsloth"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('Unsloth: no supported accelerator (test shadow)')\n")
+    # On the CPU `auto` tries Unsloth only where it was measured faster: say so for this machine.
+    key = subprocess.run([str(trainer_python), "-c", "from academyd.trainer.backend import machine_key; "
+                          "print(machine_key())"], env=trainer_env(), capture_output=True, text=True, check=True)
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"machine": key.stdout.strip(), "tokens_per_s": {"unsloth": 300, "peft": 100}}))
     spec = make_spec(tmp_path / "run", backend="auto")
-    run = run_trainer(spec, env={"PYTHONPATH": f"{shadow.parent}{os.pathsep}{REPO}"})
+    run = run_trainer(spec, env={"PYTHONPATH": f"{shadow.parent}{os.pathsep}{REPO}",
+                                 "ACADEMY_TRAINER_CALIBRATION": str(calibration)})
     assert run.returncode == S.EXIT_OK, run.stderr[-3000:]
     start = run.of_type("start")[0]
     assert start["backend"] == "peft"
+    assert "unsloth 300 vs peft 100" in start["backend_note"]
     assert "unsloth unavailable" in start["backend_note"] and "test shadow" in start["backend_note"]
     summary = json.loads((tmp_path / "run" / S.SUMMARY_FILE).read_text())
     assert summary["backend"] == "peft" and summary["backend_note"] == start["backend_note"]
