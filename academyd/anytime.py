@@ -193,15 +193,19 @@ def judge(outcomes: list[bool], parent_successes: int, parent_tasks: int, *, alp
     down, up = paths(np.asarray([outcomes], dtype=bool), [parent_successes], [parent_tasks], alpha=alpha,
                      rollback_margin=rollback_margin, confirm_margin=confirm_margin)
     d, u = int(down[0]), int(up[0])
-    summary = (f"{successes}/{n} tasks succeeded ({successes / n:.0%}); parent {parent_successes}/{parent_tasks} "
-               f"({b.parent_rate:.0%}, {1 - alpha / 2:.1%} bounds {b.parent_lower:.0%}-{b.parent_upper:.0%})")
+
+    def summary(k: int) -> str:
+        ok = sum(outcomes[:k])
+        return (f"{ok}/{k} tasks succeeded ({ok / k:.0%}); parent {parent_successes}/{parent_tasks} "
+                f"({b.parent_rate:.0%}, {1 - alpha / 2:.1%} bounds {b.parent_lower:.0%}-{b.parent_upper:.0%})")
+
     if d and (not u or d <= u):
         return Judgement("rolled_back", d, f"worse than the parent (below {b.rollback_below:.1%}) at "
-                         f"{1 - alpha:.0%} confidence after {d} tasks: {summary}", stats)
+                         f"{1 - alpha:.0%} confidence after {d} tasks: {summary(d)}", stats)
     if u:
         return Judgement("confirmed", u, f"no worse than the parent minus {confirm_margin:.0%} (above "
-                         f"{b.confirm_above:.1%}) at {1 - alpha:.0%} confidence after {u} tasks: {summary}", stats)
-    return Judgement("watching", 0, f"watching ({n} tasks): {summary}", stats)
+                         f"{b.confirm_above:.1%}) at {1 - alpha:.0%} confidence after {u} tasks: {summary(u)}", stats)
+    return Judgement("watching", 0, f"watching ({n} tasks): {summary(n)}", stats)
 
 
 def confidence_path(outcomes: list[bool], alpha: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:

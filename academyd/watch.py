@@ -1,4 +1,9 @@
-"""The post-promotion watch: is the champion doing worse in Venom than the version it replaced?
+"""The OLD post-promotion watch, replaced by academyd.anytime (#20) and no longer used by the monitor
+(academyd.champion.monitor). Kept as the baseline tests/arena/test_anytime.py and bench/bench_monitor.py
+measure the new test against: re-run after every task, this windowed z-test peeks (2,000 simulated
+streams, no change, 1,000 tasks: 25-26 % false rollbacks at a nominal 5 %).
+
+The post-promotion watch: is the champion doing worse in Venom than the version it replaced?
 
 `task.completed` events that name a `model_version` give each version a success rate. The champion is
 compared with its parent (the version a rollback would restore, `academyd.champion.moves.rollback_target`) over
