@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from academyd.attribution import FINISHED_RANK, status_rank
 from academyd.curator import git as gitsrc
 from academyd.curator import rules
 from academyd.curator.examples import (
@@ -59,6 +60,9 @@ def tasks(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
     for seq, task_id, content, result, status, history, received_at in rows:
         key = f"task:{task_id}"
         order = (received_at, "task", seq)
+        if status_rank(status) < FINISHED_RANK:  # PENDING, PROCESSING (the bridge publishes them, #20)
+            yield Dropped("task", key, order, "unfinished")
+            continue
         if not rules.is_successful_task(status):
             yield Dropped("task", key, order, "failure")
             continue

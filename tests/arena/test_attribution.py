@@ -134,3 +134,12 @@ def test_approved_answers_are_a_curation_source(ingest: tuple[Store, Ingestor]) 
     (ex,) = sources.approved(store, Settings(data_dir=store.path.parent).curator)
     assert (ex.source, ex.key, ex.turns) == ("approved", "approved:t1", [("human", "Napisz haiku"),
                                                                           ("gpt", "Cisza w konsoli")])
+
+
+def test_an_unfinished_task_is_dropped_as_unfinished_not_as_a_failure(ingest: tuple[Store, Ingestor]) -> None:
+    from academyd.curator import sources
+
+    store, ing = ingest
+    ing.process([task("p", "PROCESSING", result=None), task("f", "FAILED"), task("c", "COMPLETED")], NOW)
+    got = {i.key: getattr(i, "reason", "example") for i in sources.tasks(store, Settings(data_dir=store.path.parent).curator)}
+    assert got == {"task:p": "unfinished", "task:f": "failure", "task:c": "example"}
