@@ -196,3 +196,31 @@ async def test_a_follower_killed_mid_swap_converges_after_restart(
             _, err = await asyncio.to_thread(proc.communicate, timeout=30)
             raise AssertionError(f"academyd follow did not stop on SIGTERM: {err[-3000:]}") from None
     assert proc.returncode == 0, err[-2000:]
+
+
+async def test_chat_switched_behind_the_followers_back_is_put_back_by_the_timer(
+        make_settings: Any, served_base: tuple[Path, dict[str, str]], venom: VenomStandIn, nc: Any) -> None:
+    settings = make_settings(follower=venom_settings(venom, base_gguf=served_base[0], reconcile_interval_s=PERIOD_S))
+    js = nc.jetstream()
+    outcomes = Outcomes()
+    await outcomes.subscribe(nc)
+    v1 = version(settings.data_dir, "v1", 1, served_base, venom, 1)
+    follower, stop, task = await running(settings)
+    try:
+        await publish_event(js, "model.promoted", v1)
+        assert (await outcomes.wait(v1["event_id"], timeout=30))[0] == "model.deployed"
+        # Someone deactivates v1 in Venom's UI: chat goes back to the base. No event says so.
+        venom.active, venom.chat_model = None, BASE_MODEL_ID
+        changed = time.monotonic()
+        for _ in range(int(PERIOD_S * 3 / 0.05)):
+            if venom.chat_model == "venom-adapter-v1":
+                break
+            await asyncio.sleep(0.05)
+        assert venom.chat_model == "venom-adapter-v1" and venom.active == "v1"
+        assert time.monotonic() - changed <= PERIOD_S * 2  # the next tick, plus the deploy
+        assert venom.activations() == ["v1", "v1"]
+        again = of(outcomes, "model.deployed", 1)
+        assert len({p["event_id"] for p in again}) == 1  # the same outcome (one msg id): the stream keeps one
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

@@ -70,7 +70,8 @@ async def test_the_daemons_moves_reach_venom_and_status_shows_champion_beside_se
         nc: Any, monkeypatch: Any, capsys: Any) -> None:
     from academyd.commands.status import render
 
-    settings = make_settings(follower=venom_settings(venom, base_gguf=served_base[0]))
+    # a 1 s timer: the follower also reads the desired state from this daemon's academy.status as it goes
+    settings = make_settings(follower=venom_settings(venom, base_gguf=served_base[0], reconcile_interval_s=1.0))
     venom.runtime.models[BASE_MODEL_ID] = {QUESTION: BASE_SAYS}
     outcomes = Outcomes()
     await outcomes.subscribe(nc)
