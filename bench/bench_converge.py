@@ -39,7 +39,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from fixtures.follower import QUESTION, Outcomes, make_version, publish_event  # noqa: E402
+from fixtures.follower import Outcomes, make_version, publish_event  # noqa: E402
 from fixtures.nats import NatsServer  # noqa: E402
 from fixtures.trainer import trainer_env  # noqa: E402
 

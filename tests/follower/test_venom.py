@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from fixtures.follower import BASE_SAYS, QUESTION, Outcomes, make_version, publish_event, rolled_back
-from fixtures.venom import BASE_MODEL_ID, VenomStandIn, openapi_errors, venom_settings
+from fixtures.venom import BASE_MODEL_ID, VenomStandIn, venom_settings
 from pydantic import ValidationError
 
 from academyd.follower import Follower
