@@ -99,6 +99,15 @@ def read_checks(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def serve_args(settings: Settings) -> list[str]:
+    """Where the follower serves merged models (the `ollama` target: Ollama from 0.34.1 on creates no adapter
+    models), the arena measures the merged GGUF, the serving artifact, instead of base + adapter. With
+    `ollama_serve = auto` the Ollama version is not known here: merged is measured (it serves from 0.34.1 on;
+    on an older Ollama the adapter model answers within the agreement margin of it)."""
+    follower = settings.follower
+    return ["--serve", "merged"] if follower.target == "ollama" and follower.ollama_serve != "adapter" else []
+
+
 async def evaluate(
     settings: Settings,
     *,
@@ -140,6 +149,7 @@ async def evaluate(
         args += ["--champion", str(champion_adapter)]
     if arena.cpu_threads:
         args += ["--cpu-threads", str(arena.cpu_threads)]
+    args += serve_args(settings)
     log.info("arena.measure", candidate=str(candidate_adapter), champion=champion or "base")
     measurement = await run_trainer_module(settings, "academyd.arena.measure", args,
                                            time_limit_s=arena.eval_time_limit_s, what="the arena's measurement")

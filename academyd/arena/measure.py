@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", default="chat", choices=S.RENDERS)
     p.add_argument("--runtime", default="llamacpp", choices=("llamacpp", "none"))
     p.add_argument("--out-dir", type=Path, help="where the GGUF adapters and probes.json are written")
+    p.add_argument("--serve", default="adapter", choices=("adapter", "merged"),
+                   help="how the runtime serves a version: base + GGUF adapter, or the adapter merged into the "
+                   "base as Q8_0 (what the ollama target serves from Ollama 0.34.1 on); the served artifact "
+                   "is measured as it serves")
     p.add_argument("--general-sample", type=int, default=12, help="general questions answered in the runtime")
     p.add_argument("--generation-sample", type=int, default=16)
     p.add_argument("--checks", type=Path, help="the curator's checks file: checkable held-out questions to answer")

@@ -75,6 +75,7 @@ def measure_served(a: Any, *, model: Any, tokenizer: Any, using: Any, identity: 
         info[side] = {"path": str(path), "sha256": cached_sha256(path)}
     if adapters.get("champion") is None:
         ggufs["champion"] = None  # the champion is the base model
+    served = served_models(a, base_gguf, ggufs, out_dir)
     t_export = time.monotonic() - t0
 
     # Probes: the trainer's greedy replies (candidate), to be fed to the runtime.
@@ -97,15 +98,16 @@ def measure_served(a: Any, *, model: Any, tokenizer: Any, using: Any, identity: 
     threads = a.cpu_threads
     result: dict[str, Any] = {"measured": True, "engine": "llama.cpp", "llama_cpp_version": llama_cpp.__version__,
                               "base_gguf": base_gguf, "base_sha256": identity.get("sha256"), "adapters": info,
-                              "n_ctx": n_ctx, "heldout": {}, "general": {}}
+                              "n_ctx": n_ctx, "heldout": {}, "general": {},
+                              "serve": getattr(a, "serve", "adapter"), "merged": served["merged"]}
     answers: dict[str, dict[int, str]] = {}
     general_answers: dict[str, dict[int, str]] = {}
     t_sides: dict[str, float] = {}
     order = ["candidate", "champion"] + (["base"] if adapters.get("champion") is not None else [])
     for side in order:
         ts = time.monotonic()
-        gguf = ggufs.get(side)
-        with R.open_runtime(base_gguf, gguf, n_ctx=n_ctx, n_threads=threads, seed=a.seed) as rt:
+        model, gguf = served["models"].get(side) or (base_gguf, ggufs.get(side))
+        with R.open_runtime(model, gguf, n_ctx=n_ctx, n_threads=threads, seed=a.seed) as rt:
             if side != "base":
                 result["heldout"][side] = [_loss_row(rt, e) for e in enc_held]
                 answers[side] = {i: rt.answer(chat_messages(heldout[i], fmt), max_tokens=a.max_new_tokens)
@@ -164,6 +166,28 @@ def measure_served(a: Any, *, model: Any, tokenizer: Any, using: Any, identity: 
                                       "trainer_ids")} for p in probes]})
     result["probes_path"] = str(out_dir / R.PROBES_FILE)
     return result
+
+
+def served_models(a: Any, base_gguf: str, ggufs: dict[str, str | None], out_dir: Path) -> dict[str, Any]:
+    """What each side's runtime loads: (model GGUF, adapter GGUF or None). With `--serve merged` (the
+    `ollama` target from Ollama 0.34.1 on, which serves the LoRA merged into the base, not base + adapter)
+    the candidate and an adapter champion are merged into the base as Q8_0 (academyd.arena.merge_gguf) and
+    measured as such: the merged file is the serving artifact. The candidate's is kept as
+    `<out_dir>/merged-q8_0.gguf`, where the follower finds it and serves this very file."""
+    if getattr(a, "serve", "adapter") != "merged":
+        return {"models": {}, "merged": {}}
+    from academyd.arena.merge_gguf import merge, merged_file_name
+
+    models: dict[str, tuple[str, str | None]] = {}
+    merged: dict[str, Any] = {}
+    for side, adapter in ggufs.items():
+        if side == "base" or adapter is None:
+            continue
+        name = merged_file_name("q8_0") if side == "candidate" else f"{side}-{merged_file_name('q8_0')}"
+        info = merge(Path(base_gguf), Path(adapter), out_dir / name, out_type="q8_0")
+        models[side] = (info["path"], None)
+        merged[side] = {k: info[k] for k in ("path", "sha256", "type", "merged", "merge_s", "total_s")}
+    return {"models": models, "merged": merged}
 
 
 def _loss_row(rt: R.Runtime, enc: dict[str, Any]) -> dict[str, Any]:

@@ -117,3 +117,32 @@ def test_an_adapter_of_another_base_is_refused_naming_both(pair: dict, tmp_path:
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["error"] == "bad_input" and "not on" in answer["reason"], answer
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(("follower", "args"), [
+    ({"target": "llamacpp"}, []),
+    ({"target": "ollama", "ollama_url": "http://127.0.0.1:11434"}, ["--serve", "merged"]),
+    ({"target": "ollama", "ollama_url": "http://127.0.0.1:11434", "ollama_serve": "merged"}, ["--serve", "merged"]),
+    ({"target": "ollama", "ollama_url": "http://127.0.0.1:11434", "ollama_serve": "adapter"}, []),
+])
+def test_the_arena_measures_merged_models_where_the_follower_serves_them(tmp_path: Path, follower: dict,
+                                                                         args: list[str]) -> None:
+    from academyd.arena.contest import serve_args
+    from academyd.settings import Settings
+
+    assert serve_args(Settings(data_dir=tmp_path, follower=follower)) == args
+
+
+def test_served_models_merges_the_candidate_where_the_follower_looks(pair: dict, tmp_path: Path) -> None:
+    import argparse
+
+    from academyd.arena.served import served_models
+
+    ggufs = {"base": None, "candidate": str(pair["adapter"]), "champion": None}
+    assert served_models(argparse.Namespace(serve="adapter"), str(pair["base"]), ggufs, tmp_path)["models"] == {}
+    got = served_models(argparse.Namespace(serve="merged"), str(pair["base"]), ggufs, tmp_path)
+    merged = tmp_path / "merged-q8_0.gguf"  # models/<vN>/arena/, where the ollama target reuses it
+    assert got["models"] == {"candidate": (str(merged), None)}  # the runtime loads the merged model, no adapter
+    reader = gguf.GGUFReader(str(merged))
+    assert reader.fields[KEY_ADAPTER_SHA256].contents() == hashlib.sha256(pair["adapter"].read_bytes()).hexdigest()
+    assert got["merged"]["candidate"]["sha256"] == hashlib.sha256(merged.read_bytes()).hexdigest()

@@ -192,3 +192,21 @@ def test_the_stand_in_reports_what_it_holds(setup: dict[str, Any]) -> None:
     names = {m["name"]: m["digest"] for m in got["tags"]["models"]}
     assert names["venom-academy:latest"] == names[BASE]
     assert got["missing"] == 404 and got["not_uploaded"][0] == 400, json.dumps(got)
+
+
+async def test_the_merged_file_the_arena_judged_is_the_one_served(setup: dict[str, Any]) -> None:
+    from academyd.arena.merge_gguf import merge
+
+    files = setup["versions"]["v1"]
+    judged = setup["data"] / "models" / "v1" / "arena" / merged_file_name("q8_0")
+    merge(setup["base"], Path(files["gguf_path"]), judged)
+    api, runner = await start_ollama_api(version="0.34.1", base_name=BASE, base_gguf=setup["base"])
+    target = OllamaTarget(_settings(setup, api.url))
+    try:
+        await target.start()
+        staged = await target.stage("v1", files)
+        assert staged["merge"] == {"reused": str(judged)}
+        assert api.model("venom-adapter-v1")["model_blob"].endswith(hashlib.sha256(judged.read_bytes()).hexdigest())
+    finally:
+        await target.close()
+        await stop_ollama_api(api, runner)
