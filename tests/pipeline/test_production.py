@@ -176,6 +176,13 @@ async def test_venom_files_through_the_bridge_attributed_confirmed_and_rolled_ba
                 register_version(app, "run-2", heldout_loss=1.8)  # trained while v1 served: its parent
                 clock.advance(minutes=5)
                 assert (await app.champion.promote("v2", reason="arena"))["ok"]
+            # Venom does not wait for the watch, but a loaded machine may make the watch slower than this
+            # writer: past enough evidence (v1 confirmed after about 85 tasks, v2 rolled back after about
+            # 20), the writer waits for the decision instead of running out of tasks first.
+            if serving() == "v1" and venom.count["v1"] >= 150 and not _was_champion(app, "v2"):
+                await wait_for(lambda: store.decision("v1", _promoted_at(app, "v1")), timeout=60)
+            if serving() == "v2" and venom.count["v2"] >= 100:
+                await wait_for(lambda: serving() != "v2", timeout=60)
             venom.tick(serving())
             if ticks % 4 == 0:
                 venom.add_lesson()
