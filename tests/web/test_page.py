@@ -85,6 +85,8 @@ async def test_page_live_loss_chart_and_token_rule(web_daemon, nc, browser) -> N
     await page.click("#confirm-ok")
     await page.wait_for_selector("#genealogy li[data-version='v1'] > .node.champion", timeout=10_000)
     await page.wait_for_selector("#champion-pill:has-text('champion: v1')")
+    # no follower runs here: the page says so beside the champion (#19)
+    await page.wait_for_selector("#served-pill:has-text('served: not reported yet')")
     assert app.pipeline.status()["champion"] == "v1"
     history = [h["reason"] for h in v1_history(app)]
     assert "looks better" in history[-1]

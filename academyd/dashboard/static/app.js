@@ -109,6 +109,24 @@ function confirmDialog(title, text) {
 
 // ------------------------------------------------------------------ status: next training, current run
 
+// What the follower last reported (model.deployed / model.deploy_failed), beside the champion (#19).
+function renderServed(served, champ, generation) {
+  const pill = $("served-pill");
+  if (!served) {
+    pill.textContent = "served: not reported yet";
+    pill.className = "pill warn";
+    pill.title = "no model.deployed / model.deploy_failed from the follower since the daemon started";
+    return;
+  }
+  const behind = (served.serving || null) !== champ || (served.generation || 0) < generation;
+  pill.textContent = "served: " + (served.serving || "base model") +
+    (served.generation ? ` (gen ${served.generation})` : "") + (behind ? " · behind the champion" : "");
+  pill.className = "pill" + (behind ? " warn" : " good");
+  pill.title = served.outcome === "model.deploy_failed"
+    ? `${served.version || "base model"} not deployed: ${served.reason}${served.reason_code ? " " + served.reason_code : ""}: ${served.detail || ""}`
+    : `on ${served.target} ${served.runtime || ""}`;
+}
+
 function renderStatus(st) {
   state.status = st;
   state.clockSkewMs = new Date(st.now).getTime() - Date.now();
@@ -120,6 +138,7 @@ function renderStatus(st) {
     $("champion-pill").textContent = "champion: " + (c || "base model");
     $("champion-pill").className = "pill" + (c ? " good" : "");
   }
+  if (st.served !== undefined) renderServed(st.served, champ || null, st.champion_generation || 0);
 
   const base = st.base_model;
   if (base && typeof base === "object") {
