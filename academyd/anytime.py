@@ -170,8 +170,9 @@ class Judgement:
 
 
 def judge(outcomes: list[bool], parent_successes: int, parent_tasks: int, *, alpha: float,
-          rollback_margin: float, confirm_margin: float) -> Judgement:
-    """The decision over the champion's outcomes so far, in order (the first crossing wins)."""
+          rollback_margin: float, confirm_margin: float, cs: tuple[float, float] | None = None) -> Judgement:
+    """The decision over the champion's outcomes so far, in order (the first crossing wins). `cs`: the
+    confidence sequence now, when the caller computed its path already."""
     n = len(outcomes)
     b = bounds(parent_successes, parent_tasks, alpha=alpha, rollback_margin=rollback_margin,
                confirm_margin=confirm_margin)
@@ -183,11 +184,8 @@ def judge(outcomes: list[bool], parent_successes: int, parent_tasks: int, *, alp
         "confirm_above": b.confirm_above, "alpha": alpha, "rollback_margin": rollback_margin,
         "confirm_margin": confirm_margin,
     }
-    if n:
-        lo, hi = confidence_sequence(outcomes, alpha)
-        stats.update(cs_lower=lo, cs_upper=hi)
-    else:
-        stats.update(cs_lower=0.0, cs_upper=1.0)
+    lo, hi = cs if cs is not None else confidence_sequence(outcomes, alpha)
+    stats.update(cs_lower=lo, cs_upper=hi)
     if n == 0:
         return Judgement("watching", 0, "watching (0 tasks)", stats)
     down, up = paths(np.asarray([outcomes], dtype=bool), [parent_successes], [parent_tasks], alpha=alpha,

@@ -44,12 +44,11 @@ def guardrails(champion: list[dict[str, Any]], w: WatchSettings) -> tuple[str, i
     return None
 
 
-def series(outcomes: list[bool], alpha: float, points: int = SERIES_POINTS) -> list[dict[str, float]]:
-    """The champion's running rate and confidence sequence at up to `points` tasks (for the page)."""
+def series(outcomes: list[bool], lo: Any, hi: Any, points: int = SERIES_POINTS) -> list[dict[str, float]]:
+    """The champion's running rate and confidence sequence (`lo`, `hi`: its path) at up to `points` tasks."""
     n = len(outcomes)
     if not n:
         return []
-    lo, hi = confidence_path(outcomes, alpha)
     idx = sorted({max(1, round(n * k / points)) for k in range(1, points + 1)} | {1, n})
     running = 0
     out = []
@@ -66,11 +65,12 @@ def assess(champion: str, parent: str, champion_tasks: list[dict[str, Any]], par
            w: WatchSettings) -> Assessment:
     outcomes = [bool(t["ok"]) for t in champion_tasks]
     p_ok = sum(bool(t["ok"]) for t in parent_tasks)
+    lo, hi = confidence_path(outcomes, w.alpha) if outcomes else ([], [])
     j = judge(outcomes, p_ok, len(parent_tasks), alpha=w.alpha, rollback_margin=w.rollback_margin,
-              confirm_margin=w.confirm_margin)
+              confirm_margin=w.confirm_margin, cs=(float(lo[-1]), float(hi[-1])) if outcomes else (0.0, 1.0))
     stats = {**j.stats, "champion": champion, "parent": parent,
              "thumbs": sum(1 for t in champion_tasks if t.get("thumb")),
-             "series": series(outcomes, w.alpha)}
+             "series": series(outcomes, lo, hi)}
     tripped = guardrails(champion_tasks, w)
     if tripped is not None and (j.state == "watching" or tripped[1] <= j.at_task or j.state == "confirmed"):
         cause, at, why = tripped
