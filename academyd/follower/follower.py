@@ -342,11 +342,10 @@ class Follower:
                 if "subject" in done:  # a redelivery: the recorded outcome again (the server drops a copy)
                     await self._publish(done["subject"], done["payload"])
                 return Ack()
-            if self.accept(item.subject, raw):
-                self._wake.set()
-            else:
+            if not self.accept(item.subject, raw):
                 self.state.done.setdefault(event_id, {"superseded": True})
             self.state.save()
+            self._wake.set()  # also for the model.promoted of a rollback: it brings the files the move waits for
             return Ack()
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
@@ -426,7 +425,11 @@ class Follower:
             try:
                 have = await self.target.serving()
                 if have == version and self.state.serving == version and self.state.reported == key:
-                    if self.state.diverged is not None:
+                    done = self.state.done.get(d["event_id"]) or {}
+                    if done.get("subject") and not done.get("published"):  # the bus was away when it was reached
+                        await self._publish(done["subject"], done["payload"])
+                        done["published"] = True
+                    if self.state.diverged is not None or done.get("published"):
                         self.state.diverged = None
                         self.state.save()
                     self.converged.set()
@@ -468,9 +471,11 @@ class Follower:
                               f"{payload['reason']}"
                               + (f" {payload['reason_code']}" if payload.get("reason_code") else "")
                               + f": {payload['detail'][:300]}")
-            self.state.done[d["event_id"]] = {"subject": subject, "payload": payload}
+            self.state.done[d["event_id"]] = done = {"subject": subject, "payload": payload, "published": False}
             self.state.save()
             await self._publish(subject, payload)
+            done["published"] = True
+            self.state.save()
 
     async def deploy(self, subject: str, event: dict[str, Any], version: str | None,
                      promoted: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
@@ -520,7 +525,8 @@ class Follower:
                 why = self._probe_failure(probe, agreement)
                 if why:
                     back = self.state.known.get(previous or "")
-                    await self.target.switch(previous, {"adapter_path": back["adapter_path"]} if back else None)
+                    if previous is None or back is not None:  # not to something the Academy never promoted
+                        await self.target.switch(previous, {"adapter_path": back["adapter_path"]} if back else None)
                     raise _ProbeFailed(why, probe, agreement)
         except _ProbeFailed as exc:
             return self._failed(subject, event, version, previous, Refused("probe_failed", exc.why), timings,
