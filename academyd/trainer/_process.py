@@ -7,13 +7,21 @@ Call `prepare()` first thing, before torch, transformers or unsloth are imported
   is text-only, so it is never needed,
 - moves fd 1 to stderr and hands back a private copy of the real stdout, so library chatter (Unsloth
   prints banners with print()) cannot corrupt the one-JSON-object-per-line protocol.
+
+`die_with(os.environ.get(PARENT_ENV))`: a trainer that must not outlive a process (an `academyd worker`:
+a SIGKILLed worker's job goes to another worker, and an orphan would train it twice and hold the GPU)
+ends its own process group once that process is gone. The trainer runs under a wrapper shell in its own
+session that ignores TERM/INT/HUP, so nothing else reaches it when the worker dies.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
+import threading
+import time
 
 _OFFLINE = {
     "HF_HUB_OFFLINE": "1",
@@ -27,6 +35,35 @@ _OFFLINE = {
     "PYTHONWARNINGS": "ignore",
     "WANDB_DISABLED": "true",
 }
+
+
+PARENT_ENV = "ACADEMY_TRAINER_PARENT"  # "<pid>:<start time>" (/proc/<pid>/stat field 22) of the process to die with
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot (tells a reused pid apart); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != b"Z" else None
+
+
+def die_with(parent: str | None, *, poll_s: float = 0.5) -> None:
+    """When `parent` ("<pid>:<start>") is set: a daemon thread SIGKILLs this process group (the wrapper
+    shell and the trainer) within `poll_s` of that process's end. Nothing is kept: the job is no longer
+    this host's (its lease runs out), the last uploaded checkpoint is what a resume starts from."""
+    if not parent:
+        return
+    pid, start = (int(x) for x in parent.split(":", 1))
+
+    def watch() -> None:
+        while process_start(pid) == start:
+            time.sleep(poll_s)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def prepare() -> io.TextIOWrapper:

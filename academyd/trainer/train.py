@@ -231,6 +231,7 @@ def run_main(argv: list[str]) -> int:
     from academyd.trainer import _process
 
     events = EventWriter(_process.prepare())
+    _process.die_with(os.environ.get(_process.PARENT_ENV))
     if len(argv) != 1:
         events.emit(S.EVENT_ERROR, code="bad_input", reason="usage: python -m academyd.trainer SPEC.json",
                     exit_code=S.EXIT_BAD_INPUT)

@@ -1,40 +1,50 @@
 """The worker: pull a job, hold its lease, run the trainer locally (the process habitat), send results back.
 
-One job at a time. While it runs: an in-progress ack, a lease refresh (compare-and-swap) and an
-advertisement every heartbeat; the trainer's events forwarded to `academy.jobs.events.<run_id>`; each
-checkpoint uploaded and recorded in the lease. At the end: adapter, summary and loss log uploaded
-(sha256 checked by the store against what was read), the lease set to its final state, then the job
-acked. A worker that cannot refresh its lease for `stop_after_s` (cut off from NATS) or finds it taken
-(fenced) kills its trainer and leaves the job to whoever holds it; SIGTERM stops the trainer (its
-checkpoint is kept), gives the lease back and naks the job so another worker resumes at once.
+One job at a time, held from acquire to ack by its lease (academyd.worker.lease.HeldLease): an in-progress
+ack and a lease refresh (compare-and-swap) every heartbeat, through the downloads (inputs, the checkpoint
+to resume from), the trainer, the uploads and the result record alike. Transfers retry transient JetStream
+errors for as long as the lease holds. The trainer's events are forwarded to `academy.jobs.events.<run_id>`;
+each checkpoint is uploaded beside the trainer and recorded in the lease. At the end: adapter, summary and
+loss log uploaded (sha256 checked by the store against what was read), the lease set to its final state,
+then the job acked. A worker that cannot refresh its lease for `stop_after_s` (cut off from NATS) or finds
+it taken (fenced) stops everything it does for the job, its trainer first, and leaves the job to whoever
+holds it; SIGTERM stops the trainer (its checkpoint is kept), gives the lease back and naks the job so
+another worker resumes at once.
+
+The trainer dies with the worker: it watches the worker's pid (ACADEMY_TRAINER_PARENT) and ends its own
+process group when the worker is gone, SIGKILL included. A restarted worker ends any trainer a previous
+one left (`end_leftover_trainers`) before it takes work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 import structlog
-from nats.js.errors import KeyWrongLastSequenceError
 from pydantic import ValidationError
 
 from academyd.artifacts import ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file
 from academyd.childenv import child_env
-from academyd.habitat.base import HabitatError, JobStatus, TrainingJob
-from academyd.habitat.process import ProcessHabitat, package_root
+from academyd.habitat.base import HabitatError, JobResult, JobStatus, TrainingJob
+from academyd.habitat.process import JOB_FILE, ProcessHabitat, _proc_stat, package_root
 from academyd.settings import Settings
 from academyd.trainer import spec as S
+from academyd.trainer._process import PARENT_ENV, process_start
+from academyd.worker.lease import HeldLease, LeaseLost
 from academyd.worker.protocol import (
     WORKER_ID_PATTERN,
     WORKER_ID_RE,
@@ -45,14 +55,12 @@ from academyd.worker.protocol import (
     ForwardedEvent,
     JobMessage,
     JobOutcome,
-    Lease,
     SummaryInline,
     Timing,
     Wire,
     WireError,
     artifact_name,
     cancel_subject,
-    clip,
     consumer_name,
     dead_letter_job,
     describe,
@@ -103,20 +111,6 @@ def probe_capabilities(trainer_python: Path, *, gpu: str = "auto", timeout_s: fl
             "trainer": trainer}
 
 
-@dataclass
-class _Holding:
-    """The job in hand: its lease (as last written) and revision, and why it must stop, if it must."""
-
-    run_id: str
-    lease: Lease
-    rev: int
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    lost: str | None = None  # fenced or cut off: the job is someone else's now
-    stopped_logged: bool = False  # the heartbeat stopped the trainer and said so
-    cancelled: bool = False  # the daemon asked
-    stopping: bool = False  # this worker is shutting down
-
-
 class Worker:
     def __init__(self, settings: Settings, *, work_dir: Path, worker_id: str | None = None,
                  models: dict[str, str] | None = None, gpu: str = "auto", cpu_threads: int | None = None,
@@ -136,15 +130,19 @@ class Worker:
         self.nc: Any = None
         self.js: Any = None
         self.wire: Wire | None = None
-        self.holding: _Holding | None = None
+        self.holding: HeldLease | None = None
         self.stop_event = asyncio.Event()
         self._handle: Any = None
         self._stopper: asyncio.Task[None] | None = None
+        self.leftover_trainers: list[int] = []
 
     # ------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # Before anything else: a trainer an earlier worker here left running would train a job twice.
+        self.leftover_trainers = await asyncio.to_thread(end_leftover_trainers, self.work_dir)
+        log.info("leftover_trainers", worker=self.id, ended=self.leftover_trainers)
         self.caps = await asyncio.to_thread(probe_capabilities, self.habitat.trainer_python, gpu=self.gpu_mode)
         try:
             self._advertisement()
@@ -180,8 +178,9 @@ class Worker:
         if not self.stop_event.is_set():
             log.info("worker_stopping", worker=self.id, why=why)
             self.stop_event.set()
-            if self.holding is not None and self._handle is not None:
+            if self.holding is not None:
                 self.holding.stopping = True
+            if self.holding is not None and self._handle is not None:
                 # The trainer stops at once (SIGTERM: it keeps its last checkpoint); the lease goes back.
                 self._stopper = asyncio.get_running_loop().create_task(self.habitat.cancel(self._handle, grace_s=10.0))
 
@@ -266,6 +265,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await msg.term()
 
+
     async def _run_job(self, msg: Any) -> None:
         try:
             job = JobMessage.decode(msg.data)
@@ -273,75 +273,50 @@ class Worker:
         except WireError as exc:
             await self._reject(msg, exc)
             return
-        run_id = job.run_id
+        assert self.wire is not None
         try:
-            taken = await self._acquire(msg, run_id)
+            h = await HeldLease.acquire(self.wire, msg, job.run_id, self.id, self.timing,
+                                        nak_delay_s=self.settings.workers.ack_wait_s)
         except Exception as exc:  # the cluster cannot answer now: the job comes back after its ack wait
-            log.warning("lease_unavailable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+            log.warning("lease_unavailable", run_id=job.run_id, error=f"{type(exc).__name__}: {exc}")
             return
-        if taken is None:
+        if h is None:
             return
-        self.holding = taken
+        self.holding = h
         try:
-            await self._train(msg, job, taken)
-        except (ArtifactError, HabitatError, S.SpecError, WireError, OSError) as exc:
-            if taken.lost is None:
-                await self._finish(msg, taken, "failed", reason=str(exc), error_code="worker")
+            await h.hold(self._job(h, job))  # from here to the ack, under the lease's heartbeat
+        except LeaseLost as exc:
+            log.warning("job_lost", run_id=h.run_id, worker=self.id, reason=str(exc))
         finally:
             self.holding = None
-            self._handle = None
 
-    async def _acquire(self, msg: Any, run_id: str) -> _Holding | None:
-        """Take the lease, or leave the job alone (finished, or held by a worker that still refreshes)."""
-        assert self.wire is not None
-        while True:
-            lease, rev = await self.wire.lease(run_id)
-            if lease is not None and lease.final:
-                log.info("job_already_finished", run_id=run_id, state=lease.state)
-                await msg.ack()
-                return None
-            # An entry that is not a valid lease (lease None, rev > 0) is trusted for nothing (no attempt, no
-            # checkpoint) but waited out as a holder would be: its writer may still be refreshing it.
-            new = Lease.build(run_id=run_id, worker=self.id, host=socket.gethostname(), state="training",
-                              attempt=(lease.attempt if lease else 0) + 1,
-                              checkpoint=lease.checkpoint if lease else None)
-            try:
-                if rev == 0:
-                    return _Holding(run_id, new, await self.wire.leases.create(run_id, new.encode()))
-                if lease is None or lease.state != "released":
-                    # Held: take it only after a full window of silence, so its holder has stopped by then.
-                    holder = lease.worker if lease else "(not a valid lease)"
-                    log.info("lease_wait", run_id=run_id, holder=holder, wait_s=self.timing.takeover_wait_s)
-                    deadline = time.monotonic() + self.timing.takeover_wait_s
-                    while time.monotonic() < deadline:
-                        with contextlib.suppress(Exception):
-                            await msg.in_progress()
-                        await asyncio.sleep(min(self.timing.heartbeat_s / 2, max(0.0, deadline - time.monotonic())))
-                        _, now_rev = await self.wire.lease(run_id)
-                        if now_rev != rev:
-                            break
-                    if (await self.wire.lease(run_id))[1] != rev:
-                        log.info("lease_alive", run_id=run_id, holder=holder)
-                        await msg.nak(delay=self.settings.workers.ack_wait_s)
-                        return None
-                return _Holding(run_id, new, await self.wire.leases.update(run_id, new.encode(), last=rev))
-            except KeyWrongLastSequenceError:
-                continue  # someone else moved first: look again
-
-    async def _refresh(self, h: _Holding, **changes: Any) -> bool:
-        """Compare-and-swap the lease (a heartbeat, a checkpoint, the end); False once it is lost."""
-        assert self.wire is not None
-        async with h.lock:
-            if h.lost is not None:
-                return False
-            value = h.lease.changed(**changes, beat=round(time.time(), 3))  # WireError: a bug here, not sent
-            try:
-                h.rev = await self.wire.leases.update(h.run_id, value.encode(), last=h.rev)
-            except KeyWrongLastSequenceError:
-                h.lost = "fenced: another worker holds the lease"
-                return False
-            h.lease = value
-            return True
+    async def _job(self, h: HeldLease, job: JobMessage) -> None:
+        """Everything this worker does for one job: inputs and checkpoint in, the trainer, results out."""
+        jobdir = self.work_dir / "jobs" / h.run_id  # run_id is one safe path component (JobMessage checks it)
+        try:
+            inputs: dict[str, Path] = {}
+            for what, art in (("dataset", job.inputs.dataset), ("heldout", job.inputs.heldout)):
+                if art is not None:
+                    inputs[what] = jobdir / "inputs" / f"{what}.jsonl"
+                    await self._slow_link("get", art.name)
+                    await get_file(self.wire_artifacts, art.name, inputs[what], sha256=art.sha256, retry_s=None)
+            spec = self._local_spec(job, jobdir, inputs)
+            resume_step = await self._restore_checkpoint(h, jobdir, spec)
+            if h.stopping:
+                await h.release()
+                return
+            result = await self._run_trainer(h, job, jobdir, spec, resume_step)
+            if result is None:
+                return
+            if result.status is JobStatus.SUCCEEDED:
+                await self._send_results(h, job, jobdir)
+            elif h.cancelled or result.status is JobStatus.CANCELLED:
+                await self._finish(h, "cancelled", reason="cancelled by the daemon", error_code="cancelled")
+            else:
+                await self._finish(h, "failed", reason=result.reason, error_code=result.error_code,
+                                   exit_code=result.exit_code)
+        except (ArtifactError, HabitatError, S.SpecError, WireError, OSError) as exc:
+            await self._finish(h, "failed", reason=str(exc), error_code="worker")
 
     def _local_spec(self, job: JobMessage, jobdir: Path, inputs: dict[str, Path]) -> S.TrainSpec:
         raw = dict(job.spec)
@@ -351,19 +326,25 @@ class Worker:
             raw["cpu_threads"] = self.cpu_threads
         return S.TrainSpec.from_dict(raw)
 
-    async def _train(self, msg: Any, job: JobMessage, h: _Holding) -> None:
+    @property
+    def wire_artifacts(self) -> Any:
         assert self.wire is not None
+        return self.wire.artifacts
+
+    async def _slow_link(self, kind: str, name: str) -> None:
+        """`workers.slow_transfers` (tests): this transfer takes that much longer, as on a slow link."""
+        for pattern, seconds in self.settings.workers.slow_transfers.items():
+            if fnmatch.fnmatchcase(f"{kind}:{name}", pattern):
+                log.info("transfer_slowed", kind=kind, name=name, seconds=seconds)
+                await asyncio.sleep(seconds)
+
+    async def _run_trainer(self, h: HeldLease, job: JobMessage, jobdir: Path, spec: S.TrainSpec,
+                           resume_step: int | None) -> JobResult | None:
+        """The trainer, from start to result, its checkpoints uploaded beside it. None: the lease was
+        given back (this worker stops). Cancelled (the lease lost): the trainer is ended before this returns."""
         run_id = h.run_id
-        jobdir = self.work_dir / "jobs" / run_id  # run_id is one safe path component (JobMessage checks it)
-        inputs: dict[str, Path] = {}
-        for what, art in (("dataset", job.inputs.dataset), ("heldout", job.inputs.heldout)):
-            if art is None:
-                continue
-            inputs[what] = jobdir / "inputs" / f"{what}.jsonl"
-            await get_file(self.wire.artifacts, art.name, inputs[what], sha256=art.sha256)
-        spec = self._local_spec(job, jobdir, inputs)
-        resume_step = await self._restore_checkpoint(h, jobdir, spec)
-        heart = asyncio.create_task(self._heartbeat(msg, h), name=f"heartbeat:{run_id}")
+        handle: Any = None
+
         async def on_cancel(cancel_msg: Any) -> None:
             try:
                 ask = CancelMessage.decode(cancel_msg.data)
@@ -371,81 +352,49 @@ class Worker:
                 log.warning("cancel_ignored", run_id=run_id, worker=self.id, reason=str(exc))
                 return
             h.cancelled = True
-            await self.habitat.cancel(handle, grace_s=ask.grace_s)
+            if handle is not None:
+                await self.habitat.cancel(handle, grace_s=ask.grace_s)
 
         cancel_sub = await self.nc.subscribe(cancel_subject(run_id), cb=on_cancel)
-        handle = self._handle = await self.habitat.start(TrainingJob(spec=spec, run_id=run_id, time_limit_s=job.time_limit_s,
-                                                                     memory_limit_mb=job.memory_limit_mb))
-        log.info("trainer_started", run_id=run_id, worker=self.id, attempt=h.lease.attempt, resume_step=resume_step,
-                 time=round(time.time(), 3))
+        uploads = _CheckpointUploads(lambda ev: self._upload_checkpoint(h, jobdir, ev))
+        me = os.getpid()
         try:
+            handle = self._handle = await self.habitat.start(TrainingJob(
+                spec=spec, run_id=run_id, time_limit_s=job.time_limit_s, memory_limit_mb=job.memory_limit_mb,
+                env={PARENT_ENV: f"{me}:{process_start(me)}"}))  # the trainer dies with this worker
+            h.trainer_running = True
+            log.info("trainer_started", run_id=run_id, worker=self.id, attempt=h.lease.attempt,
+                     resume_step=resume_step, pid=_trainer_pid(jobdir), time=round(time.time(), 3))
             async for ev in self.habitat.progress(handle):
-                if h.lost is not None:
-                    continue
                 await self._forward(h, ev)
                 if ev.get("type") == S.EVENT_CHECKPOINT:
-                    try:  # bounded: a store that stopped answering must not hold up the progress loop
-                        await asyncio.wait_for(self._upload_checkpoint(h, jobdir, ev),
-                                               timeout=self.settings.workers.ack_wait_s)
-                    except asyncio.TimeoutError:
-                        log.warning("checkpoint_upload_failed", run_id=run_id, step=ev.get("step"),
-                                    error="timed out")
+                    uploads.offer(ev)
             result = await self.habitat.result(handle)
+            h.trainer_running = False
+            log.info("trainer_stopped", run_id=run_id, worker=self.id, status=result.status.value,
+                     time=round(time.time(), 3))
+            if result.status is not JobStatus.SUCCEEDED:
+                await uploads.drain(self.settings.workers.ack_wait_s)  # the newest checkpoint is what resumes
+                if h.stopping:
+                    await h.release()
+                    return None
+            return result
+        except asyncio.CancelledError:
+            # The lease is lost (or the worker is shutting down): the trainer must not outlive this.
+            if handle is not None and h.trainer_running:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.habitat.cancel(handle, grace_s=self.timing.heartbeat_s / 4))
+                log.info("trainer_stopped", run_id=run_id, worker=self.id, status="cancelled", lost=h.lost,
+                         time=round(time.time(), 3))
+            raise
         finally:
-            heart.cancel()
-            with contextlib.suppress(BaseException):
-                await heart
+            h.trainer_running = False
+            self._handle = None
+            uploads.cancel()
             with contextlib.suppress(Exception):
                 await cancel_sub.unsubscribe()
-        if not h.stopped_logged:
-            log.info("trainer_stopped", run_id=run_id, worker=self.id, status=result.status.value,
-                     lost=h.lost, time=round(time.time(), 3))
-        if h.lost is not None:
-            log.warning("job_lost", run_id=run_id, worker=self.id, reason=h.lost)
-            return  # not ours any more: no ack, no nak; the holder finishes it
-        if h.stopping and result.status is not JobStatus.SUCCEEDED:
-            if await self._refresh(h, state="released"):
-                with contextlib.suppress(Exception):
-                    await msg.nak()
-            log.info("job_released", run_id=run_id, worker=self.id)
-            return
-        if result.status is JobStatus.SUCCEEDED:
-            await self._send_results(msg, h, job, jobdir)
-        elif h.cancelled or result.status is JobStatus.CANCELLED:
-            await self._finish(msg, h, "cancelled", reason="cancelled by the daemon", error_code="cancelled")
-        else:
-            await self._finish(msg, h, "failed", reason=result.reason, error_code=result.error_code,
-                               exit_code=result.exit_code)
 
-    async def _heartbeat(self, msg: Any, h: _Holding) -> None:
-        last_ok = time.monotonic()
-        while True:
-            await asyncio.sleep(self.timing.heartbeat_s if time.monotonic() - last_ok < self.timing.heartbeat_s * 1.5
-                                else self.timing.heartbeat_s / 4)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-            try:
-                ok = await self._refresh(h)
-            except Exception as exc:  # timeout, disconnected: the lease may run out
-                ok = None
-                log.debug("lease_refresh_failed", run_id=h.run_id, error=type(exc).__name__)
-            if ok:
-                last_ok = time.monotonic()
-                log.info("heartbeat", run_id=h.run_id, worker=self.id, rev=h.rev, time=round(time.time(), 3))
-                continue
-            if ok is False or time.monotonic() - last_ok > self.timing.stop_after_s:
-                if h.lost is None:
-                    h.lost = f"cut off from NATS for {time.monotonic() - last_ok:.1f} s (lease not refreshed)"
-                log.warning("trainer_stopping", run_id=h.run_id, worker=self.id, reason=h.lost, time=round(time.time(), 3))
-                await self.habitat.cancel(self._handle, grace_s=self.timing.heartbeat_s / 4)
-                # cancel() returns once the trainer's process group is gone: say so now, not when the progress
-                # loop gets round to it (it may be waiting on an upload to the unreachable store).
-                h.stopped_logged = True
-                log.info("trainer_stopped", run_id=h.run_id, worker=self.id, status="cancelled", lost=h.lost,
-                         time=round(time.time(), 3))
-                return
-
-    async def _forward(self, h: _Holding, ev: dict[str, Any]) -> None:
+    async def _forward(self, h: HeldLease, ev: dict[str, Any]) -> None:
         try:
             body = ForwardedEvent.build(run_id=h.run_id, worker=self.id, attempt=h.lease.attempt, event=ev).encode()
         except WireError as exc:  # not sent: the daemon would drop it anyway
@@ -454,9 +403,8 @@ class Worker:
         with contextlib.suppress(Exception):
             await self.js.publish(events_subject(h.run_id), body)
 
-    async def _restore_checkpoint(self, h: _Holding, jobdir: Path, spec: S.TrainSpec) -> int | None:
+    async def _restore_checkpoint(self, h: HeldLease, jobdir: Path, spec: S.TrainSpec) -> int | None:
         """The lease's checkpoint, downloaded and re-marked for this host's spec (its local paths)."""
-        assert self.wire is not None
         ckpt = h.lease.checkpoint
         if ckpt is None:
             return None
@@ -465,7 +413,8 @@ class Worker:
         if ckpt_root.exists():
             shutil.rmtree(ckpt_root)  # only the lease's checkpoint counts: anything here may be a fenced attempt's
         dest = ckpt_root / f"checkpoint-{step}"
-        await get_dir(self.wire.artifacts, art.name, dest, sha256=art.sha256)
+        await self._slow_link("get", art.name)
+        await get_dir(self.wire_artifacts, art.name, dest, sha256=art.sha256, retry_s=None)
         marker = dest / CHECKPOINT_MARKER
         data = json.loads(marker.read_text())
         data["spec_hash"] = S.spec_hash(spec)
@@ -479,28 +428,27 @@ class Worker:
         log.info("checkpoint_restored", run_id=h.run_id, worker=self.id, step=step)
         return step
 
-    async def _upload_checkpoint(self, h: _Holding, jobdir: Path, ev: dict[str, Any]) -> None:
-        assert self.wire is not None
+    async def _upload_checkpoint(self, h: HeldLease, jobdir: Path, ev: dict[str, Any]) -> None:
         step = int(ev.get("step") or 0)
         path = Path(str(ev.get("path")))
         name = artifact_name(h.run_id, f"ckpt/{step:08d}-a{h.lease.attempt}.tar")
         try:
-            art = await put_dir(self.wire.artifacts, name, path, scratch=jobdir)
-        except (OSError, ArtifactError) as exc:  # rotated away meanwhile, or the store is unreachable
+            await self._slow_link("put", name)
+            art = await put_dir(self.wire_artifacts, name, path, scratch=jobdir, retry_s=None)
+        except (OSError, ArtifactError) as exc:  # rotated away meanwhile
             log.warning("checkpoint_upload_failed", run_id=h.run_id, step=step, error=str(exc))
             return
         except Exception as exc:
             log.warning("checkpoint_upload_failed", run_id=h.run_id, step=step, error=f"{type(exc).__name__}: {exc}")
             return
         with contextlib.suppress(Exception):
-            if await self._refresh(h, checkpoint=Checkpoint(step=step, artifact=ArtifactRef.of(art), worker=self.id)):
+            if await h.refresh(checkpoint=Checkpoint(step=step, artifact=ArtifactRef.of(art), worker=self.id)):
                 log.info("checkpoint_uploaded", run_id=h.run_id, worker=self.id, step=step, sha256=art.sha256,
                          time=round(time.time(), 3))
 
-    async def _send_results(self, msg: Any, h: _Holding, job: JobMessage, jobdir: Path) -> None:
+    async def _send_results(self, h: HeldLease, job: JobMessage, jobdir: Path) -> None:
         from academyd.registry import adapter_sha256
 
-        assert self.wire is not None
         adapter = jobdir / S.ADAPTER_DIR
         cfg = adapter / "adapter_config.json"
         if cfg.is_file():  # the adapter names the base model as the daemon does, not by this host's path
@@ -508,56 +456,115 @@ class Worker:
             data["base_model_name_or_path"] = job.base_model
             cfg.write_text(json.dumps(data, indent=2, sort_keys=True))
         sha = await asyncio.to_thread(adapter_sha256, adapter)
-        arts = self.wire.artifacts
-        adapter_art = await put_dir(arts, artifact_name(h.run_id, "adapter.tar"), adapter, scratch=jobdir)
-        summary_art = await put_file(arts, artifact_name(h.run_id, "summary.json"), jobdir / S.SUMMARY_FILE)
-        loss_art = None
-        if (jobdir / S.LOSS_FILE).exists():
-            loss_art = await put_file(arts, artifact_name(h.run_id, "loss.jsonl"), jobdir / S.LOSS_FILE)
+        arts = self.wire_artifacts
+        uploaded: dict[str, Any] = {}
+        for what, path in (("adapter.tar", adapter), ("summary.json", jobdir / S.SUMMARY_FILE),
+                           ("loss.jsonl", jobdir / S.LOSS_FILE)):
+            if what == "loss.jsonl" and not path.exists():
+                continue
+            name = artifact_name(h.run_id, what)
+            await self._slow_link("put", name)
+            put = put_dir(arts, name, path, scratch=jobdir, retry_s=None) if path.is_dir() else \
+                put_file(arts, name, path, retry_s=None)
+            uploaded[what] = ArtifactRef.of(await put)
         summary = json.loads((jobdir / S.SUMMARY_FILE).read_text())
         try:
             result = JobOutcome(
-                adapter=ArtifactRef.of(adapter_art), adapter_sha256=sha, summary=ArtifactRef.of(summary_art),
-                loss=ArtifactRef.of(loss_art) if loss_art else None,
+                adapter=uploaded["adapter.tar"], adapter_sha256=sha, summary=uploaded["summary.json"],
+                loss=uploaded.get("loss.jsonl"),
                 summary_inline=SummaryInline(**{k: summary.get(k) for k in SummaryInline.model_fields}))
         except ValidationError as exc:  # the trainer's summary is not what the wire says: the run fails, said so
             raise WireError("unsendable", f"the result of {h.run_id} does not fit the lease: {describe(exc)}") from None
-        await self._finish(msg, h, "succeeded", result=result)
-        log.info("job_succeeded", run_id=h.run_id, worker=self.id, adapter_sha256=sha)
+        if await self._finish(h, "succeeded", result=result):
+            log.info("job_succeeded", run_id=h.run_id, worker=self.id, adapter_sha256=sha)
 
-    async def _finish(self, msg: Any, h: _Holding, state: str, **fields: Any) -> None:
-        """Record the end in the lease (the fence decides), then ack: after this the job is done."""
-        if "reason" in fields:
-            fields["reason"] = clip(fields["reason"])
-        if fields.get("error_code") is not None:
-            fields["error_code"] = str(fields["error_code"])[:100]
-        for _ in range(20):
-            try:
-                ok = await self._refresh(h, state=state, **fields)
-                break
-            except KeyWrongLastSequenceError:
-                ok = False
-                break
-            except WireError as exc:  # a bug on this side: record that much rather than leave the job to loop
-                log.error("job_result_unsendable", run_id=h.run_id, worker=self.id, state=state, reason=str(exc))
-                if state == "failed":
-                    return
-                await self._finish(msg, h, "failed", reason=f"the worker could not record its {state} result: "
-                                   f"{exc.detail}", error_code="worker")
-                return
-            except Exception:
-                await asyncio.sleep(self.timing.heartbeat_s / 4)
-        else:
-            ok = False
-        if not ok:
-            log.warning("job_result_not_recorded", run_id=h.run_id, worker=self.id, reason=h.lost or "unreachable")
-            return
+    async def _finish(self, h: HeldLease, state: str, **fields: Any) -> bool:
+        """The end recorded in the lease, announced (a done or error event), then the job acked."""
+        try:
+            if not await h.finish(state, **fields):
+                return False
+        except WireError as exc:  # a bug on this side: record that much rather than leave the job to loop
+            log.error("job_result_unsendable", run_id=h.run_id, worker=self.id, state=state, reason=str(exc))
+            if state == "failed":
+                return False
+            return await self._finish(h, "failed", reason=f"the worker could not record its {state} result: "
+                                      f"{exc.detail}", error_code="worker")
         await self._forward(h, {"type": S.EVENT_DONE if state == "succeeded" else S.EVENT_ERROR,
                                 "time": round(time.time(), 3), "state": state, "reason": fields.get("reason")})
-        for _ in range(10):
-            try:
-                await msg.ack_sync(timeout=self.timing.heartbeat_s)
-                break
-            except Exception:
-                await asyncio.sleep(0.5)
-        log.info("job_acked", run_id=h.run_id, worker=self.id, state=state)
+        await h.ack(state)
+        return True
+
+
+class _CheckpointUploads:
+    """Checkpoints uploaded one at a time beside the trainer (a slow upload holds up neither the trainer's
+    events nor the heartbeat); while one uploads, only the newest that arrives meanwhile waits."""
+
+    def __init__(self, upload: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._upload = upload
+        self._next: dict[str, Any] | None = None
+        self._busy = False
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="checkpoint-uploads")
+
+    def offer(self, ev: dict[str, Any]) -> None:
+        self._next = ev
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ev, self._next = self._next, None
+            if ev is not None:
+                self._busy = True
+                try:
+                    await self._upload(ev)
+                finally:
+                    self._busy = False
+
+    async def drain(self, timeout_s: float) -> None:
+        """Until what was offered is uploaded (at most `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while (self._next is not None or self._busy) and time.monotonic() < deadline and not self._task.done():
+            await asyncio.sleep(0.1)
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+def _trainer_pid(jobdir: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return int(json.loads((jobdir / JOB_FILE).read_text())["pid"])
+    return None
+
+
+def end_leftover_trainers(work_dir: Path) -> list[int]:
+    """Trainers that an earlier worker process on this host left running (SIGKILLed before they noticed),
+    found by the pid each job directory records and checked against /proc (same start time, a trainer's
+    command line), then ended with their process group. What was ended (pids): this runs before any work."""
+    ended: list[int] = []
+    for record in sorted((work_dir / "jobs").glob(f"*/{JOB_FILE}")):
+        try:
+            data = json.loads(record.read_text())
+            pid, started = int(data["pid"]), data.get("proc_start")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        stat = _proc_stat(pid)
+        if stat is None or stat[0] == "Z" or stat[2] != started:
+            continue  # gone, or the pid now belongs to another process
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"academyd.trainer" not in cmdline:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stat[1], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (now := _proc_stat(pid)) is not None and now[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        log.warning("leftover_trainer_ended", run_id=record.parent.name, pid=pid, pgid=stat[1])
+        ended.append(pid)
+    return ended

@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,11 @@ def host_model(tmp_path: Path, name: str, base: Path) -> Path:
     return dest
 
 
-def worker(start_worker: Any, tmp_path: Path, base: Path, url: str, name: str, *extra: str) -> Any:
+def worker(start_worker: Any, tmp_path: Path, base: Path, url: str, name: str, *extra: str,
+           ack_wait: float = ACK_WAIT, **env: str) -> Any:
     return start_worker(url, name, "--model", f"{base}={host_model(tmp_path, name, base)}", "--gpu", "none",
-                        "--cpu-threads", "1", *extra, ACADEMY_WORKERS__ACK_WAIT_S=str(ACK_WAIT),
-                        ACADEMY_NATS__REPLICAS=str(1 if "," not in url else 3))
+                        "--cpu-threads", "1", *extra, ACADEMY_WORKERS__ACK_WAIT_S=str(ack_wait),
+                        ACADEMY_NATS__REPLICAS=str(1 if "," not in url else 3), **env)
 
 
 async def lessons_in(d: Any, url: str, n: int = 80) -> None:
@@ -164,44 +166,116 @@ KILL_HP = {"save_steps": 4, "logging_steps": 1}
 KILL_STEPS = 60  # long enough that the kill lands mid-training, even on a fast machine
 
 
-async def test_a_sigkilled_worker_s_job_resumes_on_the_other_from_its_checkpoint(
+SLOW_ACK_WAIT = 4.0  # heartbeat 1 s, a holder stops after 2 s of silence, a taker waits 3 s
+SLOW_S = 3 * SLOW_ACK_WAIT  # the checkpoint download and the adapter upload each take 3 ack waits longer
+
+
+def trainer_pids(run_id: str) -> set[int]:
+    """The trainers (the interpreter: not its wrapper shell, not a child it forked) running `run_id`, here."""
+    found: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"academyd.trainer" in argv and any(f"/jobs/{run_id}/".encode() in a for a in argv) \
+                and not argv[0].endswith(b"sh"):
+            found[int(proc.name)] = ppid
+    return {pid for pid, ppid in found.items() if ppid not in found}
+
+
+async def test_a_sigkilled_worker_s_trainer_dies_and_the_job_resumes_once_over_a_slow_link(
     nats_server, start_daemon, start_worker, tiny_base_model, trainer_python, tmp_path
 ) -> None:
+    """The worker holding the job is SIGKILLed (its process alone): its trainer ends by itself within the
+    lease's stop window; the other worker resumes from the checkpoint, which takes 3 ack waits to download,
+    and uploads the adapter as slowly, holding the lease throughout (the victim, restarted meanwhile and
+    idle, never gets the job). One trainer at a time, the job finished once, one version."""
     url = nats_server.url
+    slow = json.dumps({"get:runs/*/ckpt/*": SLOW_S, "put:runs/*/adapter.tar": SLOW_S})
     settings = daemon_settings(url, tmp_path / "daemon" / "data", tiny_base_model, trainer_python,
-                               hyperparameters=KILL_HP, max_steps=KILL_STEPS)
-    hosts = {name: worker(start_worker, tmp_path, tiny_base_model, url, name) for name in ("w1", "w2")}
+                               hyperparameters=KILL_HP, max_steps=KILL_STEPS, workers={"ack_wait_s": SLOW_ACK_WAIT})
+    hosts = {name: worker(start_worker, tmp_path, tiny_base_model, url, name, ack_wait=SLOW_ACK_WAIT,
+                          ACADEMY_WORKERS__SLOW_TRANSFERS=slow) for name in ("w1", "w2")}
     await workers_advertised(url, 2)
     d = await start_daemon(settings)
     await lessons_in(d, url)
     run_id = await train(d)
     store = d.app.store
+    watch_nc = await nats.connect(url)
+    revisions: list[dict[str, Any]] = []
+    trainers: list[tuple[float, set[int]]] = []  # (time, the trainer pids alive then)
 
-    async def checkpointed() -> dict[str, Any] | None:
-        lease = (await lease_history(url, run_id) or [None])[-1]
-        return lease if lease and (lease.get("checkpoint") or {}).get("step", 0) >= 4 else None
+    async def record() -> None:
+        kv = await watch_nc.jetstream().key_value("academy_leases")
+        async for entry in await kv.watch(run_id):
+            if entry is not None and entry.value:
+                revisions.append(json.loads(entry.value))
 
-    for _ in range(600):
-        lease = await checkpointed()
-        if lease:
-            break
-        await asyncio.sleep(0.5)
-    assert lease, [w.log[-2000:] for w in hosts.values()]
-    victim = hosts[lease["worker"]]
-    other = hosts["w2" if lease["worker"] == "w1" else "w1"]
-    saved_step = lease["checkpoint"]["step"]
-    victim.kill()
+    async def sample() -> None:
+        while True:
+            trainers.append((time.time(), trainer_pids(run_id)))
+            await asyncio.sleep(0.1)
 
-    await wait_for(lambda: store.get_run(run_id)["version"] or store.get_run(run_id)["state"] in ("failed", "refused"),
-                   timeout=400, interval=0.5)
+    tasks = [asyncio.create_task(record()), asyncio.create_task(sample())]
+    try:
+        for _ in range(600):
+            lease = revisions[-1] if revisions else None
+            if lease and (lease.get("checkpoint") or {}).get("step", 0) >= 4:
+                break
+            assert all(w.proc.poll() is None for w in hosts.values()), [w.log[-2000:] for w in hosts.values()]
+            await asyncio.sleep(0.5)
+        assert lease, [w.log[-2000:] for w in hosts.values()]
+        victim = hosts[lease["worker"]]
+        other = hosts["w2" if lease["worker"] == "w1" else "w1"]
+        saved_step = lease["checkpoint"]["step"]
+        [victim_trainer] = trainer_pids(run_id)
+        killed_at = time.time()
+        victim.kill()
+        while victim_trainer in trainer_pids(run_id) and time.time() - killed_at < 30:
+            await asyncio.sleep(0.05)
+        trainer_gone_s = time.time() - killed_at
+        print(f"the SIGKILLed worker's trainer was gone {trainer_gone_s:.2f} s after the kill")
+        assert trainer_gone_s <= SLOW_ACK_WAIT / 2  # within the stop window a holder has (stop_after_s)
+        # The victim comes back while the other worker downloads the checkpoint (slowly): idle, and free to
+        # take the job if its holder let the ack wait or the lease lapse.
+        await wait_for(lambda: worker_events(other, "transfer_slowed"), timeout=120, interval=0.2)
+        restarted_at = time.time()
+        victim.start()
+
+        await wait_for(lambda: store.get_run(run_id)["version"] or store.get_run(run_id)["state"] in (
+            "failed", "refused"), timeout=400, interval=0.5)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await watch_nc.close()
     run = store.get_run(run_id)
     assert run["version"], (run, other.log[-3000:])
-    history = await lease_history(url, run_id)
-    assert history[-1]["state"] == "succeeded" and history[-1]["worker"] == other.name
+    # One trainer at a time, throughout (sampled every 0.1 s): the victim's, then the other's.
+    assert max(len(p) for _, p in trainers) == 1, [x for x in trainers if len(x[1]) > 1][:3]
+    seen = [p for _, p in trainers if p]
+    assert seen[0] == {victim_trainer} and len({frozenset(p) for p in seen}) == 2
+    # The restarted victim found nothing left over and never trained again.
+    assert [e["ended"] for e in worker_events(victim, "leftover_trainers")] == [[], []]
+    assert not [e for e in worker_events(victim, "trainer_started") if e["time"] > restarted_at]
+    # The other worker resumed from the checkpoint, once, and held the job through both slow transfers:
+    # never a full ack wait without a heartbeat (in-progress ack and lease refresh).
     started = worker_events(other, "trainer_started")
-    assert len(started) == 1 and started[0]["resume_step"] >= saved_step > 0
-    # The other worker's trainer began after the checkpoint: its first step is past 0.
+    assert len(started) == 1 and started[0]["resume_step"] >= saved_step
     assert first_progress_step(other, run_id) > saved_step
+    slowed = worker_events(other, "transfer_slowed")
+    assert {e["kind"] for e in slowed} == {"get", "put"}
+    beats = [e["time"] for e in worker_events(other, "heartbeat")]
+    assert all(any(e["time"] < b < e["time"] + SLOW_S for b in beats) for e in slowed)
+    assert max(b - a for a, b in zip(beats, beats[1:])) < SLOW_ACK_WAIT
+    # The lease: the victim's revisions, then the other's; finished once.
+    holders = [r["worker"] for r in revisions]
+    switch = holders.index(other.name)
+    assert set(holders[:switch]) == {victim.name} and set(holders[switch:]) == {other.name}, holders
+    assert [r["state"] for r in revisions if r["state"] != "training"] == ["succeeded"]
     from academyd.registry import Registry
 
     assert [m["version"] for m in Registry(store, settings).list()] == [run["version"]]
