@@ -63,6 +63,22 @@ def _check_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+AHEAD = "ahead"
+
+
+def holder_verdict(body: ForwardedEvent, lease: Lease | None) -> str | None:
+    """Whether a forwarded event is the lease holder's: None if it is; AHEAD if it names a later attempt than
+    the lease read (the lease moved since: judge it again); otherwise why it is dropped. Pure."""
+    if lease is None or body.attempt > lease.attempt:
+        return AHEAD
+    if body.attempt < lease.attempt:
+        return (f"from attempt {body.attempt} ({body.worker}); the lease is at attempt {lease.attempt} "
+                f"({lease.worker})")
+    if body.worker != lease.worker:
+        return f"from {body.worker}, not the lease holder ({lease.worker}, attempt {lease.attempt})"
+    return None
+
+
 class NatsHabitat:
     """Runs trainer jobs on workers. Needs the daemon's NATS connection (`nc`)."""
 
@@ -278,14 +294,29 @@ class NatsHabitat:
                 await asyncio.sleep(self.poll_s)
         requires_gpu = self.settings.workers.require_gpu
         last_note = 0.0
+        foreign: set[tuple[str, int]] = set()  # (worker, attempt) whose events were dropped: said once each
         try:
             while True:
                 lease, _ = await self._lease(run_id)
+                ahead: list[ForwardedEvent] = []
                 while not queue.empty():
                     body = queue.get_nowait()
+                    verdict = holder_verdict(body, lease)
+                    if verdict == AHEAD:  # a newer lease than the one just read: look again next turn
+                        if len(ahead) < 1000:
+                            ahead.append(body)
+                        continue
+                    if verdict is not None:
+                        if (body.worker, body.attempt) not in foreign:
+                            foreign.add((body.worker, body.attempt))
+                            log.warning("event_dropped", run_id=run_id, worker=body.worker, attempt=body.attempt,
+                                        reason=verdict)
+                        continue
                     if body.event.type in FORWARDED:
                         yield {**body.event.model_dump(exclude_unset=True), "worker": body.worker,
                                "attempt": body.attempt}
+                for body in ahead:
+                    queue.put_nowait(body)
                 if lease is not None and lease.final:
                     self.note = None
                     yield self._final_event(lease)
