@@ -223,3 +223,51 @@ async def test_the_stand_in_refuses_a_deploy_without_runtime_or_model_as_venom_d
         async with http.post(venom.url + "/api/v1/academy/adapters/deactivate") as resp:
             assert resp.status == 200 and (await resp.json()) == {"success": False,
                                                                   "message": "No active adapter to deactivate"}
+
+
+async def test_the_stand_in_keeps_venoms_observed_rules(
+        tmp_path: Path, served_base: tuple[Path, dict[str, str]], venom: VenomStandIn) -> None:
+    """academy-api.md, rule by rule, straight over HTTP: what the follower relies on and works around."""
+    smollm2_gguf, base_identity = served_base
+    data = tmp_path / "data"
+    for seed, name in enumerate(("v1", "v2"), start=1):
+        p = make_version(data, name, smollm2_gguf, base_identity, "x", seed=seed)
+        shutil.copy(p["gguf_path"], Path(p["adapter_path"]) / "adapter.gguf")
+        (data / "models" / name / "metadata.json").write_text(json.dumps({
+            "metadata_version": 2, "source_flow": "academyd", "created_at": "2026-12-01T00:00:00Z",
+            "base_model": BASE_MODEL_ID, "effective_base_model": BASE_MODEL_ID, "parameters": {}}))
+    url = venom.url + "/api/v1/academy/adapters"
+
+    def body(adapter_id: str, **kw: Any) -> dict[str, Any]:
+        return {"adapter_id": adapter_id, "adapter_path": "/nowhere", "runtime_id": "ollama",
+                "model_id": BASE_MODEL_ID, "deploy_to_chat_runtime": True, **kw}
+
+    async with aiohttp.ClientSession() as http:
+        async def post(path: str, payload: dict[str, Any] | None = None) -> tuple[int, Any]:
+            async with http.post(url + path, json=payload) as r:
+                return r.status, await r.json()
+
+        assert (await post("/activate", body("../v1")))[0] == 400
+        assert (await post("/activate", body("v1", runtime_id="openai")))[0] == 400  # local runtimes only
+        assert (await post("/activate", body("v9")))[1]["detail"]["reason_code"] == "ADAPTER_METADATA_INCOMPLETE"
+        (data / "models" / "v9").mkdir()
+        shutil.copy(data / "models" / "v1" / "metadata.json", data / "models" / "v9" / "metadata.json")
+        assert await post("/activate", body("v9")) == (404, {"detail": "Adapter not found"})
+        # registry only: the version is active, chat keeps serving what it served
+        status, answer = await post("/activate", body("v1", deploy_to_chat_runtime=False))
+        assert status == 200 and answer["deployed"] is False and venom.active == "v1"
+        assert venom.chat_model == BASE_MODEL_ID
+        # deploys (adapter_path is never read); then the observed v1, v2, v1, deactivate -> chat on v2
+        for name in ("v1", "v2", "v1"):
+            status, answer = await post("/activate", body(name))
+            assert status == 200 and answer["chat_model"] == f"venom-adapter-{name}", answer
+        status, answer = await post("/deactivate")
+        assert status == 200 and answer["success"] is True
+        assert venom.active is None and venom.chat_model == "venom-adapter-v2"  # one step back, not the base
+        async with http.get(url) as r:
+            listed = {a["adapter_id"]: a for a in await r.json()}
+        assert listed["v1"]["metadata_status"] == "canonical" and not any(a["is_active"] for a in listed.values())
+        async with http.get(venom.url + "/api/v1/system/llm-runtime/active") as r:
+            assert (await r.json())["active_model"] == "venom-adapter-v2"
+        venom.remote_override = "192.0.2.7"  # not localhost
+        assert (await post("/activate", body("v1")))[0] == 403
