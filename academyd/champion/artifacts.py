@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 
 from academyd.champion.errors import PromotionRefused
 from academyd.files import atomic_write_text, copy_durably, replace_durably
@@ -149,9 +150,35 @@ async def prepare(settings: Settings, row: dict[str, Any], http_session: aiohttp
             with store.transaction():
                 store.set_model_artifacts(row["version"], dict(artifacts))
     if settings.arena.ollama_url:
+        refused_by = await _refuses_adapter_models(settings, http_session)
+        if refused_by is not None:
+            # Ollama 0.34.1 and later create no adapter model: a promotion does not fail on it; the follower's
+            # ollama target serves the version merged into the base (docs/follower.md).
+            structlog.get_logger("academyd.champion").warning(
+                "ollama_model_not_created", version=row["version"], ollama_version=refused_by,
+                why="Ollama creates no adapter models from 0.34.1 on; `academyd follow` with follower.target = "
+                    "ollama serves this version merged into the base")
+            return artifacts
         try:
             artifacts["ollama"] = await ollama_create(settings, row, artifacts, http_session=http_session)
         except OllamaError as exc:
             raise PromotionRefused(f"{row['version']}: {exc}; fix Ollama (or unset arena.ollama_url) and promote "
                                    "again") from None
     return artifacts
+
+
+async def _refuses_adapter_models(settings: Settings, http_session: aiohttp.ClientSession | None) -> str | None:
+    """Ollama's version when it is one that refuses adapter models (0.34.1 and later); None otherwise, or
+    when it does not say (the create then answers for itself)."""
+    from academyd.ollama import creates_adapters, ollama_version
+
+    session = http_session or aiohttp.ClientSession()
+    try:
+        version = await ollama_version(session, (settings.arena.ollama_url or "").rstrip("/"),
+                                       settings.arena.ollama_timeout_s)
+    except OllamaError:
+        return None
+    finally:
+        if http_session is None:
+            await session.close()
+    return None if creates_adapters(version) else version

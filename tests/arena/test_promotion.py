@@ -219,3 +219,27 @@ async def test_ollama_create_through_the_http_api(
     s.arena.ollama_url = "http://127.0.0.1:9"  # nothing listens there
     with pytest.raises(PromotionRefused, match="unreachable"):
         await promote(arena_store, s, "v2", reason="manual", now=NOW)
+
+
+async def test_an_ollama_that_creates_no_adapter_models_does_not_fail_a_promotion(
+    no_gguf: Settings, arena_store: Store, trained_good: Path, tiny_base_model: Path,
+) -> None:
+    """Ollama 0.34.1 refuses adapter models (#19): the promotion goes ahead without one and says why; the
+    follower's ollama target serves the version merged into the base (tests/follower/test_ollama_target.py)."""
+    from fixtures.ollama import start_ollama_api, stop_ollama_api
+    from structlog.testing import capture_logs
+
+    api, runner = await start_ollama_api(version="0.34.1", base_name="qwen2.5:0.5b", base_gguf=None)
+    try:
+        no_gguf.arena.ollama_url = api.url
+        no_gguf.arena.ollama_base = "qwen2.5:0.5b"
+        register(no_gguf, arena_store, trained_good, tiny_base_model, "run-1")
+        with capture_logs() as logs:
+            payload = await promote(arena_store, no_gguf, "v1", reason="first", now=NOW)
+        assert payload["ollama_created"] is False
+        assert Registry(arena_store, no_gguf).champion()["version"] == "v1"
+        assert not [r for r in api.requests if r.startswith("create")]
+        said = [e for e in logs if e["event"] == "ollama_model_not_created"]
+        assert said and said[0]["ollama_version"] == "0.34.1" and said[0]["version"] == "v1", logs
+    finally:
+        await stop_ollama_api(api, runner)
