@@ -467,6 +467,7 @@ class Follower:
                 self.converged.set()
             else:
                 self.state.settled[key] = payload["reason"]
+                self.state.serving = payload["serving"]  # as read back after the refusal (Venom may have moved)
                 self._diverge(f"{version or 'the base model'} (generation {d.get('generation')}) was not deployed: "
                               f"{payload['reason']}"
                               + (f" {payload['reason_code']}" if payload.get("reason_code") else "")
