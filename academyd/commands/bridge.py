@@ -66,6 +66,9 @@ def _bridge(args: argparse.Namespace) -> int:
     except ImportError_ as exc:
         return fail(str(exc), EXIT_USAGE)
     settings = settings_from(args)
+    from academyd import logs
+
+    logs.configure(settings.log_level, settings.log_format)
     asyncio.run(_run(settings, mem, args))
     return EXIT_OK
 

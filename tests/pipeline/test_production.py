@@ -132,9 +132,24 @@ class Venom:
 
 
 def start_bridge(root: Path, url: str, data: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(daemon_cmd("bridge-venom", str(root), "--nats-url", url, "--data-dir", str(data)),
-                            env=daemon_env(ACADEMY_BRIDGE__POLL_S="0.2", ACADEMY_LOG_LEVEL="warning"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    data.mkdir(parents=True, exist_ok=True)
+    with open(data / "bridge.log", "ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(daemon_cmd("bridge-venom", str(root), "--nats-url", url, "--data-dir", str(data)),
+                                env=daemon_env(ACADEMY_BRIDGE__POLL_S="0.2", ACADEMY_LOG_LEVEL="info"),
+                                stdout=log, stderr=log)
+
+
+def bridge_stops(data: Path) -> list[dict[str, Any]]:
+    """The `bridge_stopped` log lines (JSON) of the bridges that stopped cleanly."""
+    out = []
+    for line in (data / "bridge.log").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == "bridge_stopped":
+            out.append(rec)
+    return out
 
 
 def cpu_s(pid: int) -> float:
@@ -281,6 +296,12 @@ async def test_venom_files_through_the_bridge_attributed_confirmed_and_rolled_ba
         assert 'academy_watch_state{parent="v1",state="rolled_back",version="v2"} 1.0' in metrics
         assert f'academy_served_tasks_total{{version="v2"}} {float(by_version["v2"])}' in metrics
         assert "academy_watch_confidence_lower{" in metrics and "academy_feedback_thumbs_total{rating=" in metrics
+        bridge.send_signal(signal.SIGTERM)  # stops cleanly and says what it did
+        assert bridge.wait(30) == 0
+        (stopped,) = bridge_stops(bridge_data)  # the SIGKILLed one never got to say it
+        assert stopped["bad"] == 0
+        print(f"second bridge: published {stopped['published']}, duplicates {stopped['duplicates']}, reads of a "
+              f"half-written file retried {stopped['half_read']}")
     finally:
         if bridge.poll() is None:
             bridge.send_signal(signal.SIGTERM)
