@@ -109,3 +109,20 @@ async def test_the_bridge_publishes_as_the_agent_identity(make_settings, start_d
                    and store.scalar("SELECT COUNT(*) FROM approved_pairs") == 1)
     assert store.dlq_count() == 0
     assert store.scalar("SELECT served_version FROM tasks") is None
+
+
+async def test_a_lost_cursor_sends_the_same_ids_again(tmp_path: Path) -> None:
+    """Without its cursor a bridge sends everything again, under the same event ids: the bus's duplicate
+    window or the daemon's inbox drops them all."""
+    mem = venom_dir(tmp_path)
+    (mem / "state_dump.json").write_text(json.dumps({"tasks": [task("a", "PROCESSING"), task("b", "FAILED")]}))
+    (mem / "lessons.json").write_text(json.dumps({"lessons": [{"lesson_id": "L1", "situation": "s", "action": "a",
+                                                               "result": "✅", "timestamp": "2026-11-01T10:00:00"}]}))
+    (mem.parent / "feedback" / "feedback.jsonl").write_text(json.dumps({"task_id": "b", "rating": "down"}) + "\n")
+    rec = Recorder()
+    await Bridge(mem, rec, tmp_path / "c1.json").poll()
+    again = Bridge(mem, rec, tmp_path / "c2.json")
+    await again.poll()
+    first, second = rec.sent[:4], rec.sent[4:]
+    assert len(first) == 4 and second == first
+    assert again.stats.published == 0 and again.stats.duplicates == 4
