@@ -55,12 +55,13 @@ def _served(s: dict[str, Any]) -> str:
     if not served:
         return "[yellow]not reported yet[/] (no model.deployed / model.deploy_failed seen since the daemon started)"
     version = served.get("serving")
+    gen = f" (generation {served['generation']})" if served.get("generation") is not None else ""
     text = f"{version or 'base model'} on {served.get('target')}"
-    if served.get("generation") is not None:
-        text += f"  (generation {served['generation']})"
     if served.get("outcome") == "model.deploy_failed":
         code = f" {served['reason_code']}" if served.get("reason_code") else ""
-        text += f"  [red]{served.get('version') or 'base model'} not deployed: {served.get('reason')}{code}[/]"
+        text += f"  [red]{served.get('version') or 'base model'}{gen} not deployed: {served.get('reason')}{code}[/]"
+    else:
+        text += f" {gen}"
     if version != s.get("champion") or (served.get("generation") or 0) < (s.get("champion_generation") or 0):
         return f"[yellow]{text}  (behind the champion)[/]"
     return f"[green]{text}[/]"
