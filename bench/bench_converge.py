@@ -222,12 +222,14 @@ async def one_target(name: str, server: NatsServer, tmp: Path, a: argparse.Names
 
 async def run(a: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-converge-"))
-    server = NatsServer(tmp / "nats")
-    server.start()
-    try:
-        rows = [await one_target(name, server, tmp, a) for name in a.targets]
-    finally:
-        server.stop()
+    rows = []
+    for name in a.targets:  # a server each: the same event ids would be dropped as duplicates on a shared one
+        server = NatsServer(tmp / f"nats-{name}")
+        server.start()
+        try:
+            rows.append(await one_target(name, server, tmp, a))
+        finally:
+            server.stop()
     by = {r["target"]: r for r in rows}
     ratios = {}
     if "llamacpp" in by and "venom" in by and by["venom"]["return_to_deployed_s"]:
