@@ -58,6 +58,7 @@ class StatusBuilder:
             "decision": {"train": decision.train, "reason": decision.reason},
             "active_run": store.active_run(),
             "last_run": next(iter(store.recent_runs(1)), None),
+            "last_verdict": last_verdict(store),
             "dlq": {"count": store.dlq_count(), "by_reason": store.dlq_by_reason()},
             "outbox_pending": store.outbox_counts()["pending"],
             "outbox_parked": store.outbox_parked(20),
@@ -66,3 +67,20 @@ class StatusBuilder:
             out.update(part.status())
         result: dict[str, Any] = redact_obj(out)  # read without a token (the page, `academy.status`)
         return result
+
+
+def last_verdict(store: Any) -> dict[str, Any] | None:
+    """The newest evaluated version's verdict, in short; `evidence` says how many more lessons a verdict needs
+    when the last one ended in "insufficient evidence"."""
+    for row in reversed(store.list_versions()):
+        verdict = row.get("verdict")
+        if not verdict:
+            continue
+        metrics = verdict.get("metrics") or {}
+        evidence = metrics.get("evidence") or {}
+        out = {"version": row["version"], "verdict": verdict.get("verdict"),
+               "insufficient_evidence": evidence.get("heldout_families", 1) < evidence.get("needed", 0),
+               "evidence": evidence or None, "right_answers": metrics.get("right_answers"),
+               "reasons": list(verdict.get("reasons") or [])[:12]}
+        return out
+    return None

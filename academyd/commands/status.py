@@ -109,6 +109,19 @@ def render(s: dict[str, Any]) -> None:
         t.add_row("champion", str(s.get("champion") or "base model")
                   + (f"  (generation {s['champion_generation']})" if s.get("champion_generation") else ""))
         t.add_row("served", _served(s))
+    lv = s.get("last_verdict")
+    if isinstance(lv, dict):
+        ev, ra = lv.get("evidence") or {}, lv.get("right_answers") or {}
+        if lv.get("insufficient_evidence"):
+            text = (f"[yellow]insufficient evidence[/]: {ev.get('heldout_families')} held-out families, "
+                    f"{ev.get('needed')} needed; about {ev.get('lessons_needed')} more lessons that ask new questions")
+        else:
+            text = str(lv.get("verdict"))
+            if ra:
+                text += (f"  right answers {ra.get('candidate_right')}/{ra.get('questions')} vs "
+                         f"{ra.get('champion_right')}/{ra.get('questions')} on {ra.get('families')} families "
+                         f"(p={ra.get('p_value', 1.0):.3g})")
+        t.add_row("last verdict", f"{lv.get('version')}: {text}")
     base = s.get("base_model")
     if isinstance(base, dict):
         t.add_row("base model", f"{base.get('name')} ({base.get('kind')}) {base.get('path')}")

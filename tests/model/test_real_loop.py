@@ -128,7 +128,9 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
     url = follower.target.url
     phases["follower_start_s"] = time.monotonic() - t0
     held = heldout_questions()
-    held_chats = [[{"role": "user", "content": q}] for q in held]
+    # asked as Venom asks: its system prompt (what the lessons were trained with), the question as the user
+    held_chats = [[{"role": "system", "content": settings.curator.system_prompt}, {"role": "user", "content": q}]
+                  for q in held]
     gen_chats, gen_refs = general_chats()
     client = ChatClient(url, held[0])
     try:
@@ -151,6 +153,11 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
                  "verdict_rules": verdict["metrics"].get("rules"), "metrics": verdict["metrics"]},
                 ensure_ascii=False, default=str))
         assert verdict["verdict"] == "promote", json.dumps(verdict["reasons"], indent=1)
+        # promoted only with a significant gain in right answers on held-out families, asked of the GGUF in llama.cpp
+        ra = verdict["metrics"]["right_answers"]
+        assert verdict["metrics"]["rules"]["right_answers"] is True, ra
+        assert ra["engine"] == "llama.cpp" and ra["families"] >= settings.arena.min_heldout_families, ra
+        assert ra["better"] > ra["worse"] and ra["p_value"] <= settings.arena.right_answers_alpha, ra
         # Venom keeps asking while the follower swaps.
         client.start()
         await wait_for(lambda: of("model.promoted"), timeout=120)
@@ -215,6 +222,8 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
         "served_agreement": deployed.get("agreement"),
         "client": {"requests": len(client.answers), "failed": len(client.failed())},
         "verdict_rules": verdict["metrics"].get("rules"),
+        "gate_right_answers": verdict["metrics"].get("right_answers"),
+        "dataset_families": (of("academy.dataset.built") or [{}])[0].get("counts"),
         "run_state": summary.get("state"),
         "seconds": {k: round(v, 1) for k, v in phases.items()},
         "examples": [{"q": q, "base": b, "new": a} for q, b, a in zip(held[:4], base_held, new_held, strict=False)],
