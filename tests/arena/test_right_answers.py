@@ -144,3 +144,21 @@ def test_sign_test_exact_values() -> None:
     assert sign_test(0, 0) == 1.0
     assert sign_test(6, 1) == pytest.approx(8 / 128)
     assert sign_test(3, 3) == pytest.approx(42 / 64)
+
+
+def test_status_says_insufficient_evidence_and_how_many_more_lessons(capsys: pytest.CaptureFixture[str]) -> None:
+    from academyd.commands.status import render
+    from academyd.status import last_verdict
+
+    few = checks(n_facts=5)
+    v = decide(measurement({c["index"]: KNOWS[c["index"]] for c in few}, BASE, few), ARENA)
+
+    class Versions:  # the store's list_versions, as the registry records a verdict
+        def list_versions(self) -> list[dict[str, Any]]:
+            return [{"version": "v1", "verdict": v.to_event()}]
+
+    lv = last_verdict(Versions())
+    assert lv is not None and lv["insufficient_evidence"] is True and lv["verdict"] == "reject"
+    render({"last_verdict": lv, "now": "2026-12-06T10:00:00+00:00"})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "insufficient evidence" in out and f"about {lv['evidence']['lessons_needed']} more lessons" in out
