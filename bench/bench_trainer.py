@@ -22,9 +22,9 @@ for a core run ~10x slower and the comparison becomes noise.
     .venv/bin/python bench/bench_trainer.py --busy [--tiny] [--repeat 2]
 
 The machine shared (issue 21): the same job (backend=auto, threads chosen by the trainer from the CPUs
-free, academyd.trainer.cpu) with every core idle and with one core held busy by a spinning process, runs
-alternating (idle, busy, idle, busy ...); prints training time busy / idle (target <= 2.5x) and the
-threads the trainer chose.
+free, academyd.trainer.cpu) with every core idle, with one core held busy by a spinning process, and busy
+again with the trainer not nice'd; runs alternate; prints training time busy / idle (target <= 2.5x) and
+the threads the trainer chose.
 
     .venv/bin/python bench/bench_trainer.py --save-calibration
 
@@ -89,12 +89,12 @@ def write_data(directory: Path, n_train: int, n_heldout: int) -> tuple[Path, Pat
     return paths[0], paths[1]
 
 
-def run_backend(work: Path, tag: str, spec: dict[str, Any]) -> dict[str, Any]:
+def run_backend(work: Path, tag: str, spec: dict[str, Any], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     out = work / tag
     spec = {**spec, "output_dir": str(out)}
     spec_path = work / f"{tag}.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([str(trainer_python()), "-m", "academyd.trainer", str(spec_path)], env=env(),
+    proc = subprocess.run([str(trainer_python()), "-m", "academyd.trainer", str(spec_path)], env={**env(), **(extra_env or {})},
                           capture_output=True, text=True, check=False)
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     if proc.returncode != 0:
@@ -109,8 +109,9 @@ def run_backend(work: Path, tag: str, spec: dict[str, Any]) -> dict[str, Any]:
 HOG = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 
 
-def run_busy(work: Path, tag: str, spec: dict[str, Any], busy: bool) -> dict[str, Any]:
-    """One run of `spec`; with `busy`, a process spins one core for as long as the run lasts."""
+def run_busy(work: Path, tag: str, spec: dict[str, Any], busy: bool, nice: bool = True) -> dict[str, Any]:
+    """One run of `spec`; with `busy`, a process spins one core for as long as the run lasts; without
+    `nice`, the trainer keeps the daemon's priority (ACADEMY_TRAINER_NICE=0), to show what nice costs."""
     hog = subprocess.Popen([sys.executable, "-c", HOG.format(seconds=3600)]) if busy else None
     try:
         if hog is not None:
@@ -118,7 +119,7 @@ def run_busy(work: Path, tag: str, spec: dict[str, Any], busy: bool) -> dict[str
 
             time.sleep(1.0)  # at full speed before the trainer measures the CPUs
         out = work / tag
-        r = run_backend(work, tag, spec)
+        r = run_backend(work, tag, spec, None if nice else {"ACADEMY_TRAINER_NICE": "0"})
         start = next(json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()
                      if json.loads(line)["type"] == "start")
         return {**r, "cpu": start["cpu"]}
@@ -130,10 +131,10 @@ def run_busy(work: Path, tag: str, spec: dict[str, Any], busy: bool) -> dict[str
 
 def busy_mode(work: Path, spec: dict[str, Any], repeat: int, model: dict[str, Any], out_json: Path | None) -> None:
     spec = {**spec, "cpu_threads": None, "backend": "auto"}
-    runs: dict[str, list[dict[str, Any]]] = {"idle": [], "busy": []}
+    runs: dict[str, list[dict[str, Any]]] = {"idle": [], "busy": [], "busy-nice0": []}
     for i in range(repeat):
-        for arm in ("idle", "busy"):
-            r = run_busy(work, f"{arm}-{i}", spec, arm == "busy")
+        for arm in runs:
+            r = run_busy(work, f"{arm}-{i}", spec, arm != "idle", nice=arm != "busy-nice0")
             runs[arm].append(r)
             print(f"  run {i + 1}/{repeat} {arm:5s} {r['train_duration_s']:7.1f} s  {r['tokens_per_s']:7.0f} tok/s  "
                   f"threads {r['cpu']['threads']} (busy {r['cpu']['busy']:.2f}, wait {r['cpu']['omp_wait_policy']}, "
@@ -142,11 +143,13 @@ def busy_mode(work: Path, spec: dict[str, Any], repeat: int, model: dict[str, An
     ratio = med["busy"] / med["idle"]
     print(f"trainer on a shared machine: {model['name']}, {spec['max_steps']} steps x batch "
           f"{spec['hyperparameters']['batch_size']}, backend auto ({runs['idle'][0]['backend']}), median of {repeat}")
-    for arm in ("idle", "busy"):
+    for arm in runs:
         threads = sorted({r["cpu"]["threads"] for r in runs[arm]})
-        print(f"{arm:5s} one core {'held busy' if arm == 'busy' else 'free     '}: training {med[arm]:7.1f} s, "
-              f"threads {threads}")
-    print(f"ratio busy/idle: x{ratio:.2f} (target <= 2.5)")
+        busy = [round(r["cpu"]["busy"], 2) for r in runs[arm]]
+        print(f"{arm:10s} training {med[arm]:7.1f} s, threads {threads}, CPUs busy at start {busy}, "
+              f"nice {runs[arm][0]['cpu']['nice']}")
+    print(f"ratio busy/idle: x{ratio:.2f} (target <= 2.5); not nice'd: x{med['busy-nice0'] / med['idle']:.2f}")
+    print("(an 'idle' arm whose CPUs were busy at start was not idle: other work shared the machine)")
     if out_json:
         out_json.write_text(json.dumps({"model": model["name"], "runs": runs, "median_train_s": med,
                                         "ratio_busy_idle": ratio}, indent=2))
