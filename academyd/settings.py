@@ -152,6 +152,13 @@ class CuratorSettings(BaseModel):
         description="Questions this similar (Jaccard of character shingles, the prompt alone) are one family: "
         "a family is held out or trained on whole.",
     )
+    augment: bool = Field(
+        default=False,
+        description="Add template restatements of each training lesson (academyd.curator.augment: other "
+        "phrasings, statements, cloze, reverse pairs, Polish and English), in the lesson's family; a restatement "
+        "near a held-out question is dropped. Off by default until the recipe bench measures it.",
+    )
+    augment_per_kind: int = Field(default=2, ge=1, le=16, description="Restatements per kind and language.")
     decontamination_threshold: float = Field(
         default=0.7, gt=0.0, le=1.0,
         description="A held-out question this similar to a training question (exact Jaccard, after LSH) is moved "

@@ -248,6 +248,12 @@ def build_dataset(
     train_all = sorted(train + replay, key=lambda e: e.order)
     heldout.sort(key=lambda e: e.order)
     clock.lap("split")
+    augmented: list[Example] = []
+    aug_stats: dict[str, Any] = {"enabled": cfg.augment}
+    if cfg.augment:
+        augmented, aug_stats = _augment(train, heldout, family, cfg)
+        train_all += augmented
+        clock.lap("augment")
 
     # -------------------------------------------------------------- counts
     counts: dict[str, dict[str, int]] = {}
@@ -317,6 +323,7 @@ def build_dataset(
             "replay_fraction": cfg.replay_fraction,
         },
         "families": _family_stats(family, train + replay, heldout, fsplit.moved, decontaminated, cfg),
+        "augmentation": aug_stats,
         "settings": cfg.model_dump(mode="json"),
     }
     if survivors < cfg.min_examples:
@@ -398,6 +405,35 @@ def build_dataset(
     result.timings = clock.times
     report("write", 3, 3)
     return result
+
+
+def _augment(train: list[Example], heldout: list[Example], family: dict[str, str],
+             cfg: Any) -> tuple[list[Example], dict[str, Any]]:
+    """Restatements of the training lessons (academyd.curator.augment), each in its lesson's family, none
+    near a held-out question: a restatement that crosses the decontamination threshold is dropped, so no
+    held-out question ever reaches training in another lesson's restatement."""
+    from academyd.curator.augment import restate
+
+    lessons = [ex for ex in train if ex.source == "lesson"]
+    made: list[Example] = []
+    for ex in lessons:
+        for r in restate(ex.prompt(), ex.answer(), family=family[ex.key], seed=ex.key,
+                         per_kind=cfg.augment_per_kind):
+            made.append(Example(source="lesson", key=f"{ex.key}#aug-{r.key}", order=ex.order,
+                                instruction=ex.instruction, turns=[("human", r.prompt), ("gpt", r.answer)],
+                                family=family[ex.key]))
+            family[made[-1].key] = family[ex.key]
+    dropped = 0
+    if made and heldout:
+        dedup = Deduper(threshold=cfg.decontamination_threshold, num_perm=cfg.num_perm, k=cfg.shingle_chars)
+        dedup.run([e.key for e in heldout], [e.prompt() for e in heldout])
+        held = {e.key for e in heldout}
+        verdicts = dedup.run([e.key for e in made], [e.prompt() for e in made])
+        keep = [e for e, v in zip(made, verdicts, strict=True) if v.duplicate_of not in held]
+        dropped = len(made) - len(keep)
+        made = keep
+    return made, {"enabled": True, "lessons": len(lessons), "restatements": len(made),
+                  "dropped_near_heldout": dropped, "per_kind": cfg.augment_per_kind}
 
 
 def _family_stats(family: dict[str, str], train: list[Example], heldout: list[Example],

@@ -83,3 +83,23 @@ def test_a_second_build_keeps_families_whole(tmp_path: Path) -> None:
     held_after, train_after = _questions(again.heldout_path), _questions(again.path)
     assert held_before <= set(held_after) and not set(held_after) & set(train_after)
     store.close()
+
+
+def test_no_held_out_restatement_reaches_training(tmp_path: Path) -> None:
+    """With augmentation on, every held-out family is grepped for in the training file: none of its questions
+    (nor anything near them) is there, restated or not."""
+    settings, store, _ = _store(tmp_path)
+    settings.curator.augment = True
+    r = build_dataset(settings, store, now=T0)
+    manifest = json.loads(Path(r.manifest_path).read_text())
+    aug = manifest["augmentation"]
+    assert aug["restatements"] > 100, aug
+    train_text = Path(r.path).read_text(encoding="utf-8").casefold()
+    train_q = _questions(r.path)
+    held_q = set(_questions(r.heldout_path))
+    assert len(train_q) > 120  # the restatements are there
+    for h in held_q:
+        assert json.dumps(h, ensure_ascii=False)[1:-1].casefold() not in train_text, h
+        sh = shingle_set(normalize(h), 5)
+        assert max(jaccard(sh, shingle_set(normalize(t), 5)) for t in train_q) < settings.curator.decontamination_threshold
+    store.close()
