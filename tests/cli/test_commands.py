@@ -267,7 +267,9 @@ async def test_a_fresh_directory_just_works_with_the_generated_credentials(cli, 
         assert r.code in (EXIT_OK, EXIT_FAILED) and r.json()["ok"] is False, (r.out, r.err)  # refused: no lessons
         # The credentials are the data directory's, readable by its owner only.
         users = tmp_path / "data" / "nats" / "users"
-        assert {p.name for p in users.iterdir()} == {"academyd.password", "operator.password", "agent.password"}
+        names = {p.name for p in users.iterdir()}
+        assert {"academyd.password", "operator.password", "agent.password", "follower.password"} <= names, names
+        assert all(n.endswith(".password") for n in names), names
         assert all((p.stat().st_mode & 0o077) == 0 for p in users.iterdir())
     finally:
         daemon.terminate()
