@@ -335,7 +335,7 @@ class Worker:
         """`workers.slow_transfers` (tests): this transfer takes that much longer, as on a slow link."""
         for pattern, seconds in self.settings.workers.slow_transfers.items():
             if fnmatch.fnmatchcase(f"{kind}:{name}", pattern):
-                log.info("transfer_slowed", kind=kind, name=name, seconds=seconds)
+                log.info("transfer_slowed", kind=kind, name=name, seconds=seconds, time=round(time.time(), 3))
                 await asyncio.sleep(seconds)
 
     async def _run_trainer(self, h: HeldLease, job: JobMessage, jobdir: Path, spec: S.TrainSpec,
