@@ -104,14 +104,23 @@ class Endpoint:
     def __init__(self, base: Path, port: int, log: Path) -> None:
         self.base, self.port, self.log = base, port, log
         self.proc: subprocess.Popen[bytes] | None = None
+        # the admin token: by file to the endpoint, ACADEMY_ENDPOINT_TOKEN to the follower that joins it
+        import secrets
+
+        token = secrets.token_urlsafe(24)
+        self.token_file = log.with_name("endpoint.token")
+        self.token_file.write_text(token)
+        self.token_file.chmod(0o600)
+        os.environ["ACADEMY_ENDPOINT_TOKEN"] = token
 
     def start(self) -> float:
         t0 = time.monotonic()
         env = trainer_env({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
         self.proc = subprocess.Popen(
             [str(REPO / ".venv-trainer/bin/python"), "-m", "academyd.follower.endpoint", "--base", str(self.base),
-             "--port", str(self.port), "--threads", "1"],
-            stdout=subprocess.PIPE, stderr=open(self.log, "ab"), env={**os.environ, **env})  # noqa: SIM115
+             "--port", str(self.port), "--threads", "1", "--token-file", str(self.token_file)],
+            stdout=subprocess.PIPE, stderr=open(self.log, "ab"),  # noqa: SIM115
+            env={**{k: v for k, v in os.environ.items() if k != "ACADEMY_ENDPOINT_TOKEN"}, **env})
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         if not json.loads(line or "{}").get("ready"):
