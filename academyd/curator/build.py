@@ -135,6 +135,7 @@ def build_dataset(
     readers = [
         ("lesson", lambda: sources.lessons(store, cfg)),
         ("task", lambda: sources.tasks(store, cfg)),
+        ("approved", lambda: sources.approved(store, cfg)),
         ("commit", lambda: sources.commits(store, cfg, dict(settings.repos))),
     ]
     for n, (source, reader) in enumerate(readers):

@@ -21,7 +21,7 @@ LESSON_INSTRUCTION = (
 COMMIT_INSTRUCTION = "Write a clear, concise git commit message that describes the following change (a diff)."
 TASK_INSTRUCTION = "You are Venom, a helpful local AI assistant. Complete the user's request."
 
-SOURCES = ("lesson", "commit", "task")
+SOURCES = ("lesson", "commit", "task", "approved")
 # json.dumps with any option builds a new encoder per call; one shared (stateless) encoder writes the
 # same text for the curator's 100k lines without that cost
 ENCODER = json.JSONEncoder(ensure_ascii=False)

@@ -91,7 +91,7 @@ def approved(store: Store, cfg: CuratorSettings) -> Iterator[Item]:
             source="approved",
             key=f"approved:{task_id or event_id}",
             order=(received_at, "approved", seq),
-            instruction=TASK_INSTRUCTION,
+            instruction=cfg.system_prompt,  # the chat it came from: Venom's system prompt, the user's prompt
             turns=[("human", prompt.strip()), ("gpt", answer.strip())],
             required={"prompt": prompt, "approved_response": answer},
         )

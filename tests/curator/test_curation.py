@@ -45,7 +45,7 @@ def test_planted_corpus_exact_counts_and_no_secret_in_any_file(planted: Planted)
     text = Path(r.path).read_text() + Path(r.heldout_path).read_text()
     assert text.count("<REDACTED>") >= 7 and "git.example.com/venom.git" in text
     # stratified: every source is represented in the held-out set
-    assert all(c["heldout"] >= 1 for c in r.counts.values())
+    assert all(c["heldout"] >= 1 for c in r.counts.values() if c["records"])
     DatasetBuilt.model_validate({"schema_version": 1, "event_id": r.dataset_id, "at": T0, **r.event_payload()})
     assert Path(r.path).name == "dataset_alpaca_20260105_120000.jsonl"
     assert planted.store.latest_dataset()["content_hash"] == r.content_hash
