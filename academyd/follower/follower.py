@@ -178,19 +178,21 @@ def _matches(answer: str, expected: str) -> bool:
 
 def follower_nats(settings: Settings) -> Any:
     """How the follower authenticates: as configured, or on the embedded server of the same data directory as
-    the daemon's identity (it publishes model.deployed / model.deploy_failed, which only `academyd` may)."""
+    its own least-privilege identity (`follower`: its consumer, model.deployed / model.deploy_failed,
+    academy.status); the daemon's identity only in a data directory made before the follower had one."""
     from academyd.bus import BusError
-    from academyd.nats_auth import DAEMON, as_identity, password_file, read_password
+    from academyd.nats_auth import DAEMON, FOLLOWER, as_identity, password_file, read_password
 
     cfg = settings.nats
     if cfg.url or cfg.user or cfg.token or cfg.creds_file:
         return cfg
-    password = read_password(settings.nats_dir, DAEMON)
-    if password is None:
-        raise BusError(f"no credentials for the embedded NATS server ({password_file(settings.nats_dir, DAEMON)} is "
-                       "missing): start the daemon in this data directory first, pass its --data-dir, or "
-                       "--nats-url / ACADEMY_NATS__URL with nats.user/password or creds_file")
-    return as_identity(cfg, DAEMON, password)
+    for name in (FOLLOWER, DAEMON):
+        password = read_password(settings.nats_dir, name)
+        if password is not None:
+            return as_identity(cfg, name, password)
+    raise BusError(f"no credentials for the embedded NATS server ({password_file(settings.nats_dir, FOLLOWER)} is "
+                   "missing): start the daemon in this data directory first, pass its --data-dir, or "
+                   "--nats-url / ACADEMY_NATS__URL with nats.user/password or creds_file")
 
 
 class Follower:
@@ -226,7 +228,10 @@ class Follower:
         self.state.settled = {k: v for k, v in self.state.settled.items() if v == "dead_lettered"}
         self.bus = Bus(follower_nats(self.settings))
         await self.bus.connect(daemon_url(self.settings))
-        await self.bus.ensure_streams()
+        if self.bus.cfg.user in (None, "academyd"):
+            # Only the daemon (or a server without users) may create the streams; the follower's own identity
+            # has no stream admin and binds to the stream the daemon made.
+            await self.bus.ensure_streams()
         self.feed = Feed(self.bus, durable=self.cfg.consumer, subjects=SUBJECTS, ack_wait_s=self.cfg.ack_wait_s)
         await self.feed.bind()
         self.ready.set()
