@@ -121,23 +121,29 @@ class HeldLease:
                 await beat
 
     async def _heartbeat(self, work: asyncio.Task[Any]) -> None:
+        """A refresh every heartbeat (every quarter beat once one failed); the work stops once no write of
+        the lease (a beat, a checkpoint) has succeeded for `stop_after_s`, measured from the last one."""
+        t = self.timing
         self.last_ok = time.monotonic()
         while True:
-            behind = time.monotonic() - self.last_ok >= self.timing.heartbeat_s * 1.5
-            await asyncio.sleep(self.timing.heartbeat_s / 4 if behind else self.timing.heartbeat_s)
-            with contextlib.suppress(Exception):
-                await self.msg.in_progress()
-            try:
-                ok: bool | None = await asyncio.wait_for(self.refresh(), self.timing.heartbeat_s)
-            except (WireError, asyncio.CancelledError):
-                raise
-            except Exception as exc:  # timeout, disconnected: the lease may run out
-                ok = None
-                log.debug("lease_refresh_failed", run_id=self.run_id, error=type(exc).__name__)
+            since = time.monotonic() - self.last_ok
+            pause = t.heartbeat_s / 4 if since >= t.heartbeat_s * 1.5 else t.heartbeat_s
+            await asyncio.sleep(max(0.0, min(pause, t.stop_after_s - since)))
+            ok: bool | None = None
+            left = t.stop_after_s - (time.monotonic() - self.last_ok)
+            if left > 0:
+                with contextlib.suppress(Exception):
+                    await self.msg.in_progress()
+                try:
+                    ok = await asyncio.wait_for(self.refresh(), min(t.heartbeat_s, left))
+                except (WireError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # timeout, disconnected: the lease may run out
+                    log.debug("lease_refresh_failed", run_id=self.run_id, error=type(exc).__name__)
             if ok:
                 log.info("heartbeat", run_id=self.run_id, worker=self.worker, rev=self.rev, time=round(time.time(), 3))
                 continue
-            if ok is False or time.monotonic() - self.last_ok > self.timing.stop_after_s:
+            if ok is False or time.monotonic() - self.last_ok >= t.stop_after_s:
                 if self.lost is None:
                     self.lost = f"cut off from NATS for {time.monotonic() - self.last_ok:.1f} s (lease not refreshed)"
                 log.warning("trainer_stopping" if self.trainer_running else "job_stopping", run_id=self.run_id,
