@@ -187,11 +187,14 @@ def apply_env(plan: CpuPlan, environ: dict[str, str] | Any = os.environ) -> None
 
 # The trainer yields the CPU to the daemon and to the serving runtime (Venom's LLM) on the same machine:
 # its niceness is raised by this much over what it inherited (ACADEMY_TRAINER_NICE overrides; 0: not at all).
-NICE_INCREMENT = 10
+# 5: on a core it shares with nice-0 work it gets about a quarter (CFS weights 335 vs 1024). Measured with
+# bench/bench_trainer.py --busy --tiny on the 2-core VM, one core held busy and the other loaded by other
+# work: nice 10 trained 5.7x and 13x slower than idle, nice 5 2.05x, nice 0 1.3x (target <= 2.5x).
+NICE_INCREMENT = 5
 
 
 def lower_priority(environ: dict[str, str] | Any = os.environ) -> int:
-    """Raise this process's niceness by ACADEMY_TRAINER_NICE (default 10); return the niceness now."""
+    """Raise this process's niceness by ACADEMY_TRAINER_NICE (default NICE_INCREMENT); return it now."""
     raw = environ.get("ACADEMY_TRAINER_NICE", str(NICE_INCREMENT))
     try:
         increment = max(0, int(raw))
