@@ -37,7 +37,8 @@ from fixtures.curator import T0, CorpusStore
 from fixtures.polish import polish_lessons
 from fixtures.realmodel import THREADS, trainer_json
 
-pytestmark = pytest.mark.slow
+# Training two adapters and two arena measurements: about 5 minutes on 2 idle cores, far more on busy ones.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 HERE = Path(__file__).resolve().parent
 
 
