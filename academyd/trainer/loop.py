@@ -21,6 +21,10 @@ from academyd.trainer.events import EventWriter
 
 # Loss above this multiple of the run's first logged loss means the run has blown up.
 DIVERGENCE_FACTOR = 5.0
+# The guard's reference is the largest of the first few logged losses, not the first one: batches mix rows
+# of different kinds (a short lesson answer, a replay row learnt by KL) whose losses differ several-fold, so
+# one low first batch would otherwise read as divergence.
+DIVERGENCE_EARLY_LOGS = 5
 
 
 class TokenCounter:
@@ -138,6 +142,16 @@ def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, dev
     return trainer, counter
 
 
+def exploding(early: list[float], loss: float) -> float | None:
+    """The divergence guard, pure: the first DIVERGENCE_EARLY_LOGS losses are collected into `early`; a later
+    loss over DIVERGENCE_FACTOR x their largest returns that largest (else None)."""
+    if len(early) < DIVERGENCE_EARLY_LOGS:
+        early.append(loss)
+        return None
+    reference = max(early)
+    return reference if loss > DIVERGENCE_FACTOR * reference else None
+
+
 class ProtocolCallback:
     """Turns Trainer logs into progress events and loss.jsonl lines, marks checkpoints, stops on NaN."""
 
@@ -150,6 +164,7 @@ class ProtocolCallback:
         self.steps = steps
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.early_losses: list[float] = []
         self._mark = (time.monotonic(), 0)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -187,9 +202,10 @@ class ProtocolCallback:
                                   "hyperparameters.learning_rate, or check the dataset and the base model")
         if self.first_loss is None:
             self.first_loss = loss
-        elif loss > DIVERGENCE_FACTOR * self.first_loss:
+        reference = exploding(self.early_losses, loss)
+        if reference is not None:
             raise TrainingFailure("loss_exploding", f"loss {loss:.3g} at step {state.global_step} is over "
-                                  f"{DIVERGENCE_FACTOR:g}x the first loss {self.first_loss:.3g}; lower "
+                                  f"{DIVERGENCE_FACTOR:g}x the early losses (at most {reference:.3g}); lower "
                                   "hyperparameters.learning_rate")
         self.last_loss = loss
 
