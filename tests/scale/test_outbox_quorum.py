@@ -9,6 +9,8 @@ nothing. When the nodes come back, everything is in the stream, in the order it 
 
 from __future__ import annotations
 
+import asyncio
+
 from typing import Any
 
 import aiohttp
@@ -27,7 +29,21 @@ def promoted(version: str, parent: str | None) -> dict[str, Any]:
 
 
 async def stream_subjects(servers: list[str], stream: str) -> list[tuple[str, str]]:
-    """(subject, event id) of every message in `stream`, in stream order."""
+    """(subject, event id) of every message in `stream`, in stream order. Right after quorum returns the
+    cluster may still answer 503 for a moment: this reader retries that, as the daemon's own code does."""
+    from nats.js.errors import ServiceUnavailableError
+
+    for attempt in range(60):
+        try:
+            return await _stream_subjects(servers, stream)
+        except (ServiceUnavailableError, TimeoutError, nats.errors.TimeoutError):
+            if attempt == 59:
+                raise
+            await asyncio.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+async def _stream_subjects(servers: list[str], stream: str) -> list[tuple[str, str]]:
     import json
 
     nc = await nats.connect(servers=servers)

@@ -84,7 +84,8 @@ def turn_end(trainer_python: Path) -> dict[str, Any]:
 
 def test_the_trainers_tokenizer_has_the_gguf_eos(turn_end: dict[str, Any]) -> None:
     assert turn_end["gguf_eos"] == 2 and turn_end["gguf_bos"] == 1  # <|im_end|>, <|im_start|>
-    assert turn_end["backend"] == "unsloth"  # the default backend, as training runs
+    # the default backend, as training runs (auto: the one measured faster on this CPU, peft unless measured)
+    assert turn_end["backend"] in ("unsloth", "peft")
     assert turn_end["trainer"]["eos_token"] == "<|im_end|>"
     assert turn_end["trainer"]["eos_token_id"] == turn_end["gguf_eos"]
     assert turn_end["generation_config_eos"] == turn_end["gguf_eos"]
