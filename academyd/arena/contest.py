@@ -15,6 +15,7 @@ import structlog
 
 from academyd.arena.gate import Verdict, decide
 from academyd.arena.judge import JudgeError, judge
+from academyd.childenv import child_env
 from academyd.settings import Settings
 from schemas.models import is_version
 
@@ -34,13 +35,6 @@ def trainer_python(settings: Settings) -> Path:
     return Path(settings.training.trainer_python or default_trainer_python())
 
 
-def trainer_env() -> dict[str, str]:
-    """The environment of a trainer-side process: the `academyd` package importable, nothing else leaked."""
-    from academyd.childenv import child_env
-
-    return child_env(pythonpath=str(REPO_ROOT))
-
-
 async def run_trainer_module(
     settings: Settings, module: str, args: list[str], *, time_limit_s: float, what: str
 ) -> dict[str, Any]:
@@ -53,7 +47,7 @@ async def run_trainer_module(
         raise ArenaError(f"trainer environment not found: {py} does not exist; run `make trainer-env` "
                          "(or set training.trainer_python / ACADEMY_TRAINING__TRAINER_PYTHON)")
     proc = await asyncio.create_subprocess_exec(
-        str(py), "-m", module, *args, env=trainer_env(), start_new_session=True,
+        str(py), "-m", module, *args, env=child_env(pythonpath=str(REPO_ROOT)), start_new_session=True,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:

@@ -206,12 +206,10 @@ def build_dataset(
     deduper = Deduper(threshold=cfg.near_dup_threshold, num_perm=cfg.num_perm, k=cfg.shingle_chars)
     verdicts = deduper.run([e.key for e in after_secrets], [e.content() for e in after_secrets])
     unique: list[Example] = []
-    dup_of: dict[str, str] = {}
     for ex, v in zip(after_secrets, verdicts, strict=True):
         if v.kept:
             unique.append(ex)
         else:
-            dup_of[ex.key] = v.duplicate_of or ""
             drop(ex.source, ex.key, v.reason or "duplicate", duplicate_of=v.duplicate_of, similarity=v.similarity)
     report("dedup", len(after_secrets), len(after_secrets))
     clock.lap("dedup")
@@ -224,9 +222,6 @@ def build_dataset(
     decontaminated = decontaminate(unique, family, fsplit, threshold=cfg.decontamination_threshold,
                                    num_perm=cfg.num_perm, k=cfg.shingle_chars)
     split, why = fsplit.split, fsplit.why
-    # duplicates whose own hash split differs from the kept twin's: a leak between train and held-out
-    # had they both been kept
-    across = sum(1 for d, first in dup_of.items() if first in split and _hash_split(d, cfg) != split[first])
     train = [ex for ex in unique if split[ex.key] == "train"]
     heldout = [ex for ex in unique if split[ex.key] == "heldout"]
     replay: list[Example] = []
@@ -306,7 +301,6 @@ def build_dataset(
         "dedup": {
             "exact": dropped["exact_duplicate"],
             "near": dropped["near_duplicate"],
-            "duplicates_across_split": across,
             "threshold": cfg.near_dup_threshold,
             "shingle_chars": cfg.shingle_chars,
             "num_perm": cfg.num_perm,
@@ -449,12 +443,6 @@ def _family_stats(family: dict[str, str], train: list[Example], heldout: list[Ex
         "moved": len(moved), "decontaminated": decontaminated, "moves": moved[:200],
         "family_threshold": cfg.family_threshold, "decontamination_threshold": cfg.decontamination_threshold,
     }
-
-
-def _hash_split(key: str, cfg: Any) -> str:
-    from academyd.curator.split import is_heldout_by_hash
-
-    return "heldout" if is_heldout_by_hash(key, cfg.heldout_fraction) else "train"
 
 
 def _names(out_dir: Path, fmt: str, stamp: str, taken: set[str]) -> dict[str, Any]:

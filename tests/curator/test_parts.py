@@ -10,7 +10,8 @@ import pytest
 from academyd.curator import git as gitsrc
 from academyd.curator.dedup import Deduper, Signer, normalize
 from academyd.curator.rules import commit_message_reason, is_successful_lesson, is_successful_task, trivial_reason
-from academyd.curator.split import assign
+from academyd.curator.examples import Example
+from academyd.curator.families import assign_families
 from academyd.secrets import scanner as secret_scanner
 from fixtures.curator import PRIVATE_KEY, SECRETS, GitRepo, Words, secret_texts
 
@@ -172,6 +173,14 @@ def test_dedup_is_order_stable_and_exact_about_the_threshold() -> None:
 
 def test_split_remembers_and_stratifies() -> None:
     keys = {"lesson": [f"lesson:{i}" for i in range(200)], "task": [f"task:{i}" for i in range(12)]}
+
+    def assign(keys: dict[str, list[str]], fraction: float, remembered: dict[str, str]) -> tuple[dict, dict]:
+        # one family per record: the split of academyd.curator.families at its simplest
+        exs = [Example(source=src, key=k, order=("", src, i), instruction="", turns=[("human", k), ("gpt", "x")])
+               for src, ks in keys.items() for i, k in enumerate(ks)]
+        r = assign_families(exs, {e.key: f"fam-{e.key}" for e in exs}, fraction, remembered, min_families=8)
+        return r.split, r.why
+
     split, why = assign(keys, 0.1, {})
     held = {k for k, s in split.items() if s == "heldout"}
     assert 8 <= sum(k.startswith("lesson") for k in held) <= 35
