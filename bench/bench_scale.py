@@ -151,8 +151,8 @@ async def bench_jobs(tmp: Path) -> None:
 
     py = ROOT / ".venv-trainer" / "bin" / "python"
     base = tmp / "tiny"
-    subprocess.run([str(py), "-m", "academyd.trainer.tiny", str(base), "--seed", "0"], check=True,
-                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([str(py), "-m", "fixtures.tiny", str(base), "--seed", "0"], check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
     data = write_alpaca(tmp / "data")
 
     def spec(out: Path, steps: int) -> TrainSpec:

@@ -66,8 +66,8 @@ def env() -> dict[str, str]:
 
 
 def build_model(out: Path, extra: list[str]) -> dict[str, Any]:
-    proc = subprocess.run([str(trainer_python()), "-m", "academyd.trainer.tiny", str(out), *extra],
-                          env=env(), capture_output=True, text=True, check=False)
+    proc = subprocess.run([str(trainer_python()), "-m", "fixtures.tiny", str(out), *extra],
+                          env={**env(), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"building the model failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)

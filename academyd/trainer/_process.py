@@ -1,4 +1,4 @@
-"""Process setup shared by every trainer entry point (train, tiny, evaluate).
+"""Process setup shared by every trainer entry point (train, evaluate; the tests' tiny model builder too).
 
 Call `prepare()` first thing, before torch, transformers or unsloth are imported. It:
 - makes the process offline (no hub downloads can happen on these machines; fail fast instead of hanging),

@@ -33,7 +33,7 @@ def check_base_model(base_model: str) -> str:
         return "local"
     if path.exists() or not _HUB_NAME.match(base_model) or base_model.startswith((".", "/", "~")):
         raise BadInput(f"base model path {base_model} does not exist; give a model directory "
-                       "(python -m academyd.trainer.tiny DIR builds a tiny one) or a cached hub name")
+                       "(a save_pretrained directory or a GGUF file) or a cached hub name")
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(base_model, "config.json"), str):

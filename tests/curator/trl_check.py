@@ -38,7 +38,8 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from academyd.trainer.tiny import build
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fixtures.tiny import build
 
     model_dir = Path(work) / "tiny"
     build(model_dir, vocab_size=512, hidden=32, layers=1, heads=2)
