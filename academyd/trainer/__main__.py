@@ -3,7 +3,8 @@
 Run with the trainer environment's interpreter (`.venv-trainer/bin/python`, built by `make trainer-env`)
 and PYTHONPATH set to the directory holding the `academyd` package. The spec is JSON
 (`academyd.trainer.spec.TrainSpec`): base_model, dataset_path, heldout_path, format (alpaca|sharegpt),
-hyperparameters, seed, output_dir, backend (auto|unsloth|peft), max_steps.
+hyperparameters, seed, output_dir, backend (auto|unsloth|peft), max_steps, validation (questions with answer
+keys, asked at every KL measurement: the adapter kept is the best on them inside hyperparameters.kl_budget).
 
 Stdout carries only the protocol: one JSON object per line, each with "type" and "time" (unix seconds);
 library output goes to stderr. Every line is also appended to <output_dir>/events.jsonl.
@@ -11,7 +12,8 @@ library output goes to stderr. Every line is also appended to <output_dir>/event
                 busy, threads, wait policy, nice: academyd.trainer.cpu), spec_hash, total_steps,
                 resumed_from (step or null), examples, heldout_examples, hyperparameters, plan_notes
     progress    step, total_steps, epoch, loss, learning_rate, grad_norm, tokens_per_s; eval_loss when computed;
-                general_kl (and kl_budget) every hyperparameters.kl_steps steps
+                general_kl (and kl_budget) every hyperparameters.kl_steps steps, with the spec's validation
+                questions validation_right/_total/_accuracy, and kept_step (the step whose weights are kept)
     checkpoint  step, path
     done        summary (the content of summary.json); already_done: true when the spec had finished before
     error       code (bad_input|loss_nan|loss_exploding|out_of_memory|cancelled|unexpected), reason, exit_code
@@ -28,7 +30,8 @@ Output layout in output_dir:
                         spec's base_model), tokenizer files and chat template; renamed into place whole
     summary.json        backend, versions, cpu, spec and spec_hash, steps, losses (final, base and adapter
                         held-out), general_kl (mean KL(adapter || base) per response token on the arena's
-                        general set), kl_log, kl_stopped, tokens/s, peak memory, durations, probe logits
+                        general set), kl_log, kl_stopped, validation (the step kept, its answers right and
+                        KL), tokens/s, peak memory, durations, probe logits
     loss.jsonl          one line per logged step: step, epoch, loss, learning_rate, grad_norm
     heldout_eval.json   per-example held-out loss of the base model and of the adapter
     events.jsonl        the protocol lines

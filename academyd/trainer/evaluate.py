@@ -126,6 +126,50 @@ def general_kl(model: Any, encoded: list[dict[str, Any]], pad_id: int, *, batch_
     return total / tokens if tokens else float("nan")
 
 
+def validation_replies(model: Any, tokenizer: Any, prompts: list[list[int]], pad_id: int, *,
+                       max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy replies to prompts (token ids), batched with left padding; text up to the first eos."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    replies: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=pad_id)
+            for row in out[:, width:].tolist():
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                replies.append(str(tokenizer.decode(row, skip_special_tokens=True)).strip())
+    if was_training:
+        model.train()
+    return replies
+
+
+def validation_right(model: Any, tokenizer: Any, validation: list[dict[str, Any]], pad_id: int, *,
+                     max_new_tokens: int) -> int:
+    """How many validation questions ({"ids": prompt ids, "keys"}) the model answers right, greedily, scored
+    as the gate scores (academyd.arena.answers.is_right: at least half the keys, by lemma)."""
+    from academyd.arena.answers import is_right
+
+    replies = validation_replies(model, tokenizer, [v["ids"] for v in validation], pad_id,
+                                 max_new_tokens=max_new_tokens)
+    for v, reply in zip(validation, replies, strict=True):
+        v["last_reply"] = reply
+    return sum(is_right(reply, v["keys"]) for v, reply in zip(validation, replies, strict=True))
+
+
 def probe(model: Any, ids: list[int], *, top_k: int = PROBE_TOP_K) -> dict[str, Any]:
     """Top-k logits of the next token after `ids`."""
     import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def distill_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_
 
 
 def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, device, ckpt_dir, h, events,
-                  steps, collate, enc_general=None):  # type: ignore[no-untyped-def]
+                  steps, collate, enc_general=None, validation=None):  # type: ignore[no-untyped-def]
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -120,7 +121,8 @@ def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, dev
     callbacks = [callback]
     if enc_general and hp.kl_steps > 0:
         watch_cls = type("KLWatch", (KLWatch, TrainerCallback), {})
-        callbacks.append(watch_cls(events, model, enc_general, pad_id, hp.batch_size, hp.kl_budget, hp.kl_steps))
+        callbacks.append(watch_cls(events, model, enc_general, pad_id, hp.batch_size, hp.kl_budget, hp.kl_steps,
+                                   tokenizer, validation, hp.validation_max_new_tokens))
     trainer_cls = Trainer
     if hp.replay_loss == "kl":
         def compute_loss(self: Any, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -217,49 +219,141 @@ class ProtocolCallback:
             self.events.emit(S.EVENT_CHECKPOINT, step=state.global_step, path=str(path))
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One KL measurement while training: the step, the KL to the base, the validation answers right."""
+
+    step: int
+    general_kl: float
+    right: int | None = None  # None: no validation questions
+    total: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.right / self.total if self.right is not None and self.total else None
+
+
+def better(new: Measured, kept: Measured | None) -> bool:
+    """Is `new` (a measurement inside the budget) the one to keep instead of `kept`? Pure.
+
+    More validation answers right wins. On a tie the later step wins: a handful of questions ties often,
+    and with the accuracy flat (0 of n early in a run) a lower-KL rule would keep the first measurement,
+    cutting training short on a signal that says nothing; so without validation questions, or with the
+    accuracy flat, this is the last measurement inside the budget, as before. (Measurements come in step
+    order, so the later step is `new`.)"""
+    if kept is None or kept.right is None or new.right is None:
+        return True
+    return new.right >= kept.right
+
+
 class KLWatch:
-    """Forgetting as a budget: every `every` steps the mean KL(candidate || base) on the general set
-    (evaluate.general_kl). Within the budget the adapter's trainable weights are kept (in memory: a LoRA is
-    small); past it the kept ones are put back and training stops, so the adapter written is the last one
-    measured inside the budget (the one training began with, if none was)."""
+    """Forgetting as a budget, and early stopping on validation answers.
+
+    Every `every` steps: the mean KL(candidate || base) on the general set (evaluate.general_kl) and, with
+    validation questions, how many the model answers right (greedy, scored by academyd.arena.answers.is_right,
+    as the gate scores). Of the measurements inside the budget (all of them without one) the trainable
+    weights of the best (`better`) are kept in memory (a LoRA is small). A measurement past the budget stops
+    training. At the end the kept weights are put back, so the adapter written is the best measured inside
+    the budget (the one training began with, if none was). A last step that was not measured is measured at
+    the end, so the adapter written has always been checked against the budget."""
 
     def __init__(self, events: EventWriter, model: Any, encoded: list[dict[str, Any]], pad_id: int,
-                 batch_size: int, budget: float, every: int) -> None:
+                 batch_size: int, budget: float, every: int, tokenizer: Any = None,
+                 validation: list[dict[str, Any]] | None = None, max_new_tokens: int = 32) -> None:
         self.events, self.model, self.encoded, self.pad_id = events, model, encoded, pad_id
         self.batch_size, self.budget, self.every = batch_size, budget, every
-        self.log: list[dict[str, float]] = []
+        self.tokenizer, self.validation, self.max_new_tokens = tokenizer, validation or [], max_new_tokens
+        self.log: list[dict[str, Any]] = []
         self.stopped: dict[str, Any] | None = None
+        self.best: Measured | None = None  # the measurement whose weights are kept
         self._kept: tuple[int, dict[str, Any]] | None = None
+        self._last_measured: int | None = None
+        self.kept_replies: list[str] = []
+
+    @property
+    def selecting(self) -> bool:
+        """Whether weights are kept and put back: with a budget or validation questions."""
+        return bool(self.budget) or bool(self.validation)
 
     def _keep(self, step: int) -> None:
         self._kept = (step, {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.budget:
-            self._keep(state.global_step)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if state.global_step % self.every:
-            return
-        from academyd.trainer.evaluate import general_kl
-
-        kl = general_kl(self.model, self.encoded, self.pad_id, batch_size=self.batch_size)
-        self.log.append({"step": state.global_step, "general_kl": kl})
-        self.events.emit(S.EVENT_PROGRESS, step=state.global_step, total_steps=state.max_steps, general_kl=kl,
-                         **({"kl_budget": self.budget} if self.budget else {}))
-        if not self.budget:
-            return
-        if kl <= self.budget:
-            self._keep(state.global_step)
-            return
+    def _restore(self) -> None:
         assert self._kept is not None  # kept at on_train_begin
-        kept_step, weights = self._kept
         params = dict(self.model.named_parameters())
         import torch
 
         with torch.no_grad():
-            for name, value in weights.items():
+            for name, value in self._kept[1].items():
                 params[name].copy_(value)
-        self.stopped = {"step": state.global_step, "general_kl": kl, "kl_budget": self.budget,
-                        "kept_step": kept_step}
-        control.should_training_stop = True
+
+    @property
+    def kept_step(self) -> int | None:
+        return self._kept[0] if self._kept is not None else None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.selecting:
+            self._keep(state.global_step)
+
+    def _measure(self, state: Any) -> Measured:
+        from academyd.trainer.evaluate import general_kl, validation_right
+
+        self._last_measured = state.global_step
+        kl = general_kl(self.model, self.encoded, self.pad_id, batch_size=self.batch_size)
+        inside = not self.budget or kl <= self.budget
+        right = None
+        if self.validation and inside:  # past the budget the step cannot be kept: no need to ask
+            right = validation_right(self.model, self.tokenizer, self.validation, self.pad_id,
+                                     max_new_tokens=self.max_new_tokens)
+        m = Measured(state.global_step, kl, right, len(self.validation))
+        entry: dict[str, Any] = {"step": m.step, "general_kl": kl}
+        if right is not None:
+            entry.update(validation_right=right, validation_total=m.total, validation_accuracy=m.accuracy)
+        if inside and self.selecting and better(m, self.best):
+            self.best = m
+            self._keep(m.step)
+            if right is not None:
+                self.kept_replies = [str(v.get("last_reply")) for v in self.validation]
+        self.log.append(entry)
+        kept = {}
+        if self.best is not None:
+            kept = {"kept_step": self.best.step, "kept_general_kl": self.best.general_kl}
+            if self.best.right is not None:
+                kept["kept_validation_accuracy"] = self.best.accuracy
+        self.events.emit(S.EVENT_PROGRESS, total_steps=state.max_steps, **entry,
+                         **({"kl_budget": self.budget} if self.budget else {}), **kept)
+        return m
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step % self.every:
+            return
+        m = self._measure(state)
+        if self.budget and m.general_kl > self.budget:
+            self.stopped = {"step": m.step, "general_kl": m.general_kl, "kl_budget": self.budget,
+                            "kept_step": self.kept_step}
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not self.selecting:
+            return
+        if self.stopped is None and self._last_measured != state.global_step:
+            self._measure(state)
+        if self.kept_step != state.global_step or self.stopped is not None:
+            self._restore()
+
+    def validation_summary(self) -> dict[str, Any]:
+        """What the summary says about the validation questions and the step kept."""
+        if not self.validation:
+            return {"questions": 0}
+        out: dict[str, Any] = {"questions": len(self.validation), "max_new_tokens": self.max_new_tokens,
+                               "rule": "most validation answers right among the KL measurements inside "
+                                       "kl_budget; a tie goes to the later step"}
+        if self.best is not None and self.best.right is not None:
+            out.update(kept_step=self.best.step, right=self.best.right, accuracy=self.best.accuracy,
+                       general_kl=self.best.general_kl,
+                       replies=[{"family": v.get("family"), "keys": v["keys"], "reply": reply}
+                                for v, reply in zip(self.validation, self.kept_replies, strict=True)][:16])
+        else:
+            out.update(kept_step=self.kept_step, right=None, accuracy=None,
+                       note="no measurement inside the budget: the adapter is the one training began with")
+        return out

@@ -127,6 +127,9 @@ class Hyperparameters:
     # with the adapter of its last measurement inside the budget. 0: no budget.
     kl_budget: float = 0.0
     kl_steps: int = 0
+    # The spec's validation questions (TrainSpec.validation) are answered greedily at each KL measurement,
+    # with replies of at most this many tokens: the answer's facts come first, so a short reply is enough.
+    validation_max_new_tokens: int = 32
     # rsLoRA scales by alpha/sqrt(r) instead of alpha/r. Runtimes read a plain LoRA's alpha/r, so the saved
     # adapter carries lora_alpha rewritten to alpha*sqrt(r) and use_rslora false (checkpoint.save_adapter).
     use_rslora: bool = False
@@ -154,6 +157,12 @@ class TrainSpec:
     # CPU threads for torch (None: torch's default). On a shared machine 1 thread can be 10x faster than 2
     # fighting another process for a core. It changes speed, not what is learnt, so it is not hashed.
     cpu_threads: int | None = None
+    # Validation questions (the curator's validation families: never trained on, never the gate's held-out
+    # ones): [{"example": a line of the dataset's format, "keys": what a right reply contains}]. Answered at
+    # every KL measurement; the adapter kept is the step with the most right answers inside kl_budget
+    # (academyd.trainer.loop.KLWatch). Carried in the spec itself (a handful), so that every habitat that
+    # moves the spec moves them.
+    validation: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_dict(cls, data: Any) -> TrainSpec:
@@ -195,6 +204,8 @@ class TrainSpec:
             problems.append("cpu_threads must be a positive integer or null")
         hp, hp_problems = _parse_hyperparameters(data.get("hyperparameters") or {})
         problems += hp_problems
+        validation, v_problems = _parse_validation(data.get("validation"), data.get("format", "alpaca"))
+        problems += v_problems
         if problems:
             raise SpecError("invalid training spec:\n" + "\n".join(f"  - {p}" for p in problems))
         return cls(
@@ -210,15 +221,47 @@ class TrainSpec:
             max_steps=max_steps,
             run_id=data.get("run_id"),
             cpu_threads=threads,
+            validation=validation,
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hyperparameters"]["target_modules"] = list(self.hyperparameters.target_modules)
+        d["validation"] = [dict(v) for v in self.validation]
         return d
 
     def replace(self, **changes: Any) -> TrainSpec:
         return dataclasses.replace(self, **changes)
+
+
+# At most this many validation questions: each is generated at every KL measurement, and the spec travels in
+# a worker's job message.
+MAX_VALIDATION = 16
+
+
+def _parse_validation(raw: Any, fmt: Any) -> tuple[tuple[dict[str, Any], ...], list[str]]:
+    if raw is None:
+        return (), []
+    if not isinstance(raw, (list, tuple)):
+        return (), ["validation must be a list of {\"example\", \"keys\"} objects"]
+    if len(raw) > MAX_VALIDATION:
+        return (), [f"validation has {len(raw)} questions; at most {MAX_VALIDATION} (each is answered at every "
+                    "KL measurement): lower curator.validation_families"]
+    from academyd.trainer.data import _check  # standard library only, like this module
+
+    problems = []
+    for n, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) - {"example", "keys", "family", "record"}:
+            problems.append(f"validation[{n}] must be an object with \"example\" and \"keys\" "
+                            "(and optionally \"family\", \"record\")")
+            continue
+        keys = item.get("keys")
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k.strip() for k in keys):
+            problems.append(f"validation[{n}].keys must be a non-empty list of strings")
+        why = _check(item.get("example"), fmt if fmt in FORMATS else "alpaca")
+        if why:
+            problems.append(f"validation[{n}].example: {why}")
+    return (tuple(dict(item) for item in raw) if not problems else ()), problems
 
 
 def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
@@ -280,6 +323,7 @@ def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
         (hp.kl_budget >= 0, "kl_budget must be >= 0 (0: no budget)"),
         (hp.kl_steps >= 0, "kl_steps must be >= 0"),
         (hp.kl_budget == 0 or hp.kl_steps >= 1, "kl_budget needs kl_steps >= 1 (how often the KL is measured)"),
+        (hp.validation_max_new_tokens >= 1, "validation_max_new_tokens must be >= 1"),
     ]
     problems += [f"hyperparameters.{msg}" for ok, msg in checks if not ok]
     problems += [f"hyperparameters cannot be served: {why}" for why in unservable(raw)]
@@ -329,7 +373,8 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-_ADDED_LATER = {"adapter": "lora", "use_rslora": False, "kl_budget": 0.0, "kl_steps": 0}
+_ADDED_LATER = {"adapter": "lora", "use_rslora": False, "kl_budget": 0.0, "kl_steps": 0,
+                "validation_max_new_tokens": 32}
 
 
 def spec_hash(spec: TrainSpec) -> str:
@@ -342,6 +387,8 @@ def spec_hash(spec: TrainSpec) -> str:
     for key, default in _ADDED_LATER.items():
         if d["hyperparameters"].get(key) == default:
             d["hyperparameters"].pop(key)
+    if not d["validation"]:
+        d.pop("validation")
     return hashlib.sha256(canonical_json(d).encode("utf-8")).hexdigest()
 
 

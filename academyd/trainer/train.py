@@ -98,6 +98,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
             enc_train = [{**e, "distill": int(e["index"] >= n_dataset)} for e in enc_train]
         enc_heldout, heldout_skipped = encode_all(heldout, fmt, tokenizer, hp.max_length)
         enc_general = _general_set(spec, tokenizer, hp.max_length)
+        validation = _validation_set(spec, tokenizer)
     except DataError as exc:
         raise BadInput(str(exc)) from None
     if not enc_train:
@@ -130,7 +131,7 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     base_eval = heldout_loss(model, enc_heldout, pad_id, batch_size=hp.batch_size) if enc_heldout else None
 
     trainer, counter = make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, device,
-                                     ckpt_dir, h, events, steps, collate, enc_general)
+                                     ckpt_dir, h, events, steps, collate, enc_general, validation)
     loss_log = out_dir / S.LOSS_FILE
     if resume_path:
         trim_loss_log(loss_log, resume_step)
@@ -155,7 +156,9 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
     guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ProtocolCallback))
     summary = {
         "run_id": spec.run_id,
-        "spec": spec.to_dict(),
+        # Not the validation questions' text (in the spec the run was given): the done event crosses NATS.
+        "spec": {**spec.to_dict(), "validation": [{"family": v.get("family"), "keys": v["keys"]}
+                                                  for v in spec.validation]},
         "spec_hash": h,
         "backend": backend,
         "backend_note": backend_note,
@@ -190,6 +193,8 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         "kl_budget": hp.kl_budget or None,
         "kl_log": watch.log if watch else [],
         "kl_stopped": watch.stopped if watch else None,
+        # The adapter kept: the step with the most validation answers right inside the KL budget.
+        "validation": _validation_note(watch, validation),
         "train_tokens": counter.tokens,
         "tokens_per_s": counter.tokens / train_s if train_s > 0 else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -221,6 +226,29 @@ def _general_set(spec: S.TrainSpec, tokenizer: Any, max_length: int) -> list[dic
         return []
     general, fmt = rendered(read_examples(path, "alpaca", what="general set"), "alpaca", spec.render)
     return encode_all(general, fmt, tokenizer, max_length)[0]
+
+
+def _validation_set(spec: S.TrainSpec, tokenizer: Any) -> list[dict[str, Any]]:
+    """The spec's validation questions as prompt ids (rendered as the dataset is) and keys."""
+    from academyd.trainer.data import rendered
+
+    if not spec.validation:
+        return []
+    examples, fmt = rendered([dict(v["example"]) for v in spec.validation], spec.format, spec.render)
+    return [{"ids": prompt_ids(ex, fmt, tokenizer), "keys": list(v["keys"]), "family": v.get("family")}
+            for ex, v in zip(examples, spec.validation, strict=True)]
+
+
+def _validation_note(watch: Any, validation: list[dict[str, Any]]) -> dict[str, Any]:
+    if not validation:
+        return {"questions": 0, "note": "the spec has no validation questions (the curator sets validation "
+                "families aside with curator.validation_families > 0, when the dataset has enough lesson "
+                "families with checkable answers: its manifest's `validation` says): the adapter kept is the "
+                "last one measured inside kl_budget, as without validation"}
+    if watch is None:
+        return {"questions": len(validation), "note": "not asked: hyperparameters.kl_steps is 0, so nothing is "
+                "measured while training; the adapter is the last step's"}
+    return watch.validation_summary()
 
 
 def _on_signal(signum: int, frame: Any) -> None:
