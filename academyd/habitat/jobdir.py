@@ -275,6 +275,17 @@ def _copy_bounded(src: Any, out: Any, size: int) -> int:
     return copied
 
 
+def read_events(root: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The trainer's protocol events in root/events.jsonl after `offset` (one read of at most
+    MAX_EVENTS_READ_BYTES, lines checked by `parse_events`) and the offset after the bytes they used.
+    Every habitat and the worker read the trainer's events through this; UnsafeOutput if it refuses the file."""
+    from academyd.trainer import spec as S
+
+    data, _ = read_from(root, S.EVENTS_FILE, offset)
+    events, used = parse_events(data)
+    return events, offset + used
+
+
 def parse_events(data: bytes) -> tuple[list[dict[str, Any]], int]:
     """Protocol events in `data` (complete lines only) and how many bytes they used.
 

@@ -124,26 +124,6 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_json(path, data, sort_keys=True)
 
 
-def _read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete JSON lines after `offset`, and the offset after the last complete line."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-    except OSError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    events = []
-    for line in data[:end].splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # not ours: the protocol has only JSON lines
-        if isinstance(event, dict) and "type" in event:
-            events.append(event)
-    return events, offset + end
-
-
 class ProcessHabitat:
     """Runs `<trainer_python> -m academyd.trainer <output_dir>/spec.json` as a local process group."""
 
@@ -289,8 +269,14 @@ class ProcessHabitat:
 
     def _final_event(self, handle: JobHandle, record: dict[str, Any]) -> dict[str, Any] | None:
         out = Path(handle.output_dir)
-        events, _ = self._events_since(handle, int(record.get("events_offset", 0)))
-        finals = [e for e in events if e["type"] in S.FINAL_EVENTS]
+        finals: list[dict[str, Any]] = []
+        offset = int(record.get("events_offset", 0))
+        while True:  # each read is bounded: on to the end of the file
+            events, after = self._events_since(handle, offset)
+            finals += [e for e in events if e["type"] in S.FINAL_EVENTS]
+            if after == offset:
+                break
+            offset = after
         if not finals:
             # An error before the trainer knew its output_dir (a bad spec) only reached stdout.
             events, _ = jobdir.parse_events(jobdir.read_tail(out / STDOUT_FILE))
@@ -341,6 +327,7 @@ class ProcessHabitat:
         while True:
             # Check liveness before reading, so the last read after death sees every line written.
             running = await self._is_alive(record)
+            before = offset
             events, offset = self._events_since(handle, offset)
             for event in events:
                 yield event
@@ -352,6 +339,8 @@ class ProcessHabitat:
                         yield self._habitat_error(JobStatus.FAILED, limit["code"], limit["reason"],
                                                   event.get("exit_code"))
                     return
+            if not running and offset != before:
+                continue  # each read is bounded: read on to the end before concluding
             if not running:
                 status, info = await self._concluded(handle)
                 if info.get("final") is not None:
@@ -403,8 +392,11 @@ class ProcessHabitat:
         )
 
     def _events_since(self, handle: JobHandle, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """The trainer's events after `offset` in its events.jsonl, and the offset after them."""
-        return _read_events(Path(handle.output_dir) / S.EVENTS_FILE, offset)
+        """The trainer's events after `offset` in its events.jsonl (a bounded read), and the offset after them."""
+        try:
+            return jobdir.read_events(Path(handle.output_dir), offset)
+        except jobdir.UnsafeOutput:
+            return [], offset  # not a file the trainer wrote (a link, a FIFO): its exit says how it ended
 
     async def _collect(self, handle: JobHandle) -> tuple[dict[str, Any] | None, str]:
         """What a succeeded job hands over: its summary and the adapter directory the daemon reads."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,3 +192,33 @@ async def test_a_start_of_the_same_run_adopts_its_running_job(
     await third.cancel(adopted, grace_s=20)
     assert (await third.result(adopted)).status is JobStatus.CANCELLED
     await third.close()
+
+
+async def test_the_event_stream_is_read_bounded_and_checked(tmp_path: Path) -> None:
+    """A trainer that floods events.jsonl (6 MiB, more than one bounded read), with a 100 KiB line and an
+    object of no known event type in it: the stream gives every protocol event in order and the `done`,
+    nothing else, and the job succeeds. The process habitat reads through the same bounded reader as the
+    Docker habitat (academyd.habitat.jobdir.read_events)."""
+    fake = tmp_path / "fake-trainer"
+    fake.write_text(f"#!{os.path.realpath(sys.executable)}\n" + '''
+import json
+with open("events.jsonl", "w") as fh:
+    fh.write(json.dumps({"type": "start", "time": 1.0}) + "\\n")
+    fh.write("x" * 100_000 + "\\n")
+    fh.write(json.dumps({"type": "bogus", "time": 1.0}) + "\\n")
+    for step in range(1, 6001):
+        fh.write(json.dumps({"type": "progress", "time": 1.0, "step": step, "note": "p" * 1000}) + "\\n")
+    fh.write(json.dumps({"type": "done", "time": 2.0, "exit_code": 0}) + "\\n")
+''')
+    fake.chmod(0o755)
+    habitat = ProcessHabitat(fake, poll_s=0.1)
+    spec = S.TrainSpec.from_dict({"base_model": str(tmp_path), "dataset_path": str(fake),
+                                  "output_dir": str(tmp_path / "run")})
+    handle = await habitat.start(TrainingJob(spec=spec, run_id="r-flood", time_limit_s=300))
+    result = await habitat.result(handle)  # the job is over before the stream is read
+    got = [e async for e in habitat.progress(handle)]
+    assert os.path.getsize(tmp_path / "run" / S.EVENTS_FILE) > 6 << 20
+    assert [e["type"] for e in got] == ["start", *["progress"] * 6000, "done"]
+    assert [e["step"] for e in got if e["type"] == "progress"] == list(range(1, 6001))
+    assert result.status is JobStatus.SUCCEEDED
+    await habitat.close()

@@ -319,12 +319,10 @@ class DockerHabitat(ProcessHabitat):
         """Events from the container's output, read as untrusted (see jobdir); a planted link ends the job."""
         jd = JobDir(Path(handle.output_dir))
         try:
-            data, _ = jobdir.read_from(jd.output, S.EVENTS_FILE, offset)
+            return jobdir.read_events(jd.output, offset)
         except UnsafeOutput as exc:
             self._refuse(handle, exc)
             return [], offset
-        events, used = jobdir.parse_events(data)
-        return events, offset + used
 
     def _refuse(self, handle: JobHandle, exc: UnsafeOutput) -> None:
         """Fail the job for what its container planted: the reason in limit.json, the container killed."""
