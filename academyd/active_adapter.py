@@ -20,7 +20,7 @@ from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store
 
-METRIC_KEYS = ("heldout_loss", "heldout_perplexity", "exact_match", "chrf", "general_loss")
+METRIC_KEYS = ("heldout_loss", "heldout_perplexity", "exact_match", "chrf", "general_loss", "general_kl")
 
 
 def summary_metrics(row: dict[str, Any] | None, side: str = "candidate") -> dict[str, Any]:
@@ -35,6 +35,8 @@ def summary_metrics(row: dict[str, Any] | None, side: str = "candidate") -> dict
         "exact_match": gen.get(f"{side}_exact_match"),
         "chrf": gen.get(f"{side}_chrf"),
         "general_loss": forget.get(f"{side}_loss"),
+        # the mean KL(candidate || base) on the general set, from its training (the gate reports it)
+        "general_kl": forget.get("candidate_kl") if side == "candidate" else None,
     }
     if side == "candidate" and held.get("improvement") is not None:
         out.update(improvement=held["improvement"], ci_low=held.get("ci_low"), ci_high=held.get("ci_high"),

@@ -9,7 +9,8 @@ Rules (all must pass to promote; every rule adds one reason either way):
 2. Generation. On the generation sample, neither exact match (fraction) nor chrF (sacrebleu's corpus chrF,
    divided by 100) of the candidate may fall below the champion's by more than `generation_tolerance`.
 3. Forgetting. On the general set shipped with the project, the candidate's loss may not exceed the
-   champion's by more than `forgetting_tolerance` relative to it (0.05: 5 % worse).
+   champion's by more than `forgetting_tolerance` relative to it (0.05: 5 % worse). Reported beside it, not
+   a rule: the candidate's mean KL to the base on that set (its training summary's general_kl, and kl_budget).
 4. Judge (only when measured). Of the sampled questions, the champion's consistent wins (it wins in both
    answer orders) may not exceed the candidate's by more than `generation_tolerance` x the sample size.
 
@@ -105,7 +106,7 @@ def decide(measurement: dict[str, Any], arena: ArenaSettings, *, champion: str |
     `measurement` keys: `heldout` {candidate: [{index, loss, tokens}], champion: [...]},
     `general` {candidate: [...], champion: [...], base: [...]}, `generation` {n, candidate_exact_match,
     champion_exact_match, candidate_chrf, champion_chrf}, optional `judge` {n, candidate_wins,
-    champion_wins, ties}.
+    champion_wins, ties}, optional `training` {general_kl, kl_budget} (the candidate's training summary).
     """
     name = champion or "the base model"
     reasons: list[str] = []
@@ -164,8 +165,9 @@ def decide(measurement: dict[str, Any], arena: ArenaSettings, *, champion: str |
     else:
         reasons.append("generation not measured (generation_sample is 0)")
 
-    # 3. forgetting on the general set
+    # 3. forgetting on the general set; beside it the candidate's KL to the base there (its training summary)
     general = measurement.get("general") or {}
+    kl = _training_kl(measurement.get("training"))
     if general.get("candidate") and general.get("champion"):
         g_c, g_k = _weighted_loss(general["candidate"]), _weighted_loss(general["champion"])
         rel = (g_c - g_k) / g_k if g_k > 0 else float("inf")
@@ -174,13 +176,16 @@ def decide(measurement: dict[str, Any], arena: ArenaSettings, *, champion: str |
                                  "examples": len(general["candidate"])}
         if general.get("base"):
             metrics["forgetting"]["base_loss"] = _weighted_loss(general["base"])
+        metrics["forgetting"].update(kl)
         rules["forgetting"] = ok
-        reasons.append(f"general-set loss {g_c:.4f} vs {g_k:.4f} ({rel:+.1%}): "
+        reasons.append(f"general-set loss {g_c:.4f} vs {g_k:.4f} ({rel:+.1%}{_kl_text(kl)}): "
                        + ("no forgetting beyond tolerance" if ok
                           else f"forgets: worse by more than {arena.forgetting_tolerance:.0%}"))
     else:
         rules["forgetting"] = False
-        reasons.append("the forgetting check did not run: the general set was not measured")
+        if kl:
+            metrics["forgetting"] = dict(kl)
+        reasons.append("the forgetting check did not run: the general set was not measured" + _kl_text(kl))
 
     # 4. judge
     judge = measurement.get("judge")
@@ -206,6 +211,27 @@ def decide(measurement: dict[str, Any], arena: ArenaSettings, *, champion: str |
 
 
 SUPPORTING = ("heldout", "exact_match", "chrf", "served_heldout")
+
+
+def _training_kl(training: Any) -> dict[str, Any]:
+    """The candidate's mean KL(candidate || base) per response token on the general set, from its training
+    summary (academyd.trainer: measured on the adapter it wrote), with the budget it trained under."""
+    if not isinstance(training, dict):
+        return {}
+    kl = training.get("general_kl")
+    if not isinstance(kl, (int, float)) or isinstance(kl, bool) or not math.isfinite(kl):
+        return {}
+    out: dict[str, Any] = {"candidate_kl": float(kl)}
+    if isinstance(training.get("kl_budget"), (int, float)) and training["kl_budget"]:
+        out["kl_budget"] = float(training["kl_budget"])
+    return out
+
+
+def _kl_text(kl: dict[str, Any]) -> str:
+    if not kl:
+        return ""
+    budget = f" of a budget of {kl['kl_budget']:.4f}" if "kl_budget" in kl else ""
+    return f"; KL to the base {kl['candidate_kl']:.4f} nats/token{budget}"
 
 
 def _evidence(measurement: dict[str, Any], arena: ArenaSettings, checked: int, rules: dict[str, bool],

@@ -147,3 +147,20 @@ async def test_judge_counts_only_consistent_wins() -> None:
     assert (result["candidate_wins"], result["champion_wins"], result["ties"]) == (1, 1, 1)
     assert result["decisions"][2] == ["A", "A"] and len(seen) == 6
     assert [parse_choice(t) for t in ("B", "answer: a", "Tie", "no idea")] == ["B", "A", "TIE", "TIE"]
+
+
+def test_the_verdict_reports_the_candidates_kl_to_the_base_beside_the_general_set_loss() -> None:
+    m = measurement(BETTER, BASELINE, general=(2.08, 2.0))
+    m["training"] = {"general_kl": 0.0123, "kl_budget": 0.05}
+    verdict = decide(m, ARENA, champion="v1")
+    forgetting = verdict.to_event()["metrics"]["forgetting"]
+    assert forgetting["candidate_kl"] == 0.0123 and forgetting["kl_budget"] == 0.05
+    assert forgetting["relative_change"] == pytest.approx(0.04)
+    reason = next(r for r in verdict.reasons if r.startswith("general-set loss"))
+    assert "KL to the base 0.0123 nats/token of a budget of 0.0500" in reason, reason
+    EvaluationFinished.model_validate({"schema_version": 1, "event_id": "e1", "at": "2026-01-01T00:00:00+00:00",
+                                       "version": "v2", **verdict.to_event()})
+    # It is reported, not judged: the same verdict without it.
+    plain = decide(measurement(BETTER, BASELINE, general=(2.08, 2.0)), ARENA, champion="v1")
+    assert plain.rules == verdict.rules and "candidate_kl" not in plain.metrics["forgetting"]
+    assert "KL" not in next(r for r in plain.reasons if r.startswith("general-set loss"))
