@@ -5,13 +5,13 @@ one merged GGUF (`files`, every version; academyd.arena.merge_gguf makes it)."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from academyd.files import sha256_file
+from academyd.httpjson import call_json
 from academyd.settings import Settings
 
 OLLAMA_PREFIX = "venom-adapter-"
@@ -19,20 +19,6 @@ OLLAMA_PREFIX = "venom-adapter-"
 
 class OllamaError(Exception):
     """Ollama's API failed; the message names the endpoint and what it answered."""
-
-
-async def _ollama_call(session: aiohttp.ClientSession, method: str, url: str, timeout_s: float,
-                       **kw: Any) -> tuple[int, Any]:
-    try:
-        async with session.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout_s), **kw) as resp:
-            body = await resp.read()
-            try:
-                data = json.loads(body) if body else None
-            except ValueError:
-                data = body.decode(errors="replace")[:500]
-            return resp.status, data
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise OllamaError(f"Ollama at {url} unreachable: {type(exc).__name__}: {exc}") from None
 
 
 # Ollama 0.34.1 (2026-09) refuses `ollama create` with an ADAPTER ("LoRA adapters are deprecated; the adapter
@@ -57,7 +43,7 @@ def creates_adapters(version: str) -> bool:
 
 async def ollama_version(session: aiohttp.ClientSession, base: str, timeout_s: float) -> str:
     """`GET /api/version`: Ollama's version string."""
-    status, answer = await _ollama_call(session, "GET", f"{base}/api/version", timeout_s)
+    status, answer = await call_json(session, "GET", f"{base}/api/version", timeout_s, error=OllamaError)
     if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("version"), str):
         raise OllamaError(f"Ollama at {base} did not say its version (GET /api/version: HTTP {status} {answer})")
     return str(answer["version"])
@@ -67,10 +53,11 @@ async def upload_blob(session: aiohttp.ClientSession, base: str, timeout_s: floa
     """Make `path` a blob in Ollama (`HEAD`, then `POST /api/blobs/<digest>` when it is not there yet);
     return its digest. The file is streamed, never read whole into memory."""
     digest = "sha256:" + await asyncio.to_thread(_sha256, path)
-    status, _ = await _ollama_call(session, "HEAD", f"{base}/api/blobs/{digest}", timeout_s)
+    status, _ = await call_json(session, "HEAD", f"{base}/api/blobs/{digest}", timeout_s, error=OllamaError)
     if status == 404:
         with path.open("rb") as fh:
-            status, answer = await _ollama_call(session, "POST", f"{base}/api/blobs/{digest}", timeout_s, data=fh)
+            status, answer = await call_json(session, "POST", f"{base}/api/blobs/{digest}", timeout_s,
+                                             error=OllamaError, data=fh)
         if status not in (200, 201):
             raise OllamaError(f"Ollama refused the blob {path.name} ({digest}): HTTP {status} {answer}")
     elif status != 200:
@@ -91,7 +78,8 @@ async def ollama_create_merged(
         body["template"] = template
     if system:
         body["system"] = system
-    status, answer = await _ollama_call(session, "POST", f"{base}/api/create", timeout_s, json=body)
+    status, answer = await call_json(session, "POST", f"{base}/api/create", timeout_s, error=OllamaError,
+                                     json=body)
     if status != 200 or (isinstance(answer, dict) and answer.get("error")):
         err = answer.get("error") if isinstance(answer, dict) else answer
         raise OllamaError(f"Ollama could not create {name} from {gguf_path.name}: HTTP {status}: {err}")
@@ -121,7 +109,8 @@ async def ollama_create(
                                 "parameters": artifacts["parameters"], "stream": False}
         if artifacts.get("template"):
             body["template"] = artifacts["template"]
-        status, answer = await _ollama_call(session, "POST", f"{base}/api/create", timeout, json=body)
+        status, answer = await call_json(session, "POST", f"{base}/api/create", timeout, error=OllamaError,
+                                         json=body)
         if status != 200 or (isinstance(answer, dict) and answer.get("error")):
             err = answer.get("error") if isinstance(answer, dict) else answer
             raise OllamaError(f"Ollama could not create {name} from {artifacts['from']}: HTTP {status}: {err}")

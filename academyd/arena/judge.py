@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from academyd.httpjson import call_json
+
 PROMPT = (
     "You compare two answers to the same request. Judge correctness first, then helpfulness.\n\n"
     "Request:\n{question}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\n"
@@ -41,13 +43,9 @@ async def ask(session: aiohttp.ClientSession, url: str, model: str, prompt: str,
     else:
         endpoint = base + "/api/chat"
         body = {"model": model, "messages": messages, "stream": False, "options": {"temperature": 0}}
-    try:
-        async with session.post(endpoint, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            data = await resp.json(content_type=None)
-            if resp.status >= 400:
-                raise JudgeError(f"judge {endpoint} answered HTTP {resp.status}: {data}")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise JudgeError(f"judge {endpoint} unreachable: {type(exc).__name__}: {exc}") from None
+    status, data = await call_json(session, "POST", endpoint, timeout_s, error=JudgeError, json=body)
+    if status >= 400 or not isinstance(data, dict):
+        raise JudgeError(f"judge {endpoint} answered HTTP {status}: {data}")
     if "choices" in data:
         return str(data["choices"][0]["message"]["content"])
     return str((data.get("message") or {}).get("content", ""))

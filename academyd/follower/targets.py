@@ -29,6 +29,7 @@ import structlog
 
 from academyd.childenv import child_env
 from academyd.follower.verify import Refused
+from academyd.httpjson import call_json
 from academyd.settings import Settings
 from schemas.models import VERSION_PATTERN
 
@@ -39,22 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 class TargetError(Exception):
     """The runtime did not do what was asked (unreachable, refused); the message says what it answered."""
-
-
-async def _call(session: aiohttp.ClientSession, method: str, url: str, timeout_s: float, *,
-                json_body: Any = None, data: bytes | None = None, headers: dict[str, str] | None = None,
-                ) -> tuple[int, Any]:
-    try:
-        async with session.request(method, url, json=json_body, data=data, headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            body = await resp.read()
-            try:
-                parsed: Any = json.loads(body) if body else None
-            except ValueError:
-                parsed = body.decode(errors="replace")[:500]
-            return resp.status, parsed
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise TargetError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
 
 
 def _error_text(answer: Any) -> str:
@@ -116,7 +101,7 @@ class Target(ABC):
 
     async def _req(self, method: str, url: str, **kw: Any) -> tuple[int, Any]:
         assert self.session is not None, "start() first"
-        return await _call(self.session, method, url, self.cfg.timeout_s, **kw)
+        return await call_json(self.session, method, url, self.cfg.timeout_s, error=TargetError, **kw)
 
 
 def base_gguf_of(settings: Settings) -> Path | None:
@@ -233,7 +218,7 @@ class LlamaCppTarget(Target):
     async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
         if not files.get("gguf_path"):
             raise Refused("missing_artifact", f"{version} has no GGUF adapter (adapter.gguf); llama.cpp loads only GGUF")
-        status, answer = await self._req("POST", f"{self.url}/admin/adapters", headers=self.headers, json_body={
+        status, answer = await self._req("POST", f"{self.url}/admin/adapters", headers=self.headers, json={
             "id": version, "path": files["gguf_path"], "sha256": files.get("gguf_sha256")})
         if status == 409 and isinstance(answer, dict) and (answer.get("error") or {}).get("code") == "sha256_mismatch":
             raise Refused("sha256_mismatch", _error_text(answer))
@@ -244,7 +229,7 @@ class LlamaCppTarget(Target):
         return {"load_s": answer.get("load_s"), "adapter_meta": answer.get("meta")}
 
     async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
-        status, answer = await self._req("POST", f"{self.url}/v1/chat/completions", json_body={
+        status, answer = await self._req("POST", f"{self.url}/v1/chat/completions", json={
             "model": version or "base", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0})
         if status != 200:
             raise TargetError(f"chat with {version or 'base'}: HTTP {status}: {_error_text(answer)}")
@@ -252,7 +237,7 @@ class LlamaCppTarget(Target):
 
     async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
         status, answer = await self._req("POST", f"{self.url}/admin/activate", headers=self.headers,
-                                         json_body={"id": version})
+                                         json={"id": version})
         if status != 200:
             raise TargetError(f"the endpoint could not activate {version or 'base'}: HTTP {status}: {_error_text(answer)}")
 
@@ -363,7 +348,7 @@ class OllamaTarget(Target):
 
     async def stage(self, version: str, files: dict[str, Any]) -> dict[str, Any]:
         tag = self.tag(version)
-        status, _ = await self._req("POST", f"{self.url}/api/show", json_body={"model": tag})
+        status, _ = await self._req("POST", f"{self.url}/api/show", json={"model": tag})
         if status == 200:  # immutable: made once per version (an adapter tag made before 0.34.1 still serves)
             return {"created": False, "tag": tag}
         template, params = None, {}
@@ -439,7 +424,7 @@ class OllamaTarget(Target):
         return out, info
 
     async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
-        status, answer = await self._req("POST", f"{self.url}/api/chat", json_body={
+        status, answer = await self._req("POST", f"{self.url}/api/chat", json={
             "model": self.tag(version), "messages": messages, "stream": False,
             "options": {"temperature": 0, "num_predict": max_tokens}})
         if status != 200:
@@ -447,7 +432,7 @@ class OllamaTarget(Target):
         return str((answer.get("message") or {}).get("content") or "")
 
     async def switch(self, version: str | None, files: dict[str, Any] | None) -> None:
-        status, answer = await self._req("POST", f"{self.url}/api/copy", json_body={
+        status, answer = await self._req("POST", f"{self.url}/api/copy", json={
             "source": self.tag(version), "destination": self.cfg.ollama_alias})
         if status != 200:
             raise TargetError(f"Ollama could not point {self.cfg.ollama_alias} at {self.tag(version)}: HTTP {status}: "
@@ -459,7 +444,8 @@ class OllamaTarget(Target):
         in the version's directory, so going back to it is an upload and a create, not a merge."""
         if not self.merged or version == self._serving:
             return
-        status, answer = await self._req("DELETE", f"{self.url}/api/delete", json_body={"model": self.tag(version)})
+        status, answer = await self._req("DELETE", f"{self.url}/api/delete",
+                                         json={"model": self.tag(version)})
         if status not in (200, 404):
             log.warning("ollama_delete_failed", tag=self.tag(version), status=status, error=_error_text(answer))
 
@@ -622,7 +608,7 @@ class VenomTarget(Target):
         body = {"adapter_id": version, "adapter_path": str(self.models_dir / version / "adapter"),
                 "runtime_id": self.cfg.venom_runtime_id, "model_id": self.model_id,
                 "deploy_to_chat_runtime": True, "require_chat_signature": False}
-        status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/activate", json_body=body)
+        status, answer = await self._req("POST", f"{self.url}/api/v1/academy/adapters/activate", json=body)
         if status != 200:
             raise _venom_refusal(status, answer, f"activate {version}")
         if not isinstance(answer, dict) or answer.get("success") is False or not answer.get("chat_model"):
@@ -665,7 +651,7 @@ class VenomTarget(Target):
 
     async def ask(self, version: str | None, messages: list[dict[str, Any]], max_tokens: int) -> str:
         model = self._chat.get(version) or (VENOM_PREFIX + version if version else self.model_id)
-        status, answer = await self._req("POST", str(self.cfg.venom_chat_url), json_body={
+        status, answer = await self._req("POST", str(self.cfg.venom_chat_url), json={
             "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": False})
         if status != 200:
             raise TargetError(f"{self.cfg.venom_chat_url} with {model}: HTTP {status}: {_error_text(answer)}")
