@@ -40,9 +40,11 @@ class Envelope:
         return str(self.payload["event_id"])
 
 
-def describe(exc: ValidationError) -> str:
-    """A pydantic error as one line: `field.path: message; ...`."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+def describe(exc: ValidationError, most: int | None = None) -> str:
+    """A pydantic error as one line: `field.path: message; ...` (the first `most` errors), never the
+    offending value itself. The one formatter of validation errors (events, commands, ingest, imports)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {' '.join(str(e['msg']).split())}"
+                     for e in exc.errors()[:most])
 
 
 def envelope(subject: str, event_id: str, at: datetime, body: Mapping[str, Any], *,

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from academyd.events import describe
 from academyd.store import StoreError, StoreFault, probe_write, store_fault
 from handlers import Ack, Handler, HandlerContext, Outcome, Reject, Retry, registry
 from schemas.models import INBOUND, SCHEMA_VERSION, Event
@@ -194,10 +195,7 @@ def _explain(data: bytes, exc: ValidationError) -> Reject:
                 "unknown_schema_version",
                 f"schema_version {str(version)[:50]!r} is not supported; this daemon speaks {SCHEMA_VERSION}",
             )
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        return Reject("schema_violation", errors[:2000])
+        return Reject("schema_violation", describe(exc, most=5)[:2000])
     except Exception as err:
         return Reject("undecodable", _exc_text(err))
 

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
+from academyd.events import describe
 from schemas.models import FeedbackGiven, LessonCreated, PromptApproved, TaskCompleted
 
 FINISHED = {"COMPLETED", "FAILED", "SUCCESS", "SUCCEEDED", "DONE", "ERROR", "CANCELLED"}
@@ -77,31 +79,38 @@ def memory_dir(root: Path) -> Path:
     )
 
 
+class _HalfWritten(Exception):
+    """The file does not parse yet (empty, cut in a character or in the JSON): read it again."""
+
+
 def load_json(path: Path, tries: int = READ_TRIES, pause_s: float = READ_PAUSE_S,
               sleep: Callable[[float], None] = time.sleep) -> Any:
-    """Parse `path`, reading it again while it does not parse (Venom may be in the middle of writing it)."""
-    error: Exception | None = None
-    for attempt in range(tries):
-        if attempt:
-            sleep(pause_s * attempt)
+    """Parse `path`, reading it again while it does not parse (Venom may be in the middle of writing it):
+    `tries` reads at most, `pause_s` more between each (tenacity)."""
+
+    def read() -> Any:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:  # cut in the middle of a multi-byte character
-            error = exc
-            continue
+            raise _HalfWritten(exc) from None
         except OSError as exc:
             raise ImportError_(f"cannot read {path}: {exc}") from None
         if not text.strip():
-            error = ValueError("the file is empty")
-            continue
+            raise _HalfWritten("the file is empty")
         try:
             return json.loads(text)
         except (json.JSONDecodeError, RecursionError, ValueError) as exc:
-            error = exc
-    raise ImportError_(
-        f"{path} is not valid JSON after {tries} reads ({error}); if Venom is not writing it right now, "
-        "fix or move it and run again"
-    )
+            raise _HalfWritten(exc) from None
+
+    retrying = Retrying(retry=retry_if_exception_type(_HalfWritten), stop=stop_after_attempt(tries),
+                        wait=wait_incrementing(start=pause_s, increment=pause_s), sleep=sleep, reraise=True)
+    try:
+        return retrying(read)
+    except _HalfWritten as exc:
+        raise ImportError_(
+            f"{path} is not valid JSON after {tries} reads ({exc}); if Venom is not writing it right now, "
+            "fix or move it and run again"
+        ) from None
 
 
 def _records(doc: Any, key: str, id_field: str) -> list[Any]:
@@ -115,7 +124,7 @@ def _records(doc: Any, key: str, id_field: str) -> list[Any]:
 
 def _why(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:3])
+        return describe(exc, most=3)
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
