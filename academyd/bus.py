@@ -67,8 +67,6 @@ class BusError(Exception):
 class ConsumeStats:
     fetched: int = 0
     acked: int = 0
-    naked: int = 0
-    dead_lettered: int = 0
     released: int = 0  # naked because the store was faulted (not counted as tries)
     backstop_dead_lettered: int = 0  # dead-lettered from a MAX_DELIVERIES advisory
 
@@ -322,7 +320,6 @@ class Bus:
             log.exception("batch_failed", size=len(msgs))
             for m in msgs:
                 await _quietly(m.nak(delay=1.0))
-            self.stats.naked += len(msgs)
             return False
         self._fault_streak = 0
         await self._settle(msgs, batch, outcomes)
@@ -364,13 +361,11 @@ class Bus:
                 self.stats.acked += 1
             elif isinstance(outcome, Retry):
                 await _quietly(msg.nak(delay=outcome.delay_s))
-                self.stats.naked += 1
                 continue
             elif isinstance(outcome, Reject):
                 if not await self._dead_letter(item, outcome):
                     continue
                 await _quietly(msg.term())
-                self.stats.dead_lettered += 1
             if faults and item.stream_seq is not None:
                 faults.pop(item.stream_seq, None)
 

@@ -1,7 +1,7 @@
 """Run states and the transitions the pipeline may make between them (a written rule, table-tested).
 
     requested -> curating -> training -> evaluating -> succeeded
-    any active state -> failed | refused | cancelled
+    any active state -> failed | refused
 
 An active state may be re-entered (a restarted daemon redoes curation, a re-attached job records its
 reference again). Terminal states are final. `Store.move_run` applies a transition as a compare-and-swap
@@ -21,12 +21,11 @@ class RunState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REFUSED = "refused"
-    CANCELLED = "cancelled"
 
 
 ACTIVE = frozenset({RunState.REQUESTED, RunState.CURATING, RunState.TRAINING, RunState.EVALUATING})
 TERMINAL = frozenset(RunState) - ACTIVE
-_ENDINGS = {RunState.FAILED, RunState.REFUSED, RunState.CANCELLED}
+_ENDINGS = {RunState.FAILED, RunState.REFUSED}
 ALLOWED: dict[RunState, frozenset[RunState]] = {
     RunState.REQUESTED: frozenset({RunState.CURATING, *_ENDINGS}),
     RunState.CURATING: frozenset({RunState.CURATING, RunState.TRAINING, *_ENDINGS}),

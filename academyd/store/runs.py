@@ -16,7 +16,7 @@ from academyd.store.inbox import Inbox
 from academyd.store.outbox import OutboxRows
 
 ACTIVE_RUN_STATES = ("requested", "curating", "training", "evaluating")
-RUN_STATES = (*ACTIVE_RUN_STATES, "succeeded", "failed", "refused", "cancelled")
+RUN_STATES = (*ACTIVE_RUN_STATES, "succeeded", "failed", "refused")
 
 
 class ActiveRunExists(Exception):
@@ -147,8 +147,8 @@ class Runs(Inbox, OutboxRows):
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM runs GROUP BY state").fetchall())
 
     def run_durations(self) -> list[tuple[str, str]]:
-        """(started_at, ended_at) of every run that started and ended (succeeded, failed or cancelled)."""
+        """(started_at, ended_at) of every run that started and ended (succeeded or failed)."""
         return [(r[0], r[1]) for r in self.conn.execute(
             "SELECT started_at, ended_at FROM runs WHERE started_at IS NOT NULL AND ended_at IS NOT NULL"
-            " AND state IN ('succeeded','failed','cancelled')"
+            " AND state IN ('succeeded','failed')"
         )]

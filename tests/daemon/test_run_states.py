@@ -17,7 +17,7 @@ FORWARD = [RunState.REQUESTED, RunState.CURATING, RunState.TRAINING, RunState.EV
 def expected(a: RunState, b: RunState) -> bool:
     if a not in ACTIVE:
         return False  # terminal states are final
-    if b in (RunState.FAILED, RunState.REFUSED, RunState.CANCELLED):
+    if b in (RunState.FAILED, RunState.REFUSED):
         return True
     if a == b:
         return a != RunState.REQUESTED  # re-entry after a restart; nothing goes back to requested
