@@ -283,6 +283,12 @@ class Pipeline:
             "run_id": run["run_id"],
             "cpu_threads": t.cpu_threads,
         }
+        # The curator's validation families (curator.validation_families): the trainer keeps its best step on them.
+        from academyd.curator.validation import read_validation
+
+        validation = read_validation(ds["heldout_path"])
+        if validation:
+            raw["validation"] = validation
         try:
             return TrainSpec.from_dict(raw)
         except SpecError as exc:

@@ -152,6 +152,17 @@ class CuratorSettings(BaseModel):
         description="Questions this similar (Jaccard of character shingles, the prompt alone) are one family: "
         "a family is held out or trained on whole.",
     )
+    validation_families: int = Field(
+        default=0, ge=0, le=16,
+        description="Lesson families set aside as validation (academyd.curator.validation): never trained on, "
+        "never the gate's held-out ones; the trainer keeps the step with the most right answers to them inside "
+        "training.hyperparameters.kl_budget (measured every kl_steps). At most a quarter of the new lesson "
+        "families; 0 (the default): none, the trainer keeps the last step inside the budget.",
+    )
+    validation_questions: int = Field(
+        default=8, ge=1, le=16,
+        description="Validation questions at most (one per family first): each is answered at every KL measurement.",
+    )
     augment: bool = Field(
         default=False,
         description="Add template restatements of each training lesson (academyd.curator.augment: other "

@@ -89,6 +89,22 @@ def dataset_sidecars(heldout_path: Path) -> tuple[Path | None, dict[str, Any] | 
     return (checks if checks.is_file() else None), manifest
 
 
+def training_summary(adapter: Path) -> dict[str, Any]:
+    """What the gate reports from the candidate's training (the run's summary.json, which the registry keeps
+    beside the adapter): its KL to the base on the general set, the budget, the step kept. {} when absent."""
+    try:
+        summary = json.loads((adapter.parent / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(summary, dict):
+        return {}
+    validation = summary.get("validation") if isinstance(summary.get("validation"), dict) else {}
+    out = {"general_kl": summary.get("general_kl"), "kl_budget": summary.get("kl_budget"),
+           "kl_stopped": summary.get("kl_stopped"),
+           "validation": {k: validation.get(k) for k in ("questions", "kept_step", "right", "accuracy")}}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def read_checks(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -156,6 +172,9 @@ async def evaluate(
             # The judge is optional evidence: its failure is recorded, not fatal.
             log.warning("arena.judge_failed", error=str(exc))
             measurement["judge"] = {"error": str(exc)}
+    training = training_summary(candidate_adapter)
+    if training:
+        measurement["training"] = training
     if checks_path is not None:
         measurement["checks"] = read_checks(checks_path)
     if manifest is not None and isinstance(manifest.get("families"), dict):

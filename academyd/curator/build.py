@@ -26,6 +26,7 @@ from academyd.curator.rules import trivial_reason
 from academyd.curator.checks import checks_of
 from academyd.curator.families import assign_families, decontaminate, family_of
 from academyd.curator.split import replay_sample
+from academyd.curator.validation import drop_near, set_aside
 from academyd.files import atomic_write_bytes
 from academyd.secrets import scanner as secret_scanner
 from academyd.settings import Settings
@@ -224,6 +225,13 @@ def build_dataset(
     split, why = fsplit.split, fsplit.why
     train = [ex for ex in unique if split[ex.key] == "train"]
     heldout = [ex for ex in unique if split[ex.key] == "heldout"]
+    # Validation families (academyd.curator.validation): out of training, never the gate's held-out ones.
+    validation, set_aside_keys, validation_stats = set_aside(
+        train, [ex for ex in unique if ex.source == "lesson"], family, why, fmt=cfg.format,
+        families=cfg.validation_families, questions=cfg.validation_questions,
+        threshold=cfg.decontamination_threshold, num_perm=cfg.num_perm, k=cfg.shingle_chars)
+    set_aside_examples = [ex for ex in train if ex.key in set_aside_keys]
+    train = [ex for ex in train if ex.key not in set_aside_keys]
     replay: list[Example] = []
     excluded: list[Example] = []
     if cfg.scope == "new":
@@ -241,6 +249,8 @@ def build_dataset(
         decisions[ex.key] = {"record": ex.key, "source": ex.source, "decision": "replay", "split_rule": "remembered"}
     for ex in excluded:
         decisions[ex.key] = {"record": ex.key, "source": ex.source, "decision": "excluded", "reason": "trained_before"}
+    for ex in set_aside_examples:
+        decisions[ex.key] = {"record": ex.key, "source": ex.source, "decision": "validation", "split_rule": why[ex.key]}
     train_all = sorted(train + replay, key=lambda e: e.order)
     heldout.sort(key=lambda e: e.order)
     clock.lap("split")
@@ -250,6 +260,11 @@ def build_dataset(
         augmented, aug_stats = _augment(train, heldout, family, cfg)
         train_all += augmented
         clock.lap("augment")
+    if augmented and set_aside_examples:
+        near = {e.key for e in augmented} - {e.key for e in drop_near(
+            augmented, set_aside_examples, threshold=cfg.decontamination_threshold, k=cfg.shingle_chars)[0]}
+        train_all = [e for e in train_all if e.key not in near]
+        aug_stats["dropped_near_validation"] = len(near)
 
     # -------------------------------------------------------------- counts
     counts: dict[str, dict[str, int]] = {}
@@ -319,6 +334,7 @@ def build_dataset(
         },
         "families": _family_stats(family, train + replay, heldout, fsplit.moved, decontaminated, cfg),
         "augmentation": aug_stats,
+        "validation": validation_stats,
         "settings": cfg.model_dump(mode="json"),
     }
     if survivors < cfg.min_examples:
@@ -350,6 +366,10 @@ def build_dataset(
     for c in checks:
         c["record"] = safe_keys.get(c["record"], c["record"])
     _write(names["checks"], "".join(ENCODER.encode(c) + "\n" for c in checks).encode())
+    if validation:
+        for v in validation:
+            v["record"] = safe_keys.get(v["record"], v["record"])
+        _write(names["validation"], "".join(ENCODER.encode(v) + "\n" for v in validation).encode())
     manifest["families"]["heldout_checkable"] = len({c["family"] for c in checks})
     manifest["families"]["heldout_checkable_examples"] = len(checks)
     report("write", 1, 3)
@@ -370,6 +390,7 @@ def build_dataset(
                 "train": str(names["train"]),
                 "heldout": str(names["heldout"]),
                 "checks": str(names["checks"]),
+                **({"validation": str(names["validation"])} if validation else {}),
                 "decisions": str(names["decisions"]),
             },
             "sha256": {"train": hashlib.sha256(train_bytes).hexdigest(), "heldout": hashlib.sha256(held_bytes).hexdigest()},
@@ -460,6 +481,8 @@ def _names(out_dir: Path, fmt: str, stamp: str, taken: set[str]) -> dict[str, An
         "decisions": out_dir / f"decisions_{tag}.jsonl",
         # what a right answer to each checkable held-out example contains (academyd.curator.checks)
         "checks": out_dir / f"checks_{tag}.jsonl",
+        # the validation families' questions and keys (academyd.curator.validation), when set aside
+        "validation": out_dir / f"validation_{tag}.jsonl",
         "manifest": out_dir / f"dataset_{tag}.manifest.json",
     }
 

@@ -40,6 +40,10 @@ async def test_a_noise_candidate_is_rejected_and_the_champion_stays(
     assert v1.metrics["generation"]["n"] == 8
     assert v1.metrics["generation"]["candidate_chrf"] > v1.metrics["generation"]["champion_chrf"]
     assert v1.metrics["forgetting"]["examples"] == 36
+    # Beside the general-set loss: the candidate's KL to the base there, as its training measured it.
+    trained_kl = json.loads((trained_good / "summary.json").read_text())["general_kl"]
+    assert v1.metrics["forgetting"]["candidate_kl"] == pytest.approx(trained_kl) and trained_kl > 0
+    assert f"KL to the base {trained_kl:.4f}" in next(r for r in v1.reasons if r.startswith("general-set loss"))
     assert (tmp_path / "e1" / "measure.json").is_file() and (tmp_path / "e1" / "verdict.json").is_file()
     reg.record_verdict("v1", v1, NOW)
     await promote(arena_store, s, "v1", reason="; ".join(v1.reasons), now=NOW)
@@ -61,6 +65,7 @@ async def test_a_noise_candidate_is_rejected_and_the_champion_stays(
     events = [EvaluationFinished.model_validate(r["payload"]) for r in outbox_rows(arena_store,
                                                                                  "academy.evaluation.finished")]
     assert [(e.version, e.verdict, e.champion) for e in events] == [("v1", "promote", None), ("v2", "reject", "v1")]
+    assert events[0].metrics["forgetting"]["candidate_kl"] == pytest.approx(trained_kl)  # the verdict event carries it
     assert json.loads(s.active_adapter_path.read_text())["version"] == "v1"
 
 
