@@ -146,7 +146,8 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 
 
 def gguf_metadata(path: Path) -> dict[str, Any]:
-    """The GGUF header's key/value metadata (scalars and strings; arrays skipped).
+    """The GGUF header's key/value metadata (scalars and strings; arrays skipped), GGUF v2 and v3; the one
+    GGUF header reader (bases, adapters, the follower's checks). BaseModelError when it is not one.
 
     Reads the header only. The `gguf` package's GGUFReader parses every tensor and token entry first
     (5.7 s for SmolLM2's 49k-token vocabulary here): too slow for a daemon start or a status call.
@@ -162,6 +163,8 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
 
     def read_str(fh: Any) -> str:
         n = read(fh, "<Q")
+        if n > 1 << 24:
+            raise ValueError(f"a {n}-byte string in the header")
         data = fh.read(n)
         if len(data) != n:
             raise EOFError("truncated string")
@@ -188,6 +191,8 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
             if fh.read(4) != b"GGUF":
                 raise ValueError("no GGUF magic")
             out["GGUF.version"] = read(fh, "<I")
+            if out["GGUF.version"] not in (2, 3):
+                raise ValueError(f"GGUF version {out['GGUF.version']} (2 and 3 are read)")
             out["GGUF.tensor_count"], kv_count = read(fh, "<Q"), read(fh, "<Q")
             for _ in range(kv_count):
                 key, vtype = read_str(fh), read(fh, "<I")

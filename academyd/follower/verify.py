@@ -27,69 +27,16 @@ class Refused(Exception):
         return f"{self.reason}{' ' + self.code if self.code else ''}: {self.detail}"
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
 def gguf_keys(path: Path) -> dict[str, Any]:
-    """The scalar and string keys of a GGUF file's header (arrays are skipped, tensors never read).
-
-    Reads the key/value section of the GGUF format (v2/v3, little-endian) directly: the `gguf` package's
-    reader maps every field of the file first, 17 s for SmolLM2's 49k-token vocabulary on these machines,
-    where this takes milliseconds.
-    """
-    import struct
-
-    def fail(why: str) -> Refused:
-        return Refused("load_failed", f"{path} is not a readable GGUF file: {why}")
+    """The scalar and string keys of a GGUF file's header (academyd.basemodel.gguf_metadata: arrays skipped,
+    tensors never read); Refused("load_failed") when it is not a readable GGUF file."""
+    from academyd.basemodel import BaseModelError, gguf_metadata
 
     try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise fail(str(exc)) from None
-    with fh:
-        def read(fmt: str) -> Any:
-            size = struct.calcsize(fmt)
-            raw = fh.read(size)
-            if len(raw) != size:
-                raise fail("truncated header")
-            return struct.unpack(fmt, raw)[0]
-
-        def string() -> str:
-            n = read("<Q")
-            if n > 1 << 24:
-                raise fail(f"a {n}-byte string in the header")
-            return fh.read(n).decode("utf-8", errors="replace")
-
-        def value(kind: int) -> Any:
-            if kind in _SCALARS:
-                return read(_SCALARS[kind])
-            if kind == _STRING:
-                return string()
-            if kind == _ARRAY:
-                elem, count = read("<I"), read("<Q")
-                if elem in _SCALARS:
-                    fh.seek(struct.calcsize(_SCALARS[elem]) * count, 1)
-                else:
-                    for _ in range(count):
-                        value(elem)
-                return None
-            raise fail(f"unknown value type {kind}")
-
-        if fh.read(4) != b"GGUF":
-            raise fail("no GGUF magic")
-        version = read("<I")
-        if version not in (2, 3):
-            raise fail(f"GGUF version {version} (2 and 3 are read)")
-        read("<Q")  # tensor count
-        out: dict[str, Any] = {}
-        for _ in range(read("<Q")):
-            key = string()
-            kind = read("<I")
-            v = value(kind)
-            if kind != _ARRAY:
-                out[key] = v
-        return out
+        meta = gguf_metadata(path)
+    except BaseModelError as exc:
+        raise Refused("load_failed", str(exc)) from None
+    return {k: v for k, v in meta.items() if not k.startswith("GGUF.")}
 
 
 def base_identity_of_adapter(keys: dict[str, Any]) -> dict[str, Any]:
