@@ -7,7 +7,8 @@ the gate's held-out questions (the gate would then judge on what chose the adapt
 - only lesson families on the training side, decided by hash in this build (never trained on in an earlier
   build, never held out), whose answer has keys (academyd.arena.answers.answer_keys, as the checks file);
 - at most a quarter of those families (the rest teach), and `curator.validation_families` at most, the lowest
-  salted family hashes first (the same families stay set aside as the store grows);
+  salted family hashes first (the same families stay set aside as the store grows); each distinct question
+  once, one per family first, `curator.validation_questions` at most;
 - none with a question near a training question (`curator.decontamination_threshold`, as the held-out set),
   and template or model restatements near a validation question are dropped from training (`drop_near`).
 
@@ -69,11 +70,14 @@ def set_aside(train: list[Example], lessons: list[Example], family: dict[str, st
     examples = [ex for fid in chosen for ex in members[fid]]
     # The keys of a validation question come from its own family's answers (the same rule as the checks file).
     rows = checks_of(examples, lessons, family)
-    rows = [{"example": examples[r["index"]].render(fmt), "keys": r["keys"], "family": r["family"],
-             "record": r["record"]} for r in rows]
     by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_family[row["family"]].append(row)
+    asked: set[str] = set()
+    for r in rows:  # one question once: a lesson taught with two answer wordings is asked one time
+        ex = examples[r["index"]]
+        if normalize(ex.prompt()) not in asked:
+            asked.add(normalize(ex.prompt()))
+            by_family[r["family"]].append({"example": ex.render(fmt), "keys": r["keys"], "family": r["family"],
+                                           "record": r["record"]})
     picked: list[dict[str, Any]] = []
     limit = min(questions, MAX_QUESTIONS)
     for depth in range(max((len(v) for v in by_family.values()), default=0)):  # one per family first

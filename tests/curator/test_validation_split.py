@@ -37,16 +37,18 @@ def _questions(path: str) -> list[str]:
 
 
 def test_validation_families_are_out_of_training_and_out_of_the_heldout_set(tmp_path: Path) -> None:
-    settings, r, store = _build(tmp_path, polish_lessons(), validation_families=3, validation_questions=6,
+    settings, r, store = _build(tmp_path, polish_lessons(), validation_families=4, validation_questions=3,
                                 augment=True)
     assert r.ok, r.refused
     manifest = json.loads(Path(r.manifest_path).read_text())
     stats = manifest["validation"]
-    assert (stats["families"], stats["questions"], stats["examples_set_aside"]) == (3, 6, 6), stats
+    # A family here is one question taught with two answer wordings: 4 families, 8 lessons out of training,
+    # each question asked once, 3 at most.
+    assert (stats["families"], stats["questions"], stats["examples_set_aside"]) == (4, 3, 8), stats
     rows = read_validation(r.heldout_path)
-    assert Path(manifest["files"]["validation"]).is_file() and len(rows) == 6
-    assert len({v["family"] for v in rows}) == 3
+    assert Path(manifest["files"]["validation"]).is_file() and len(rows) == 3
     asked = [v["example"]["input"] for v in rows]
+    assert len(set(asked)) == 3 and len({v["family"] for v in rows}) == 3
     train_q, held_q = _questions(r.path), _questions(r.heldout_path)
     assert manifest["augmentation"]["restatements"] > 0  # restatements were written, of other lessons
     # No validation question in training or in the held-out set, and none near a training question
@@ -58,7 +60,7 @@ def test_validation_families_are_out_of_training_and_out_of_the_heldout_set(tmp_
             < settings.curator.decontamination_threshold, q
     # The families are whole: every lesson of a validation family is out of training.
     decisions = [json.loads(x) for x in Path(r.decisions_path).read_text(encoding="utf-8").splitlines()]
-    assert sum(d["decision"] == "validation" for d in decisions) == 6
+    assert sum(d["decision"] == "validation" for d in decisions) == 8
     assert {v["record"] for v in rows} <= {d["record"] for d in decisions if d["decision"] == "validation"}
     # Keys name the fact, as the gate scores: the right fact's answer is right, the others' are not.
     for v in rows:
