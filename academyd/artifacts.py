@@ -15,6 +15,12 @@ held-out file go out, checkpoints, the adapter and the metrics come back. Every 
   A healthy R3 cluster answers a fresh pull consumer's first fetch with 503 about 1.6 % of the time.
   `retry_s` bounds the retrying (None: until the caller cancels, as a worker's lease does).
 
+No rollup and no purge on the way: a put publishes the chunks and then the meta (the store's layout,
+ADR-20) without the `Nats-Rollup` header nats-py's `put` sends, and never purges an older object of the
+same name (names are unique per writer and attempt); the buckets' streams refuse rollup headers
+(academyd.worker.protocol.refuse_rollups), and a worker may not purge. A get given the object's `nuid`
+reads those chunks, whatever meta was published under the name since.
+
 A directory travels as one uncompressed tar (deterministic member order, no owners), extracted with
 the `data` filter (no absolute paths, no links out, no devices).
 """
@@ -23,19 +29,31 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tarfile
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import nats.errors
 import structlog
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ObjectMeta, ObjectStoreConfig, StorageType
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    ObjectInfo,
+    ObjectMeta,
+    ObjectMetaOptions,
+    ObjectStoreConfig,
+    StorageType,
+)
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError, ServiceUnavailableError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, stop_never
 from tenacity import wait_exponential_jitter
@@ -91,6 +109,7 @@ class Artifact:
     name: str
     sha256: str
     size: int
+    nuid: str | None = None  # the subject token of its chunks (`$O.<bucket>.C.<nuid>`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "size": self.size}
@@ -98,6 +117,9 @@ class Artifact:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Artifact:
         return cls(name=str(d["name"]), sha256=str(d["sha256"]), size=int(d["size"]))
+
+
+OBJ_CHUNK = 128 * 1024  # the store's chunk size (nats-py's default too)
 
 
 @dataclass(frozen=True)
@@ -109,7 +131,26 @@ class ArtifactStore:
     obj: Any  # nats.js.object_store.ObjectStore
 
     async def put(self, name: str, data: Any, meta: ObjectMeta) -> Any:
-        return await self.obj.put(name, data, meta=meta)
+        """`data` (a reader with `readinto`) as object `name`: its chunks on a new nuid, then its meta, with
+        no rollup header and no purge of what the name held before (module docstring)."""
+        nuid = self.js._nc._nuid.next().decode()
+        chunk_subject = f"$O.{self.bucket}.C.{nuid}"
+        h = hashlib.sha256()
+        buf = bytearray(OBJ_CHUNK)
+        size = chunks = 0
+        while n := await asyncio.to_thread(data.readinto, buf):
+            payload = bytes(buf[:n])
+            h.update(payload)
+            await self.js.publish(chunk_subject, payload)
+            size += n
+            chunks += 1
+        info = ObjectInfo(name=name, description=meta.description, headers=meta.headers,
+                          options=ObjectMetaOptions(max_chunk_size=OBJ_CHUNK), bucket=self.bucket, nuid=nuid,
+                          size=size, chunks=chunks, mtime=datetime.now(UTC).isoformat(),
+                          digest="SHA-256=" + base64.urlsafe_b64encode(h.digest()).decode())
+        meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        await self.js.publish(meta_subject, json.dumps(info.as_dict()).encode())
+        return info
 
     async def get_info(self, name: str) -> Any:
         return await self.obj.get_info(name)
@@ -124,7 +165,22 @@ async def ensure_bucket(js: Any, bucket: str, *, replicas: int = 1, ttl_s: float
             description="The Academy's artifacts: datasets out to workers, checkpoints and adapters back",
             storage=StorageType.FILE, replicas=replicas, ttl=ttl_s,
         ))
-    return ArtifactStore(js=js, bucket=bucket, obj=obj)
+    return ArtifactStore(js=js, bucket=bucket, obj=_NoRollups(obj, js, bucket))
+
+
+class _NoRollups:
+    """nats-py's ObjectStore, but `delete` purges the object's subjects instead of publishing a meta with a
+    rollup header (which the bucket's stream refuses: academyd.worker.protocol.refuse_rollups)."""
+
+    def __init__(self, obj: Any, js: Any, bucket: str) -> None:
+        self._obj, self._js, self._bucket = obj, js, bucket
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._obj, name)
+
+    async def delete(self, name: str) -> None:
+        info = await self._obj.get_info(name)  # ObjectNotFoundError (a NotFoundError) when there is none
+        await delete_object(ArtifactStore(js=self._js, bucket=self._bucket, obj=self._obj), info)
 
 
 def _digest_hex(info: Any) -> str:
@@ -183,33 +239,40 @@ async def _put_once(store: ArtifactStore, name: str, path: Path, description: st
     sha = reader.h.hexdigest()
     if _digest_hex(info) != sha or int(info.size or 0) != reader.size:
         raise ArtifactError(f"object {name}: the store recorded another digest than the bytes sent; upload again")
-    return Artifact(name=name, sha256=sha, size=reader.size)
+    return Artifact(name=name, sha256=sha, size=reader.size, nuid=info.nuid)
 
 
 async def get_file(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None,
-                   retry_s: float | None = RETRY_S) -> Artifact:
+                   retry_s: float | None = RETRY_S, pinned: Artifact | None = None) -> Artifact:
     """Download `name` into `dest` (atomically); raise ArtifactError unless its sha256 is `sha256`.
-    Transient errors are retried from the start for `retry_s` (module docstring).
+    Transient errors are retried from the start for `retry_s` (module docstring). With `pinned` (an
+    Artifact with its nuid, as the lease or the job recorded it), its chunks are read, not the newest meta's.
 
     The chunks are pulled a few at a time from the bucket's stream (the object store's layout, ADR-20:
     `$O.<bucket>.C.<nuid>`), not pushed: nats-py's `get(writeinto=)` lets the server push as fast as it
     can, and the client's buffer grew with the object (28 MB heap for 96 MB here).
     """
     try:
-        return await retrying("get", name, lambda: _get_once(store, name, dest, sha256), retry_s=retry_s)
+        return await retrying("get", name, lambda: _get_once(store, name, dest, sha256, pinned), retry_s=retry_s)
     except ArtifactError:
         raise
     except Exception as exc:
         raise ArtifactError(f"object {name} could not be read: {type(exc).__name__}: {exc}") from None
 
 
-async def _get_once(store: ArtifactStore, name: str, dest: Path, sha256: str | None) -> Artifact:
+async def _get_once(store: ArtifactStore, name: str, dest: Path, sha256: str | None,
+                    pinned: Artifact | None = None) -> Artifact:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    try:
-        info = await store.get_info(name)
-    except NotFoundError:
-        raise ArtifactError(f"object {name} is not in the artifact store (expired or never uploaded)") from None
+    if pinned is not None and pinned.nuid:
+        digest = "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(pinned.sha256)).decode()
+        info = ObjectInfo(name=name, bucket=store.bucket, nuid=pinned.nuid, size=pinned.size,
+                          chunks=-(-pinned.size // OBJ_CHUNK), digest=digest)
+    else:
+        try:
+            info = await store.get_info(name)
+        except NotFoundError:
+            raise ArtifactError(f"object {name} is not in the artifact store (expired or never uploaded)") from None
     fh = await asyncio.to_thread(part.open, "wb")
     writer = _HashingWriter(fh)
     try:
@@ -228,7 +291,7 @@ async def _get_once(store: ArtifactStore, name: str, dest: Path, sha256: str | N
         raise ArtifactError(f"object {name} arrived with sha256 {got}, expected {sha256}: damaged or replaced; "
                             "it was not used")
     await asyncio.to_thread(replace_durably, part, dest)
-    return Artifact(name=name, sha256=got, size=writer.size)
+    return Artifact(name=name, sha256=got, size=writer.size, nuid=info.nuid)
 
 
 PULL_BATCH = 8  # chunks in flight: 8 x 128 KiB
@@ -300,17 +363,37 @@ async def put_dir(store: ArtifactStore, name: str, src: Path, *, scratch: Path |
 
 
 async def get_dir(store: ArtifactStore, name: str, dest: Path, *, sha256: str | None = None,
-                  retry_s: float | None = RETRY_S) -> Artifact:
+                  retry_s: float | None = RETRY_S, pinned: Artifact | None = None) -> Artifact:
     """Download the tar object `name`, check its sha256, and extract it to `dest` (replacing it)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".artifact-") as tmp:
         archive = Path(tmp) / "dir.tar"
-        art = await get_file(store, name, archive, sha256=sha256, retry_s=retry_s)
+        art = await get_file(store, name, archive, sha256=sha256, retry_s=retry_s, pinned=pinned)
         try:
             await asyncio.to_thread(_untar, archive, dest)
         except (tarfile.TarError, OSError) as exc:
             raise ArtifactError(f"object {name} is not a readable directory archive: {exc}") from None
         return art
+
+
+async def delete_object(store: ArtifactStore, info: Any) -> None:
+    """Delete one object by purging its subjects: the chunks of every meta published under its name (with
+    no rollup, an upload over a name leaves the earlier ones), then the metas. No rollup header (the
+    streams refuse them); the daemon's identity may purge, a worker's may not."""
+    stream = f"OBJ_{store.bucket}"
+    meta = f"$O.{store.bucket}.M.{base64.urlsafe_b64encode(info.name.encode()).decode()}"
+    nuids, seq = {info.nuid}, 1
+    while True:
+        try:
+            msg = await store.js.get_msg(stream, seq, subject=meta, next=True)
+        except NotFoundError:
+            break
+        seq = int(msg.seq) + 1
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            nuids.add(json.loads(msg.data)["nuid"])
+    for nuid in sorted(n for n in nuids if n):
+        await store.js.purge_stream(stream, subject=f"$O.{store.bucket}.C.{nuid}")
+    await store.js.purge_stream(stream, subject=meta)
 
 
 async def delete_prefix(store: ArtifactStore, prefix: str) -> int:
@@ -323,7 +406,7 @@ async def delete_prefix(store: ArtifactStore, prefix: str) -> int:
     for info in infos:
         if info.name.startswith(prefix) and not info.deleted:
             try:
-                await store.obj.delete(info.name)
+                await delete_object(store, info)
                 n += 1
             except NotFoundError:
                 pass

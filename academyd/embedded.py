@@ -70,7 +70,10 @@ def render_config(store_dir: Path, port: int, monitor_port: int = 0, max_payload
     if monitor_port:
         lines.insert(3, f'http: "127.0.0.1:{monitor_port}"')
     if passwords:
-        lines.append(nats_auth.render_authorization(passwords, nats_auth.permissions(outbound_stream)))
+        lines.append(f"# outbound_stream: {outbound_stream}")  # read back when a worker is added (nats_auth)
+        workers = [w for w in map(nats_auth.worker_of, passwords) if w]
+        lines.append(nats_auth.render_authorization(passwords, nats_auth.permissions(outbound_stream,
+                                                                                     workers=workers)))
     return "\n".join(lines) + "\n"
 
 

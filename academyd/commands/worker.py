@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from pathlib import Path
 
 from academyd.commands.common import EXIT_FAILED, EXIT_USAGE, add_settings_args, fail, guard, settings_from
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_settings_args(p)
     p.add_argument("--work-dir", type=Path, default=Path("academy-worker"),
                    help="where jobs run on this host (default ./academy-worker)")
-    p.add_argument("--id", help="this worker's name (default: hostname-pid)")
+    p.add_argument("--id", help="this worker's name (default: its identity's, worker-<id>; else hostname-pid)")
     p.add_argument("--model", action="append", default=[], metavar="REF=PATH",
                    help="where the daemon's base model REF is on this host (repeatable); unset: REF itself")
     p.add_argument("--gpu", choices=["auto", "none"], default="auto",
@@ -31,6 +32,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--cpu-threads", type=int, help="torch threads per job (default: the job's)")
     p.add_argument("--trainer-python", type=Path, help="the trainer environment's interpreter")
     p.set_defaults(func=guard(_run))
+
+    q = sub.add_parser(
+        "worker-identity",
+        help="create a worker's own NATS identity (worker-<id>) for the embedded server, or print its "
+        "production config block",
+        description="Each worker connects as its own identity, worker-<id>, which may write lease records, "
+        "events and its advertisement only in its own name; the daemon trusts a result or progress only from "
+        "the worker that holds the job's lease. Without --production: generate worker-<id>'s password in the "
+        "daemon's data directory (<data_dir>/nats/users/worker-<id>.password, 0600) and have a running "
+        "embedded server reload its users; an `academyd worker --id <id>` reading the same data directory "
+        "uses it. With --production: print the user block for systemd/nats-server.conf.",
+    )
+    add_settings_args(q)
+    q.add_argument("id", help="the worker's id (one NATS subject token: letters, digits, '-', '_')")
+    q.add_argument("--production", action="store_true", help="print the nats-server.conf user block instead")
+    q.set_defaults(func=guard(_identity))
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from academyd import nats_auth
+
+    if nats_auth.WORKER_NAME_RE.fullmatch(args.id) is None:
+        return fail(f"a worker id is one NATS subject token ({nats_auth.WORKER_NAME_RE.pattern}), not {args.id!r}",
+                    EXIT_USAGE)
+    if args.production:
+        print(nats_auth.render_production_worker(args.id))
+        print(f"# its password: ${nats_auth.worker_password_env(args.id)} in the nats-server's environment; the "
+              f"worker: ACADEMY_NATS__USER={nats_auth.worker_user(args.id)} ACADEMY_NATS__PASSWORD=...",
+              file=sys.stderr)
+        return 0
+    settings = settings_from(args)
+    path, reloaded = nats_auth.add_worker(settings.nats_dir, args.id)
+    print(f"{nats_auth.worker_user(args.id)}: password in {path}"
+          + ("; the running embedded server reloaded its users" if reloaded else
+             "; the embedded server takes it at its next start"))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

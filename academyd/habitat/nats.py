@@ -33,6 +33,7 @@ from academyd.settings import Settings
 from academyd.trainer import spec as S
 from academyd.worker.protocol import (
     Advertisement,
+    DAEMON_WRITER,
     ArtifactRef,
     CancelMessage,
     ForwardedEvent,
@@ -229,10 +230,7 @@ class NatsHabitat:
                                       "different versions of academyd"))
         _, rev = await wire.lease(run_id)
         try:
-            if rev:
-                await wire.leases.update(run_id, end.encode(), last=rev)
-            else:
-                await wire.leases.create(run_id, end.encode())
+            await wire.write_lease(run_id, DAEMON_WRITER, end, last=rev)
         except (APIError, NatsTimeout, NoRespondersError, ConnectionClosedError, TimeoutError) as exc:
             # someone wrote the lease meanwhile (KeyWrongLastSequenceError, an APIError): theirs stands
             log.info("refusal_not_recorded", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
@@ -277,6 +275,8 @@ class NatsHabitat:
                 body = ForwardedEvent.decode(msg.data)
                 if body.run_id != run_id:
                     raise WireError("foreign", f"an event of run {body.run_id} on {msg.subject}")
+                if msg.subject != events_subject(run_id, body.worker):  # the server let only its sender publish there
+                    raise WireError("foreign", f"an event in the name of {body.worker} on {msg.subject}")
             except WireError as exc:
                 dropped += 1
                 if dropped <= 10 or dropped % 100 == 0:  # a flood of them is one line in a hundred
@@ -287,7 +287,7 @@ class NatsHabitat:
         sub = None
         while sub is None:
             try:
-                sub = await self.js.subscribe(events_subject(run_id), cb=on_event, ordered_consumer=True,
+                sub = await self.js.subscribe(events_subject(run_id, "*"), cb=on_event, ordered_consumer=True,
                                               stream=self.settings.workers.events_stream)
             except (NatsTimeout, NoRespondersError, APIError, TimeoutError) as exc:
                 log.warning("events_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
@@ -377,11 +377,14 @@ class NatsHabitat:
         assert res is not None  # a succeeded lease has one (Lease validates it)
         out = Path(handle.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        await get_file(wire.artifacts, res.summary.name, out / S.SUMMARY_FILE, sha256=res.summary.sha256)
+        await get_file(wire.artifacts, res.summary.name, out / S.SUMMARY_FILE, sha256=res.summary.sha256,
+                       pinned=res.summary.artifact())  # the holder's chunks, whatever was uploaded over the name
         if res.loss is not None:
-            await get_file(wire.artifacts, res.loss.name, out / S.LOSS_FILE, sha256=res.loss.sha256)
+            await get_file(wire.artifacts, res.loss.name, out / S.LOSS_FILE, sha256=res.loss.sha256,
+                           pinned=res.loss.artifact())
         adapter_dir = out / S.ADAPTER_DIR
-        await get_dir(wire.artifacts, res.adapter.name, adapter_dir, sha256=res.adapter.sha256)
+        await get_dir(wire.artifacts, res.adapter.name, adapter_dir, sha256=res.adapter.sha256,
+                      pinned=res.adapter.artifact())
         local = await asyncio.to_thread(adapter_sha256, adapter_dir)
         if local != res.adapter_sha256:
             raise ArtifactError(f"the adapter's files hash to {local}, the worker computed {res.adapter_sha256}")
@@ -408,10 +411,7 @@ class NatsHabitat:
                     await self.js.purge_stream(self.settings.workers.jobs_stream, subject=job_subject(handle.run_id, gpu))
             end = Lease.build(run_id=handle.run_id, state="cancelled", reason="cancelled before a worker took it")
             with contextlib.suppress(Exception):
-                if rev:  # an entry that is not a valid lease: replaced, on its revision
-                    await wire.leases.update(handle.run_id, end.encode(), last=rev)
-                else:
-                    await wire.leases.create(handle.run_id, end.encode())
+                await wire.write_lease(handle.run_id, DAEMON_WRITER, end, last=rev)  # on records not honoured too
 
     def status_note(self) -> str | None:
         return self.note

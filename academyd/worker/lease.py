@@ -66,7 +66,8 @@ class HeldLease:
                               checkpoint=lease.checkpoint if lease else None)
             try:
                 if rev == 0:
-                    return cls(wire, msg, run_id, worker, new, await wire.leases.create(run_id, new.encode()), timing)
+                    return cls(wire, msg, run_id, worker, new, await wire.write_lease(run_id, worker, new, last=0),
+                               timing)
                 if lease is None or lease.state != "released":
                     # Held: take it only after a full window of silence, so its holder has stopped by then.
                     holder = lease.worker if lease else "(not a valid lease)"
@@ -82,22 +83,33 @@ class HeldLease:
                         log.info("lease_alive", run_id=run_id, holder=holder)
                         await msg.nak(delay=nak_delay_s)
                         return None
-                return cls(wire, msg, run_id, worker, new, await wire.leases.update(run_id, new.encode(), last=rev),
+                return cls(wire, msg, run_id, worker, new, await wire.write_lease(run_id, worker, new, last=rev),
                            timing)
             except KeyWrongLastSequenceError:
                 continue  # someone else moved first: look again
 
     async def refresh(self, **changes: Any) -> bool:
-        """Compare-and-swap the lease (a heartbeat, a checkpoint, the end); False once it is lost."""
+        """Compare-and-swap the lease (a heartbeat, a checkpoint, the end); False once it is lost. A record
+        written meanwhile that is not honoured (academyd.worker.trust: a takeover while this heartbeat was
+        fresh, one in this worker's name from another writer) is written over: the lease is still ours."""
         async with self.lock:
             if self.lost is not None:
                 return False
             value = self.lease.changed(**changes, beat=round(time.time(), 3))  # WireError: a bug here, not sent
             try:
-                self.rev = await self.wire.leases.update(self.run_id, value.encode(), last=self.rev)
+                self.rev = await self.wire.write_lease(self.run_id, self.worker, value, last=self.rev)
             except KeyWrongLastSequenceError:
-                self.lost = "fenced: another worker holds the lease"
-                return False
+                held, rev = await self.wire.lease(self.run_id)  # (a write of ours whose ack was lost counts)
+                if held is None or held.final or (held.worker, held.attempt) != (self.worker, self.lease.attempt):
+                    self.lost = "fenced: another worker holds the lease"
+                    return False
+                log.warning("lease_kept", run_id=self.run_id, worker=self.worker, attempt=self.lease.attempt,
+                            revision=rev, reason="a record written over this holder's fresh lease is not honoured")
+                try:
+                    self.rev = await self.wire.write_lease(self.run_id, self.worker, value, last=rev)
+                except KeyWrongLastSequenceError:
+                    self.lost = "fenced: another worker holds the lease"
+                    return False
             self.lease = value
             self.last_ok = time.monotonic()
             return True

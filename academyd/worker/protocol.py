@@ -5,12 +5,16 @@ Subjects, streams and buckets (names from `settings.workers`; replicas from `set
     academy.jobs.train.any.<run_id>   a training job any worker may take    } ACADEMY_JOBS: a work-queue
     academy.jobs.train.gpu.<run_id>   a job only a worker with a GPU takes  } stream, one durable pull
                                                                             } consumer per capability
-    academy.jobs.events.<run_id>      the trainer's events, as the worker forwards them (ACADEMY_JOB_EVENTS)
+    academy.jobs.events.<run_id>.<worker id>  the trainer's events as the worker forwards them
+                                      (ACADEMY_JOB_EVENTS; a worker's identity may publish only its own)
     academy.jobs.cancel.<run_id>      core NATS: the daemon asks the holder to stop
     KV academy_workers  <worker id>   what a worker has (GPU, CPU threads, trainer versions, its job); TTL
-    KV academy_leases   <run_id>      who holds a job, its last checkpoint, its result: the fence
-    Object store academy_artifacts    runs/<run_id>/{dataset.jsonl, heldout.jsonl, ckpt/<step>.tar,
-                                      adapter.tar, summary.json, loss.jsonl}
+    KV academy_leases   <run_id>.<writer>  the job's lease records, each under its writer's key (a worker
+                                      id, `_academyd` for the daemon): the fence (academyd.worker.trust)
+    Object store academy_artifacts    runs/<run_id>/{dataset.jsonl, heldout.jsonl,
+                                      ckpt/<step>-<worker>-a<attempt>.tar,
+                                      <worker>-a<attempt>/{adapter.tar, summary.json, loss.jsonl}}
+
 
 The lease is the fence. A worker holds a job while it can refresh the lease by compare-and-swap on its
 revision (every heartbeat, and before recording a checkpoint or the result). A holder that cannot refresh
@@ -18,6 +22,13 @@ for `stop_after_s` kills its trainer. A worker that receives a redelivered job t
 watching it stay unrefreshed for `takeover_wait_s` (> stop_after_s plus a heartbeat), so the earlier holder
 has stopped by then: never two trainers on one job, and no clock is compared across hosts.
 The job message is acked after the result is stored, verified and recorded in the lease.
+
+Trust per worker (academyd.worker.trust): each worker has its own NATS identity, which may write lease
+records, events and its advertisement only under its own id, so the server says who wrote what; a record
+that names another worker, or a takeover written while the holder's heartbeat was fresh, is not honoured.
+Objects are read by the chunks' nuid the lease or the job records (an upload over a name replaces nothing
+that is used), and the buckets' streams take no rollup header (a publish with one would purge them).
+
 """
 
 from __future__ import annotations
@@ -56,8 +67,12 @@ def job_subject(run_id: str, requires_gpu: bool) -> str:
     return f"academy.jobs.train.{'gpu' if requires_gpu else 'any'}.{run_id}"
 
 
-def events_subject(run_id: str) -> str:
-    return f"academy.jobs.events.{run_id}"
+DAEMON_WRITER = "_academyd"  # the key token of the daemon's lease records (a worker id starts alphanumeric)
+
+
+def events_subject(run_id: str, worker: str) -> str:
+    """Where `worker` forwards the trainer events of `run_id` ("*": every worker's, as the daemon reads)."""
+    return f"academy.jobs.events.{run_id}.{worker}"
 
 
 def cancel_subject(run_id: str) -> str:
@@ -96,6 +111,12 @@ class Timing:
     def takeover_wait_s(self) -> float:
         return self.ack_wait_s * 3 / 4
 
+    @property
+    def fresh_s(self) -> float:
+        """A holder whose last record is younger than this (5A/8: after a holder stops, before a taker
+        may take) still works: a takeover written then is not honoured (academyd.worker.trust)."""
+        return self.ack_wait_s * 5 / 8
+
 
 # ---------------------------------------------------------------- the messages and records
 #
@@ -111,7 +132,7 @@ class Timing:
 # (the trainer owns its event fields; the ones the daemon reads are typed here).
 
 RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}"  # one subject token, one path component, one KV key
-WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}"  # a KV key (hostname-pid by default)
+WORKER_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}"  # one subject token (hostname-pid by default)
 SHA256_PATTERN = r"[0-9a-f]{64}"
 # runs/<run_id>/<what>[/<what>...], no "." or ".." component (academyd.worker.protocol.artifact_name).
 ARTIFACT_NAME_PATTERN = rf"runs/{RUN_ID_PATTERN}(/[A-Za-z0-9_][A-Za-z0-9_.-]{{0,199}}){{1,4}}"
@@ -197,13 +218,15 @@ class ArtifactRef(_Part):
     name: str = Field(max_length=600, pattern=rf"^{ARTIFACT_NAME_PATTERN}$")
     sha256: str = Sha256
     size: int = Field(ge=0)
+    nuid: str | None = Field(default=None, pattern=r"^[A-Za-z0-9]{1,64}$",
+                             description="Its chunks' subject token: read by it, not by the name's newest meta.")
 
     @classmethod
     def of(cls, art: Artifact) -> ArtifactRef:
-        return cls(name=art.name, sha256=art.sha256, size=art.size)
+        return cls(name=art.name, sha256=art.sha256, size=art.size, nuid=art.nuid)
 
     def artifact(self) -> Artifact:
-        return Artifact(name=self.name, sha256=self.sha256, size=self.size)
+        return Artifact(name=self.name, sha256=self.sha256, size=self.size, nuid=self.nuid)
 
     def belongs_to(self, run_id: str) -> bool:
         return self.name.startswith(artifact_name(run_id, ""))
@@ -353,7 +376,7 @@ class JobOutcome(_Part):
 
 
 class Lease(WireModel):
-    """KV academy_leases `<run_id>`: who holds the job, its last checkpoint, how it ended. The fence."""
+    """KV academy_leases `<run_id>.<writer>`: who holds the job, its last checkpoint, how it ended. The fence."""
 
     MAX_BYTES: ClassVar[int] = LEASE_MAX_BYTES
 
@@ -467,6 +490,9 @@ class Wire:
             bucket=w.leases_bucket, description="academyd workers: who holds which job", history=64,
             ttl=7 * 24 * 3600, storage=StorageType.FILE, replicas=n.replicas), create)
         artifacts = await ensure_bucket(js, w.artifacts_bucket, replicas=n.replicas, ttl_s=w.artifacts_ttl_h * 3600)
+        if create:  # no rollup header on these streams: a publish with one purges (academyd.worker.trust)
+            for stream in (f"KV_{w.registry_bucket}", f"KV_{w.leases_bucket}", f"OBJ_{w.artifacts_bucket}"):
+                await refuse_rollups(js, stream)
         return cls(js=js, settings=settings, artifacts=artifacts, workers=workers, leases=leases)
 
     # Entries that were not trusted, by (key, revision): each is logged once, not at every poll.
@@ -479,23 +505,27 @@ class Wire:
                 self._untrusted.clear()
             log.warning(f"{what}_untrusted", key=key, revision=rev, reason=reason)
 
+    _book: Any = None  # academyd.worker.trust.LeaseBook
+
+    @property
+    def book(self) -> Any:
+        if self._book is None:
+            from academyd.worker.trust import LeaseBook
+
+            w = self.settings.workers
+            self._book = LeaseBook(self.js, w.leases_bucket, Timing(w.ack_wait_s))
+        return self._book
+
     async def lease(self, run_id: str) -> tuple[Lease | None, int]:
-        """The lease of `run_id` and its revision: (None, 0) when there is none; (None, revision) when the
-        entry is not a valid lease of `run_id` (written by a third party, or damaged): nothing in it is
-        trusted, but its revision still counts for the fence (a taker waits it out as for a silent holder)."""
-        try:
-            entry = await self.leases.get(run_id)
-        except NotFoundError:
-            return None, 0
-        rev = int(entry.revision or 0)
-        try:
-            lease = Lease.decode(entry.value)
-            if lease.run_id != run_id:
-                raise WireError("foreign", f"the lease under {run_id} is run {lease.run_id}'s")
-        except WireError as exc:
-            self._distrust("lease", run_id, rev, str(exc))
-            return None, rev
-        return lease, rev
+        """The effective lease of `run_id` (academyd.worker.trust) and the fence's revision: (None, 0) when
+        there is none; (None, revision) when no record is honoured (written by a third party, or damaged):
+        nothing in them is trusted, but the revision still fences (a taker waits it out as for a silent holder)."""
+        return await self.book.lease(run_id)
+
+    async def write_lease(self, run_id: str, writer: str, lease: Lease, *, last: int) -> int:
+        """`lease` as `writer`'s record, if the fence is still at `last` (0: no record); the new revision.
+        KeyWrongLastSequenceError when another record came first."""
+        return int(await self.book.write(run_id, writer, lease, last=last))
 
     async def advertised(self) -> list[Advertisement]:
         """Every worker whose advertisement has not expired and is valid (anything else is absent)."""
@@ -521,6 +551,16 @@ class Wire:
                 continue
             out.append(ad)
         return out
+
+
+async def refuse_rollups(js: Any, stream: str) -> None:
+    """`stream` takes no `Nats-Rollup` header any more (one from any publisher purges a subject or the whole
+    stream); the object store's puts and deletes here need none (academyd.artifacts)."""
+    config = (await js.stream_info(stream)).config
+    if config.allow_rollup_hdrs:
+        config.allow_rollup_hdrs = False
+        await js.update_stream(config)
+        log.info("stream_rollups_refused", stream=stream)
 
 
 async def _ensure_stream(js: Any, config: StreamConfig) -> None:

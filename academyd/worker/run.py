@@ -45,6 +45,7 @@ from academyd.settings import Settings
 from academyd.trainer import spec as S
 from academyd.trainer._process import PARENT_ENV, process_start
 from academyd.worker.lease import HeldLease, LeaseLost
+from academyd.worker.trust import worker_identity
 from academyd.worker.protocol import (
     WORKER_ID_PATTERN,
     WORKER_ID_RE,
@@ -117,7 +118,8 @@ class Worker:
                  trainer_python: Path | None = None) -> None:
         self.settings = settings
         self.work_dir = work_dir.resolve()
-        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.id, nats_cfg = worker_identity(settings, worker_id)  # bound to its NATS identity, if it has one
+        self.settings = settings = settings.model_copy(update={"nats": nats_cfg})
         if WORKER_ID_RE.fullmatch(self.id) is None:
             raise HabitatError(f"worker id {self.id!r} is not usable (it is a key in the workers bucket): give "
                                f"--id matching {WORKER_ID_PATTERN}")
@@ -299,7 +301,8 @@ class Worker:
                 if art is not None:
                     inputs[what] = jobdir / "inputs" / f"{what}.jsonl"
                     await self._slow_link("get", art.name)
-                    await get_file(self.wire_artifacts, art.name, inputs[what], sha256=art.sha256, retry_s=None)
+                    await get_file(self.wire_artifacts, art.name, inputs[what], sha256=art.sha256, retry_s=None,
+                                   pinned=art.artifact())
             spec = self._local_spec(job, jobdir, inputs)
             resume_step = await self._restore_checkpoint(h, jobdir, spec)
             if h.stopping:
@@ -401,7 +404,7 @@ class Worker:
             log.warning("event_not_forwarded", run_id=h.run_id, worker=self.id, type=ev.get("type"), reason=str(exc))
             return
         with contextlib.suppress(Exception):
-            await self.js.publish(events_subject(h.run_id), body)
+            await self.js.publish(events_subject(h.run_id, self.id), body)
 
     async def _restore_checkpoint(self, h: HeldLease, jobdir: Path, spec: S.TrainSpec) -> int | None:
         """The lease's checkpoint, downloaded and re-marked for this host's spec (its local paths)."""
@@ -414,7 +417,7 @@ class Worker:
             shutil.rmtree(ckpt_root)  # only the lease's checkpoint counts: anything here may be a fenced attempt's
         dest = ckpt_root / f"checkpoint-{step}"
         await self._slow_link("get", art.name)
-        await get_dir(self.wire_artifacts, art.name, dest, sha256=art.sha256, retry_s=None)
+        await get_dir(self.wire_artifacts, art.name, dest, sha256=art.sha256, retry_s=None, pinned=art.artifact())
         marker = dest / CHECKPOINT_MARKER
         data = json.loads(marker.read_text())
         data["spec_hash"] = S.spec_hash(spec)
@@ -431,7 +434,7 @@ class Worker:
     async def _upload_checkpoint(self, h: HeldLease, jobdir: Path, ev: dict[str, Any]) -> None:
         step = int(ev.get("step") or 0)
         path = Path(str(ev.get("path")))
-        name = artifact_name(h.run_id, f"ckpt/{step:08d}-a{h.lease.attempt}.tar")
+        name = artifact_name(h.run_id, f"ckpt/{step:08d}-{self.id}-a{h.lease.attempt}.tar")  # unique: no overwrite
         try:
             await self._slow_link("put", name)
             art = await put_dir(self.wire_artifacts, name, path, scratch=jobdir, retry_s=None)
@@ -462,7 +465,7 @@ class Worker:
                            ("loss.jsonl", jobdir / S.LOSS_FILE)):
             if what == "loss.jsonl" and not path.exists():
                 continue
-            name = artifact_name(h.run_id, what)
+            name = artifact_name(h.run_id, f"{self.id}-a{h.lease.attempt}/{what}")  # unique: no overwrite
             await self._slow_link("put", name)
             put = put_dir(arts, name, path, scratch=jobdir, retry_s=None) if path.is_dir() else \
                 put_file(arts, name, path, retry_s=None)

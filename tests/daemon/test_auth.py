@@ -160,7 +160,8 @@ async def secured(request, tmp_path, make_settings, start_daemon) -> Any:
         passwords = {"venom": "agent-pw", "operator": "operator-pw", "academyd": "daemon-pw"}
         env = {**os.environ, "VENOM_NATS_PASSWORD": passwords["venom"],
                "OPERATOR_NATS_PASSWORD": passwords["operator"], "ACADEMYD_NATS_PASSWORD": passwords["academyd"],
-               "ACADEMY_WORKER_NATS_PASSWORD": "worker-unused-here",  # the worker identity: tests/scale
+               "ACADEMY_WORKER_GPU1_NATS_PASSWORD": "worker-unused-here",  # the workers' identities: tests/scale
+               "ACADEMY_WORKER_GPU2_NATS_PASSWORD": "worker-unused-here",
                "ACADEMY_FOLLOWER_NATS_PASSWORD": "follower-pw"}
         proc = subprocess.Popen([str(find_server_binary()), "-c", str(shipped_config(tmp_path, port))], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -117,7 +117,8 @@ def test_production_nats_config_is_valid_and_syncs_always() -> None:
     conf = REPO / "systemd" / "nats-server.conf"
     assert "sync_interval: always" in conf.read_text()
     env = {**os.environ, "VENOM_NATS_PASSWORD": "x", "OPERATOR_NATS_PASSWORD": "o", "ACADEMYD_NATS_PASSWORD": "y",
-           "ACADEMY_WORKER_NATS_PASSWORD": "w", "ACADEMY_FOLLOWER_NATS_PASSWORD": "f"}
+           "ACADEMY_WORKER_GPU1_NATS_PASSWORD": "w1", "ACADEMY_WORKER_GPU2_NATS_PASSWORD": "w2",
+           "ACADEMY_FOLLOWER_NATS_PASSWORD": "f"}
     server = Path(sys.executable).parent / "nats-server"
     out = subprocess.run([str(server), "-t", "-c", str(conf)], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "valid" in (out.stdout + out.stderr)

@@ -62,3 +62,31 @@ async def test_a_directory_round_trips_without_links(nc, tmp_path: Path) -> None
     assert (dest / "adapter_config.json").read_text() == '{"r": 16}'
     assert (dest / "sub" / "weights.bin").read_bytes() == (src / "sub" / "weights.bin").read_bytes()
     assert not (dest / "escape").exists()  # only plain files travel
+
+
+async def test_without_rollups_an_object_is_read_by_its_chunks_and_deleted_by_purges(nc, tmp_path: Path) -> None:
+    """The bucket's stream refuses rollup headers (academyd.worker.protocol.refuse_rollups): puts and deletes
+    here need none; a get pinned to an object's nuid reads those chunks whatever meta came under its name."""
+    from academyd.artifacts import delete_prefix
+    from academyd.worker.protocol import refuse_rollups
+
+    js = nc.jetstream()
+    store = await ensure_bucket(js, "t_norollup")
+    await refuse_rollups(js, "OBJ_t_norollup")
+    assert (await js.stream_info("OBJ_t_norollup")).config.allow_rollup_hdrs is False
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(os.urandom(300_000))
+    second.write_bytes(b"replaced" * 1000)
+    sent = await put_file(store, "runs/r1/a.bin", first)
+    over = await put_file(store, "runs/r1/a.bin", second)  # over the name: the newest meta is this one
+    assert sent.nuid and over.nuid and sent.nuid != over.nuid
+    newest = await get_file(store, "runs/r1/a.bin", tmp_path / "newest.bin")
+    assert newest.sha256 == over.sha256
+    pinned = await get_file(store, "runs/r1/a.bin", tmp_path / "pinned.bin", sha256=sent.sha256, pinned=sent)
+    assert pinned.sha256 == sent.sha256 and (tmp_path / "pinned.bin").read_bytes() == first.read_bytes()
+    await put_file(store, "runs/r1/b.bin", second)
+    await store.obj.delete("runs/r1/b.bin")
+    with pytest.raises(ArtifactError, match="not in the artifact store"):
+        await get_file(store, "runs/r1/b.bin", tmp_path / "b.bin")
+    assert await delete_prefix(store, "runs/r1/") == 1
+    assert (await js.stream_info("OBJ_t_norollup")).state.messages == 0

@@ -50,9 +50,17 @@ async def test_work_slower_than_the_ack_wait_is_held_from_acquire_to_ack(nc, tmp
 
 
 async def test_a_lease_taken_by_another_writer_stops_the_work_within_a_heartbeat(nc, tmp_path: Path) -> None:
+    """A takeover honoured (the holder silent longer than `fresh_s`: here, its heartbeat not yet started)
+    fences the holder: its first refresh fails and everything it does for the job stops."""
     wire, msg, _ = await a_job(nc, tmp_path)
     h = await HeldLease.acquire(wire, msg, "run-1", "w1", Timing(ACK_WAIT), nak_delay_s=ACK_WAIT)
     assert h is not None
+    await asyncio.sleep(Timing(ACK_WAIT).fresh_s + 0.2)
+    _, rev = await wire.lease("run-1")
+    await wire.write_lease("run-1", "w2", Lease.build(run_id="run-1", worker="w2", state="training", attempt=2),
+                           last=rev)
+    taken = time.monotonic()
+    assert (await wire.lease("run-1"))[0].worker == "w2"
     stopped: list[float] = []
 
     async def slow_transfer() -> None:
@@ -62,16 +70,35 @@ async def test_a_lease_taken_by_another_writer_stops_the_work_within_a_heartbeat
             stopped.append(time.monotonic())
             raise
 
-    async def take() -> float:
-        await asyncio.sleep(ACK_WAIT)
-        await wire.leases.put("run-1", Lease.build(run_id="run-1", worker="w2", state="training", attempt=2).encode())
-        return time.monotonic()
-
-    taker = asyncio.create_task(take())
     with pytest.raises(LeaseLost, match="fenced"):
         await h.hold(slow_transfer())
-    taken = await taker
     assert stopped and stopped[0] - taken <= Timing(ACK_WAIT).heartbeat_s + 0.5
     # Nothing more is written in w2's lease by w1.
     assert await h.finish("succeeded") is False
     assert (await wire.lease("run-1"))[0].worker == "w2"
+
+
+async def test_a_takeover_while_the_holder_s_heartbeat_is_fresh_is_not_honoured(nc, tmp_path: Path) -> None:
+    """Records written over a fresh holder (a takeover, an end in its name, a record naming the holder):
+    neither side honours them; the holder writes over them at its next beat and finishes its job."""
+    wire, msg, _ = await a_job(nc, tmp_path)
+    h = await HeldLease.acquire(wire, msg, "run-1", "w1", Timing(ACK_WAIT), nak_delay_s=ACK_WAIT)
+    assert h is not None
+
+    async def work() -> str:
+        for forged in (Lease.build(run_id="run-1", worker="w2", state="training", attempt=2),
+                       Lease.build(run_id="run-1", worker="w1", state="failed", attempt=1, reason="forged"),
+                       Lease.build(run_id="run-1", worker="w2", state="failed", attempt=3, reason="forged")):
+            await asyncio.sleep(Timing(ACK_WAIT).heartbeat_s * 1.5)
+            _, rev = await wire.lease("run-1")
+            await wire.write_lease("run-1", "w2", forged, last=rev)
+            lease, _ = await wire.lease("run-1")
+            assert (lease.worker, lease.attempt, lease.state) == ("w1", 1, "training"), lease
+        await asyncio.sleep(Timing(ACK_WAIT).heartbeat_s * 2)
+        return "done"
+
+    assert await h.hold(work()) == "done"
+    assert h.lost is None
+    assert await h.finish("failed", reason="the holder's own end") is True
+    lease, _ = await wire.lease("run-1")
+    assert (lease.worker, lease.attempt, lease.state, lease.reason) == ("w1", 1, "failed", "the holder's own end")

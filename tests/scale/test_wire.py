@@ -93,7 +93,7 @@ async def test_hostile_job_messages_are_rejected_each_alone_and_the_good_one_tra
             json.dumps({"schema_version": 1, "run_id": "run-good", "worker": "w1", "attempt": 1,
                         "event": {"type": "start", "time": 1.0, "pad": "x" * 100_000}}).encode()]
     for data in junk:
-        await js.publish(events_subject("run-good"), data)
+        await js.publish(events_subject("run-good", "w1"), data)
 
     with capture_logs() as logs:
         seen = [ev async for ev in habitat.progress(handle)]
@@ -157,19 +157,19 @@ async def test_a_lease_forged_by_a_third_party_is_trusted_by_neither_side(
     wire = await habitat.wire()
     run_id = "run-forged"
     forged = json.dumps({"schema_version": 1, "run_id": run_id, "state": "succeeded", "worker": "mallory"}).encode()
-    await wire.leases.put(run_id, forged)
-    assert await wire.lease(run_id) == (None, 1)  # there is an entry; nothing in it is trusted
+    rev = await wire.leases.put(f"{run_id}.mallory", forged)
+    assert await wire.lease(run_id) == (None, rev)  # there is a record; nothing in it is trusted
     w1 = start_cpu_worker(start_worker, nats_server.url)
     handle = await habitat.start(job_for(settings, make_spec, run_id))
     assert await habitat.status(handle) is JobStatus.RUNNING  # queued, not "succeeded"
     result = await habitat.result(handle)
     assert result.status is JobStatus.SUCCEEDED, (result, w1.log[-3000:])
     assert (Path(result.adapter_path) / "adapter_config.json").is_file()
-    untrusted = logged(w1, "lease_untrusted")
+    untrusted = logged(w1, "lease_record_not_honoured")
     assert untrusted and "a result exactly when the state is succeeded" in untrusted[0]["reason"]
     assert [e["holder"] for e in logged(w1, "lease_wait")] == ["(not a valid lease)"]
     assert not logged(w1, "job_already_finished")
-    history = [json.loads(e.value) for e in await wire.leases.history(run_id)]
+    history = [json.loads(e.value) for e in await wire.leases.history(f"{run_id}.*")]
     assert history[0]["worker"] == "mallory"
     mine = history[1:]
     assert mine and all(h["worker"] == "w1" and h["attempt"] == 1 for h in mine)

@@ -93,7 +93,7 @@ async def lease_history(url: str, run_id: str) -> list[dict[str, Any]]:
     try:
         try:
             kv = await nc.jetstream().key_value("academy_leases")
-            entries = await kv.history(run_id)
+            entries = await kv.history(f"{run_id}.*")  # every writer's records, in order
         except Exception:  # no bucket or no such key yet: nobody ever took the job
             return []
         return [json.loads(e.value) for e in entries if e.value]
@@ -215,7 +215,7 @@ async def test_a_sigkilled_worker_s_trainer_dies_and_the_job_resumes_once_over_a
 
     async def record() -> None:
         kv = await watch_nc.jetstream().key_value("academy_leases")
-        async for entry in await kv.watch(run_id):
+        async for entry in await kv.watch(f"{run_id}.*"):  # every writer's lease records
             if entry is not None and entry.value:
                 revisions.append(json.loads(entry.value))
 
@@ -347,7 +347,7 @@ async def test_a_worker_cut_off_from_nats_stops_and_the_job_finishes_elsewhere_o
 
     async def record() -> None:
         kv = await watch_nc.jetstream().key_value("academy_leases")
-        async for entry in await kv.watch(run_id):
+        async for entry in await kv.watch(f"{run_id}.*"):  # every writer's lease records
             if entry is not None and entry.value:
                 revisions.append(json.loads(entry.value))
 
