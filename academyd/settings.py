@@ -119,6 +119,48 @@ class PolicySettings(BaseModel):
         return v
 
 
+class ParaphraserSettings(BaseModel):
+    """A model that restates training lessons (academyd.curator.paraphrase): any OpenAI-compatible chat
+    endpoint, e.g. Venom's own runtime or the Academy's llama.cpp endpoint. Unset `url`: none is asked."""
+
+    url: str | None = Field(
+        default=None, description="The endpoint's OpenAI base URL (http://127.0.0.1:8080/v1; "
+        "/chat/completions is added) or its full chat completions URL. Unset: no paraphraser.",
+    )
+    model: str = Field(default="base", min_length=1, description="The model name sent in each request.")
+    api_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The NAME of an environment variable holding the API key (sent as a Bearer token); the "
+        "key itself is never a setting, logged, or written.",
+    )
+    questions_per_lesson: int = Field(default=3, ge=0, le=16, description="Restated questions asked per lesson.")
+    answers_per_lesson: int = Field(default=1, ge=0, le=8, description="Restated answers asked per lesson.")
+    timeout_s: float = Field(default=60.0, gt=0, description="One request.")
+    max_tries: int = Field(default=3, ge=1, le=10, description="Tries of a request on a transient error.")
+    max_requests: int = Field(
+        default=600, ge=0, description="Requests per build (cached answers are free): bounds the time a build "
+        "can spend on a slow model; lessons past it get templates only.",
+    )
+    temperature: float = Field(default=0.5, ge=0.0, le=2.0, description="Sampling; each variant has its own seed.")
+    max_tokens: int = Field(default=64, ge=8, le=1024)
+    max_chars: int = Field(default=300, ge=20, description="Longer restatements are rejected.")
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"the paraphraser URL must be http(s)://host[:port]/..., got {v!r}")
+        if parts.username or parts.password:
+            raise ValueError("the paraphraser URL must not carry credentials (they would be written to the "
+                             "manifest): put the key in an environment variable and name it in api_key_env")
+        return v.strip()
+
+
 class CuratorSettings(BaseModel):
     """Dataset curation (see academyd.curator)."""
 
@@ -170,6 +212,11 @@ class CuratorSettings(BaseModel):
         "near a held-out question is dropped. Off by default until the recipe bench measures it.",
     )
     augment_per_kind: int = Field(default=2, ge=1, le=16, description="Restatements per kind and language.")
+    paraphraser: ParaphraserSettings = Field(
+        default_factory=ParaphraserSettings,
+        description="Restatements from a model as well (academyd.curator.paraphrase), cached by content hash; "
+        "used when its url is set, with or without the templates (augment).",
+    )
     decontamination_threshold: float = Field(
         default=0.7, gt=0.0, le=1.0,
         description="A held-out question this similar to a training question (exact Jaccard, after LSH) is moved "

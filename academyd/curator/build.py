@@ -20,7 +20,7 @@ from typing import Any
 
 from academyd import events
 from academyd.curator import sources
-from academyd.curator.dedup import Deduper
+from academyd.curator.dedup import Deduper, jaccard, normalize, shingle_set
 from academyd.curator.examples import ENCODER, SOURCES, Example
 from academyd.curator.rules import trivial_reason
 from academyd.curator.checks import checks_of
@@ -256,8 +256,9 @@ def build_dataset(
     clock.lap("split")
     augmented: list[Example] = []
     aug_stats: dict[str, Any] = {"enabled": cfg.augment}
-    if cfg.augment:
-        augmented, aug_stats = _augment(train, heldout, family, cfg)
+    if cfg.augment or cfg.paraphraser.url:
+        augmented, aug_stats = _augment(train, heldout, family, cfg, settings.data_dir / "cache" / "paraphraser",
+                                        lambda done, total: report("paraphrase", done, total))
         train_all += augmented
         clock.lap("augment")
     if augmented and set_aside_examples:
@@ -424,32 +425,50 @@ def build_dataset(
 
 
 def _augment(train: list[Example], heldout: list[Example], family: dict[str, str],
-             cfg: Any) -> tuple[list[Example], dict[str, Any]]:
-    """Restatements of the training lessons (academyd.curator.augment), each in its lesson's family, none
+             cfg: Any, cache_dir: Path, progress: Callable[[int, int], None]) -> tuple[list[Example], dict[str, Any]]:
+    """Restatements of the training lessons (academyd.curator.augment's templates when curator.augment,
+    academyd.curator.paraphrase's model when curator.paraphraser.url), each in its lesson's family, none
     near a held-out question: a restatement that crosses the decontamination threshold is dropped, so no
     held-out question ever reaches training in another lesson's restatement."""
     from academyd.curator.augment import restate
+    from academyd.curator.paraphrase import Lesson, paraphrase
 
     lessons = [ex for ex in train if ex.source == "lesson"]
+    by_model, para_stats = paraphrase([Lesson(family[ex.key], ex.prompt(), ex.answer(), ex.answer_key)
+                                       for ex in lessons], cfg.paraphraser, cache_dir, progress=progress)
     made: list[Example] = []
-    for ex in lessons:
-        for r in restate(ex.prompt(), ex.answer(), family=family[ex.key], seed=ex.key,
-                         per_kind=cfg.augment_per_kind):
+    from_paraphraser: set[str] = set()
+    for ex, from_model in zip(lessons, by_model, strict=True):
+        templates = restate(ex.prompt(), ex.answer(), family=family[ex.key], seed=ex.key,
+                            per_kind=cfg.augment_per_kind) if cfg.augment else []
+        known = {r.key for r in templates}
+        for r in templates + [r for r in from_model if r.key not in known]:
             made.append(Example(source="lesson", key=f"{ex.key}#aug-{r.key}", order=ex.order,
                                 instruction=ex.instruction, turns=[("human", r.prompt), ("gpt", r.answer)],
                                 family=family[ex.key]))
             family[made[-1].key] = family[ex.key]
+            if r.template.startswith("paraphraser"):
+                from_paraphraser.add(made[-1].key)
     dropped = 0
     if made and heldout:
         dedup = Deduper(threshold=cfg.decontamination_threshold, num_perm=cfg.num_perm, k=cfg.shingle_chars)
         dedup.run([e.key for e in heldout], [e.prompt() for e in heldout])
         held = {e.key for e in heldout}
         verdicts = dedup.run([e.key for e in made], [e.prompt() for e in made])
-        keep = [e for e, v in zip(made, verdicts, strict=True) if v.duplicate_of not in held]
+        # A restatement near another restatement is matched to it, not to a held-out question it may also be
+        # near: those are compared with every held-out question exactly.
+        near_made = [e for e, v in zip(made, verdicts, strict=True) if not v.kept and v.duplicate_of not in held]
+        held_sh = [shingle_set(normalize(e.prompt()), cfg.shingle_chars) for e in heldout] if near_made else []
+        near_held = {e.key for e in near_made if any(
+            jaccard(shingle_set(normalize(e.prompt()), cfg.shingle_chars), h) >= cfg.decontamination_threshold
+            for h in held_sh)}
+        keep = [e for e, v in zip(made, verdicts, strict=True) if v.duplicate_of not in held and e.key not in near_held]
         dropped = len(made) - len(keep)
         made = keep
-    return made, {"enabled": True, "lessons": len(lessons), "restatements": len(made),
-                  "dropped_near_heldout": dropped, "per_kind": cfg.augment_per_kind}
+    return made, {"enabled": cfg.augment, "lessons": len(lessons), "restatements": len(made),
+                  "dropped_near_heldout": dropped, "per_kind": cfg.augment_per_kind,
+                  "from_paraphraser": sum(1 for e in made if e.key in from_paraphraser),
+                  **({"paraphraser": para_stats} if cfg.paraphraser.url else {})}
 
 
 def _family_stats(family: dict[str, str], train: list[Example], heldout: list[Example],
