@@ -443,6 +443,7 @@ class Pipeline:
                     format=ds["format"],
                     out_dir=self.settings.models_dir / version / "arena",
                     champion=measured_against,
+                    nc=self.nc, run_id=run["run_id"],  # arena.where = worker: a job for a worker
                 )
             except Exception as exc:
                 raise RunFailed(f"evaluation failed: {exc}") from None

@@ -401,6 +401,16 @@ class ArenaSettings(BaseModel):
         default=64, ge=0, description="Checkable held-out questions asked through the serving artifact (at most)."
     )
     eval_time_limit_s: float = Field(default=3600.0, gt=0, description="Limit of one arena measurement.")
+    where: Literal["local", "worker"] = Field(
+        default="local",
+        description="Where the arena's measurement (and the GGUF export it makes) runs: local, in the trainer "
+        "environment on the daemon's host; worker, as a job for an `academyd worker` (docs/scale-out.md). The "
+        "gate decides on the daemon either way.",
+    )
+    require_gpu: bool | None = Field(
+        default=None, description="arena.where = worker: the job waits for a worker with a GPU (unset: as "
+        "workers.require_gpu).",
+    )
     max_new_tokens: int = Field(default=64, ge=1, description="Generation length of the arena's sample.")
     seed: int = Field(default=0, description="Seed of the generation sample and the bootstrap.")
     cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of the measurement.")

@@ -36,18 +36,21 @@ def trainer_python(settings: Settings) -> Path:
 
 
 async def run_trainer_module(
-    settings: Settings, module: str, args: list[str], *, time_limit_s: float, what: str
+    settings: Settings, module: str, args: list[str], *, time_limit_s: float, what: str,
+    python: Path | None = None, env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run `<trainer-python> -m module args...` (its own process group), time-limited; return its JSON line.
+    `python`: another trainer interpreter than the settings' (a worker's --trainer-python); `env`: variables
+    passed to it beside the allowlisted environment.
 
     Raises ArenaError with the tool's own reason (bad input, a crash with the tail of stderr, a timeout).
     """
-    py = trainer_python(settings)
+    py = python or trainer_python(settings)
     if not py.is_file():
         raise ArenaError(f"trainer environment not found: {py} does not exist; run `make trainer-env` "
                          "(or set training.trainer_python / ACADEMY_TRAINING__TRAINER_PYTHON)")
     proc = await asyncio.create_subprocess_exec(
-        str(py), "-m", module, *args, env=child_env(pythonpath=str(REPO_ROOT)), start_new_session=True,
+        str(py), "-m", module, *args, env=child_env(env, pythonpath=str(REPO_ROOT)), start_new_session=True,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -118,6 +121,40 @@ def serve_args(settings: Settings) -> list[str]:
     return ["--serve", "merged"] if follower.target == "ollama" and follower.ollama_serve != "adapter" else []
 
 
+def measure_options(settings: Settings, format: str) -> dict[str, Any]:
+    """What the measurement is asked, apart from its files: the same wherever it runs (here or on a
+    worker, which receives these in the job: academyd.worker.protocol.ArenaOptions)."""
+    arena = settings.arena
+    return {"format": format, "render": settings.training.render, "runtime": arena.runtime,
+            "serve": "merged" if serve_args(settings) else "adapter", "generation_sample": arena.generation_sample,
+            "general_sample": arena.general_sample, "answer_sample": arena.answer_sample,
+            "max_new_tokens": arena.max_new_tokens, "max_length": settings.training.max_seq_length or None,
+            "seed": arena.seed, "cpu_threads": arena.cpu_threads or None,
+            "time_limit_s": arena.eval_time_limit_s}
+
+
+def measure_args(options: dict[str, Any], *, base: str, candidate: Path, champion: Path | None, heldout: Path,
+                 general: Path, checks: Path | None, out_dir: Path) -> list[str]:
+    """The command line of `academyd.arena.measure` for `options` (measure_options) and these files."""
+    o = options
+    args = ["--base", base, "--candidate", str(candidate), "--heldout", str(heldout),
+            "--general", str(general), "--format", o["format"], "--generation-sample", str(o["generation_sample"]),
+            "--max-new-tokens", str(o["max_new_tokens"]), "--seed", str(o["seed"]),
+            "--render", o["render"], "--runtime", o["runtime"], "--out-dir", str(out_dir),
+            "--general-sample", str(o["general_sample"])]
+    if o.get("max_length"):
+        args += ["--max-length", str(o["max_length"])]
+    if checks is not None:
+        args += ["--checks", str(checks), "--answer-sample", str(o["answer_sample"])]
+    if champion is not None:
+        args += ["--champion", str(champion)]
+    if o.get("cpu_threads"):
+        args += ["--cpu-threads", str(o["cpu_threads"])]
+    if o.get("serve") == "merged":
+        args += ["--serve", "merged"]
+    return args
+
+
 async def evaluate(
     settings: Settings,
     *,
@@ -129,6 +166,8 @@ async def evaluate(
     out_dir: Path,
     champion: str | None = None,
     http_session: aiohttp.ClientSession | None = None,
+    nc: Any = None,
+    run_id: str | None = None,
 ) -> Verdict:
     """Candidate against champion (the base model when `champion_adapter` is None).
 
@@ -138,6 +177,10 @@ async def evaluate(
     `out_dir`. `champion` is the champion's version name, for the reasons and the event (default: the
     `vN` of a registry path `models/<vN>/adapter`, else the path). Raises ArenaError when the
     measurement cannot be made (the verdict is then unknown, not a rejection).
+
+    With `arena.where = worker` the measurement is a job for an `academyd worker` (academyd.arena.remote,
+    over `nc`; the job is named after `run_id` and what is measured) and comes back through its lease
+    and the object store; everything after it (judge, checks, the gate) is the same as for a local one.
     """
     arena = settings.arena
     if champion is None and champion_adapter is not None:
@@ -145,24 +188,27 @@ async def evaluate(
         name = champion_adapter.parent.name
         champion = name if is_version(name) else str(champion_adapter)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["--base", base_model, "--candidate", str(candidate_adapter), "--heldout", str(heldout_path),
-            "--general", str(GENERAL_SET), "--format", format, "--generation-sample", str(arena.generation_sample),
-            "--max-new-tokens", str(arena.max_new_tokens), "--seed", str(arena.seed),
-            "--render", settings.training.render, "--runtime", arena.runtime, "--out-dir", str(out_dir),
-            "--general-sample", str(arena.general_sample)]
-    if settings.training.max_seq_length:
-        args += ["--max-length", str(settings.training.max_seq_length)]
     checks_path, manifest = dataset_sidecars(heldout_path)
-    if checks_path is not None:
-        args += ["--checks", str(checks_path), "--answer-sample", str(arena.answer_sample)]
-    if champion_adapter is not None:
-        args += ["--champion", str(champion_adapter)]
-    if arena.cpu_threads:
-        args += ["--cpu-threads", str(arena.cpu_threads)]
-    args += serve_args(settings)
-    log.info("arena.measure", candidate=str(candidate_adapter), champion=champion or "base")
-    measurement = await run_trainer_module(settings, "academyd.arena.measure", args,
-                                           time_limit_s=arena.eval_time_limit_s, what="the arena's measurement")
+    options = measure_options(settings, format)
+    if arena.where == "worker":
+        # The measurement (and the GGUF export it makes) runs as a job for a worker; the gate below stays
+        # here: the daemon trusts a worker's numbers no more than a local subprocess's, it decides on them.
+        from academyd.arena.remote import measure_on_worker
+
+        if nc is None:
+            raise ArenaError("arena.where = worker needs the daemon's NATS connection (nats.url)")
+        log.info("arena.measure", candidate=str(candidate_adapter), champion=champion or "base", where="worker")
+        measurement = await measure_on_worker(
+            settings, nc, run_id=run_id, base_model=base_model, candidate=candidate_adapter,
+            champion=champion_adapter, heldout=heldout_path, general=GENERAL_SET, checks=checks_path,
+            options=options, out_dir=out_dir)
+    else:
+        args = measure_args(options, base=base_model, candidate=candidate_adapter, champion=champion_adapter,
+                            heldout=heldout_path, general=GENERAL_SET, checks=checks_path, out_dir=out_dir)
+        log.info("arena.measure", candidate=str(candidate_adapter), champion=champion or "base")
+        measurement = await run_trainer_module(settings, "academyd.arena.measure", args,
+                                               time_limit_s=arena.eval_time_limit_s,
+                                               what="the arena's measurement")
     if arena.judge_url and arena.judge_model and measurement.get("generation", {}).get("examples"):
         try:
             measurement["judge"] = await judge(measurement["generation"]["examples"], url=arena.judge_url,

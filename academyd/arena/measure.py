@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import sys
 import traceback
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from academyd.trainer import _process
 
     out = _process.prepare()
+    _process.die_with(os.environ.get(_process.PARENT_ENV))  # on a worker: ends with it (academyd.worker.evaluate)
     p = argparse.ArgumentParser(prog="python -m academyd.arena.measure", description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True)
     p.add_argument("--candidate", required=True, type=Path)

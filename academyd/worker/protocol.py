@@ -29,10 +29,17 @@ that names another worker, or a takeover written while the holder's heartbeat wa
 Objects are read by the chunks' nuid the lease or the job records (an upload over a name replaces nothing
 that is used), and the buckets' streams take no rollup header (a publish with one would purge them).
 
+Two kinds of job travel this way, told apart by the message's `kind`: a training job (JobMessage, no
+`kind` or "train") and an arena measurement (EvalJob, "evaluate": arena.where = worker; its id is
+`<run_id>-arena-<...>`, its inputs the candidate's and the champion's adapters and the held-out, checks
+and general sets, its result the measurement JSON and the arena directory with the GGUF adapters, in the
+lease's `evaluation`). Same queue, same lease, same object store; the gate itself stays on the daemon.
+
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
@@ -242,6 +249,7 @@ class JobMessage(WireModel):
 
     MAX_BYTES: ClassVar[int] = JOB_MAX_BYTES
 
+    kind: Literal["train"] = Field(default="train", description="The job's type (EvalJob: evaluate).")
     run_id: str = RunId
     spec: dict[str, Any] = Field(description="The daemon's TrainSpec (to_dict); its paths are the daemon's.")
     spec_hash: str = Sha256
@@ -273,6 +281,67 @@ class JobMessage(WireModel):
         if subject != job_subject(self.run_id, self.requires_gpu):
             raise WireError("subject_mismatch", f"a job for {self.run_id} (requires_gpu={self.requires_gpu}) "
                             f"arrived on {subject}")
+
+
+class ArenaOptions(_Part):
+    """What the arena's measurement is asked, apart from its files (academyd.arena.contest.measure_options)."""
+
+    format: Literal["alpaca", "sharegpt"]
+    render: Literal["chat", "plain"]
+    runtime: Literal["llamacpp", "none"]
+    serve: Literal["adapter", "merged"]
+    generation_sample: int = Field(ge=0, le=100_000)
+    general_sample: int = Field(ge=0, le=100_000)
+    answer_sample: int = Field(ge=0, le=100_000)
+    max_new_tokens: int = Field(ge=1, le=100_000)
+    max_length: int | None = Field(default=None, ge=1)
+    seed: int
+    cpu_threads: int | None = Field(default=None, ge=1, le=4096)
+    time_limit_s: float = Field(gt=0)
+
+
+class EvalInputs(_Part):
+    candidate: ArtifactRef  # the adapter directory, as a tar
+    champion: ArtifactRef | None = None  # None: the champion is the base model
+    heldout: ArtifactRef
+    general: ArtifactRef
+    checks: ArtifactRef | None = None
+
+
+class EvalJob(WireModel):
+    """`academy.jobs.train.<any|gpu>.<job id>` with kind "evaluate": the arena's measurement of a candidate
+    (arena.where = worker). `run_id` is the job's id (`<run_id>-arena-<...>`: its lease key and artifacts)."""
+
+    MAX_BYTES: ClassVar[int] = JOB_MAX_BYTES
+
+    kind: Literal["evaluate"]
+    run_id: str = RunId
+    base_model: str = Field(min_length=1, max_length=4096, description="The daemon's reference (a worker maps it).")
+    inputs: EvalInputs
+    arena: ArenaOptions
+    requires_gpu: bool
+
+    @model_validator(mode="after")
+    def _own_inputs(self) -> Self:
+        for what in EvalInputs.model_fields:
+            art = getattr(self.inputs, what)
+            if art is not None and not art.belongs_to(self.run_id):
+                raise ValueError(f"inputs.{what} is not an artifact of job {self.run_id}")
+        return self
+
+    check_subject = JobMessage.check_subject
+
+
+def decode_job(data: bytes | None) -> JobMessage | EvalJob:
+    """A job message of either kind, checked (WireError): its `kind` picks the model."""
+    data = data or b""
+    if len(data) > JOB_MAX_BYTES:
+        raise WireError("too_large", f"a job of {len(data)} bytes (at most {JOB_MAX_BYTES})")
+    try:
+        kind = json.loads(data).get("kind", "train")
+    except (ValueError, AttributeError):
+        kind = "train"  # not a JSON object: JobMessage.decode says why
+    return EvalJob.decode(data) if kind == "evaluate" else JobMessage.decode(data)
 
 
 class TrainerEvent(_Part):
@@ -375,6 +444,16 @@ class JobOutcome(_Part):
     summary_inline: SummaryInline
 
 
+class EvalOutcome(_Part):
+    """What a worker sends back from an evaluation job: the measurement (JSON, as `academyd.arena.measure`
+    printed it) and the arena directory (GGUF adapters, probes.json: a tar); `out_dir` is where that
+    directory was on the worker (the measurement's paths name it; the daemon maps them to its own)."""
+
+    measurement: ArtifactRef
+    arena_dir: ArtifactRef
+    out_dir: str = Field(min_length=1, max_length=4096)
+
+
 class Lease(WireModel):
     """KV academy_leases `<run_id>.<writer>`: who holds the job, its last checkpoint, how it ended. The fence."""
 
@@ -388,6 +467,7 @@ class Lease(WireModel):
     checkpoint: Checkpoint | None = None
     beat: float | None = None
     result: JobOutcome | None = None
+    evaluation: EvalOutcome | None = None  # an evaluation job's result (EvalJob), in place of `result`
     reason: str | None = Field(default=None, max_length=REASON_MAX)
     error_code: str | None = Field(default=None, max_length=100)
     exit_code: int | None = None
@@ -396,11 +476,14 @@ class Lease(WireModel):
     def _coherent(self) -> Self:
         if self.state in ("training", "released") and (self.worker is None or self.attempt < 1):
             raise ValueError(f"a {self.state} lease names its worker and attempt")
-        if (self.state == "succeeded") != (self.result is not None):
-            raise ValueError("a result exactly when the state is succeeded")
+        if (self.state == "succeeded") != ((self.result is not None) + (self.evaluation is not None) == 1):
+            raise ValueError("a result exactly when the state is succeeded (`result` of a training job or "
+                             "`evaluation` of an evaluation job, not both)")
         arts = [self.checkpoint.artifact] if self.checkpoint else []
         if self.result is not None:
             arts += [self.result.adapter, self.result.summary, *([self.result.loss] if self.result.loss else [])]
+        if self.evaluation is not None:
+            arts += [self.evaluation.measurement, self.evaluation.arena_dir]
         if any(not a.belongs_to(self.run_id) for a in arts):
             raise ValueError(f"an artifact that is not run {self.run_id}'s")
         return self

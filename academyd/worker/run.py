@@ -44,6 +44,7 @@ from academyd.habitat.process import JOB_FILE, ProcessHabitat, _proc_stat, packa
 from academyd.settings import Settings
 from academyd.trainer import spec as S
 from academyd.trainer._process import PARENT_ENV, process_start
+from academyd.worker.evaluate import run_evaluation
 from academyd.worker.lease import HeldLease, LeaseLost
 from academyd.worker.trust import worker_identity
 from academyd.worker.protocol import (
@@ -63,7 +64,9 @@ from academyd.worker.protocol import (
     artifact_name,
     cancel_subject,
     consumer_name,
+    EvalJob,
     dead_letter_job,
+    decode_job,
     describe,
     events_subject,
 )
@@ -270,7 +273,7 @@ class Worker:
 
     async def _run_job(self, msg: Any) -> None:
         try:
-            job = JobMessage.decode(msg.data)
+            job = decode_job(msg.data)
             job.check_subject(msg.subject)
         except WireError as exc:
             await self._reject(msg, exc)
@@ -286,7 +289,8 @@ class Worker:
             return
         self.holding = h
         try:
-            await h.hold(self._job(h, job))  # from here to the ack, under the lease's heartbeat
+            # from here to the ack, under the lease's heartbeat
+            await h.hold(run_evaluation(self, h, job) if isinstance(job, EvalJob) else self._job(h, job))
         except LeaseLost as exc:
             log.warning("job_lost", run_id=h.run_id, worker=self.id, reason=str(exc))
         finally:
