@@ -56,3 +56,29 @@ def test_a_record_that_is_not_a_lease_is_refused_but_counted() -> None:
     v = effective_lease([Record("mallory", 1, 0.0, None, "invalid: not a valid Lease"), rec("w1", 1, **W1)], T)
     assert v.lease is not None and v.lease.worker == "w1"
     assert [why for _, why in v.refused] == ["invalid: not a valid Lease"]
+
+
+def test_a_worker_s_id_is_its_identity_s(tmp_path) -> None:
+    """`worker-<id>` is worker <id> (its own inbox too); found in the daemon's data directory for `--id`;
+    another identity gives no per-worker trust (logged) and keeps the given id."""
+    from structlog.testing import capture_logs
+
+    from academyd import nats_auth
+    from academyd.habitat.base import HabitatError
+    from academyd.settings import load_settings
+    from academyd.worker.trust import worker_identity
+
+    bound = load_settings(None, data_dir=tmp_path, nats={"url": "nats://x", "user": "worker-gpu1", "password": "p"})
+    assert worker_identity(bound, None)[0] == "gpu1"
+    assert worker_identity(bound, "gpu1")[1].inbox_prefix == "_INBOX_w_gpu1"
+    with pytest.raises(HabitatError, match="its id is gpu1, not gpu2"):
+        worker_identity(bound, "gpu2")
+    nats_auth.add_worker(tmp_path / "nats", "gpu2")
+    local = load_settings(None, data_dir=tmp_path, nats={"url": "nats://127.0.0.1:4222"})
+    wid, cfg = worker_identity(local, "gpu2")
+    assert (wid, cfg.user, cfg.password) == ("gpu2", "worker-gpu2", nats_auth.read_password(tmp_path / "nats",
+                                                                                           "worker-gpu2"))
+    shared = load_settings(None, data_dir=tmp_path, nats={"url": "nats://x", "user": "academy-worker", "password": "p"})
+    with capture_logs() as logs:
+        assert worker_identity(shared, "w7")[0] == "w7"
+    assert [e["event"] for e in logs] == ["worker_identity_shared"]
