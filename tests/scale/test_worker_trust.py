@@ -45,7 +45,7 @@ from academyd.worker.protocol import (
     events_subject,
 )
 
-ACK_WAIT = 4.0  # heartbeat 1 s; a holder stops after 2 s of silence; fresh for 2.5 s; a taker waits 3 s
+ACK_WAIT = 8.0  # heartbeat 2 s; a holder stops after 4 s of silence; fresh for 5 s; a taker waits 6 s
 
 
 @pytest.fixture
