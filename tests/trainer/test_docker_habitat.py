@@ -692,7 +692,7 @@ async def test_a_host_dequantize_that_hangs_is_killed_and_the_container_dequanti
     monkeypatch.setattr(docker_habitat, "DEQUANTIZE_TIMEOUT_S", 1)
     habitat = _habitat(docker_url, replace_options(docker_options, host_trainer_python=str(hang)))
     with capture_logs() as logs:
-        mounts, env = await habitat._base_cache(str(base), NOBODY_UID, NOBODY_UID)
+        mounts, env = await habitat.runner._base_cache(str(base), NOBODY_UID, NOBODY_UID)
     assert (mounts, env) == ((), {})
     events = {e["event"]: e for e in logs}
     assert "not done in 1 s" in events["base_dequantize_failed"]["error"], logs

@@ -16,8 +16,7 @@ from academyd.habitat.base import JobHandle, JobStatus
 from academyd.habitat.docker import DockerOptions
 from academyd.habitat.docker.container import LABEL_JOB_DIR, LABEL_MANAGED, LABEL_RUN_ID
 from academyd.habitat.docker.habitat import REF_PREFIX, DockerHabitat
-from academyd.habitat.jobdir import JobDir
-from academyd.habitat.process import JOB_FILE, _write_json
+from academyd.habitat.jobdir import JOB_FILE, JobDir, write_control
 
 DELAY_S = 5.0
 
@@ -28,7 +27,7 @@ async def test_a_slow_engine_does_not_stall_the_loop(tmp_path: Path) -> None:
     ref = REF_PREFIX + str(jd.root)
     record = {"ref": ref, "run_id": "r-slow", "container_name": "academyd-r-slow", "started_at": time.time(),
               "events_offset": 0, "time_limit_s": 3600, "memory_limit_mb": None}
-    _write_json(jd / JOB_FILE, record)
+    write_control(jd / JOB_FILE, record)
     labels = {LABEL_MANAGED: "true", LABEL_JOB_DIR: str(jd.root), LABEL_RUN_ID: "r-slow"}
     engine = SlowEngine(tmp_path, [running_container("c0ffee" * 10 + "abcd", "academyd-r-slow", labels)], DELAY_S)
     try:

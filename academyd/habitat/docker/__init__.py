@@ -22,7 +22,8 @@ container cannot write its own bookkeeping: the exit code and the logs come from
 container ends (an OOM kill becomes limit.json). The daemon reads the output as untrusted: events,
 summary, adapter and loss log without following symlinks, size-limited and validated; on success it copies
 the adapter, summary and loss log into `result/`, which is what the registry reads. A planted link fails
-the job with a reason that names it. The progress stream and the conclusion are ProcessHabitat's.
+the job with a reason that names it. The progress stream, the conclusion, cancel and the watchdog are
+the job-directory watcher's (academyd.habitat.jobdir.JobWatcher), as for the process habitat.
 
 Bind mounts name host paths, so the engine must share the daemon's filesystem (a local engine).
 
@@ -30,7 +31,8 @@ The modules, one concern each: `container` (what a container is: labels, user, n
 `host` (the host's side of the mounts: absolute paths, the control directory, the output handed to the
 container's uid, inputs readable by it), `engine` (the client, the probes, the containers found by label,
 a container's end copied into the control directory), `readback` (the output read back as untrusted) and
-`habitat` (DockerHabitat: start, re-attachment after a restart, observation, control).
+`habitat` (ContainerRunner: start, re-attachment after a restart, the engine's state, stop; DockerHabitat:
+the watcher over it).
 """
 
 from academyd.habitat.docker.container import (
@@ -53,13 +55,13 @@ from academyd.habitat.docker.container import (
     replace_options,
 )
 from academyd.habitat.docker.engine import connect, engine_answers, image_present
-from academyd.habitat.docker.habitat import REF_PREFIX, DockerHabitat
+from academyd.habitat.docker.habitat import REF_PREFIX, ContainerRunner, DockerHabitat
 from academyd.habitat.docker.host import unreadable
 from academyd.habitat.docker.readback import collect_result
 
 __all__ = [
     "LABEL_JOB_DIR", "LABEL_MANAGED", "LABEL_OUTPUT_DIR", "LABEL_RUN_ID", "LABEL_SPEC_HASH", "NOBODY", "REF_PREFIX",
-    "DockerHabitat", "DockerOptions", "Mount", "collect_result", "connect", "container_config", "container_name",
+    "ContainerRunner", "DockerHabitat", "DockerOptions", "Mount", "collect_result", "connect", "container_config", "container_name",
     "default_cpus", "default_memory_mb", "default_user", "engine_answers", "has_nvidia", "image_present",
     "mount_plan", "parse_user", "replace_options", "unreadable",
 ]

@@ -14,15 +14,15 @@ from docker.errors import DockerException
 from academyd.files import atomic_write_text
 from academyd.habitat.base import HabitatError
 from academyd.habitat.docker.container import LABEL_JOB_DIR, LABEL_MANAGED
-from academyd.habitat.jobdir import JobDir
-from academyd.habitat.process import (
+from academyd.habitat.jobdir import (
     EXIT_FILE,
     JOB_FILE,
     LIMIT_FILE,
     STDERR_FILE,
     STDOUT_FILE,
-    _read_json,
-    _write_json,
+    JobDir,
+    read_control,
+    write_control,
 )
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ def record_end(container: Container, jd: JobDir) -> None:
         with open(jd / name, "ab") as fh:
             fh.write(container.logs(**streams))
     if state.get("OOMKilled") and not (jd / LIMIT_FILE).exists():
-        record = _read_json(jd / JOB_FILE) or {}
-        _write_json(jd / LIMIT_FILE, {"code": "memory_limit", "reason": (
+        record = read_control(jd / JOB_FILE) or {}
+        write_control(jd / LIMIT_FILE, {"code": "memory_limit", "reason": (
             f"memory limit {record.get('docker_memory_limit_mb')} MB exceeded (the container was "
             "OOM-killed); raise training.memory_limit_mb or lower batch_size/max_length")})
     atomic_write_text(jd / EXIT_FILE, f"{int(state.get('ExitCode', -1))}\n")

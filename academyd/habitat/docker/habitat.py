@@ -1,7 +1,8 @@
-"""The Docker habitat itself: ProcessHabitat's job protocol (progress stream, conclusion, watchdog) with
-the trainer in a container. `start` builds the container (`container`), prepares the host's side
-(`host`) and records the job before creating it; `reattach` / `find_jobs` find a restarted daemon's
-containers by the engine's labels (`engine`); the output is read back as untrusted (`readback`)."""
+"""The Docker habitat itself: the job-directory watcher (academyd.habitat.jobdir.JobWatcher: progress
+stream, conclusion, cancel, watchdog) over a `ContainerRunner`, the trainer in a container. `start` builds
+the container (`container`), prepares the host's side (`host`) and records the job before creating it;
+`reattach` / `find_jobs` find a restarted daemon's containers by the engine's labels (`engine`); the
+output is read back as untrusted (`readback`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ import structlog
 from docker.errors import DockerException, ImageNotFound, NotFound
 
 from academyd.childenv import child_env
-from academyd.habitat import jobdir
-from academyd.habitat.base import HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
+from academyd.habitat.base import HabitatError, JobHandle, TrainingJob
 from academyd.habitat.docker import host
 from academyd.habitat.docker.container import (
     LABEL_JOB_DIR,
@@ -38,8 +38,16 @@ from academyd.habitat.docker.container import (
 )
 from academyd.habitat.docker.engine import LIVE_STATES, connect, managed_containers, record_end
 from academyd.habitat.docker.readback import collect_result, events_size
-from academyd.habitat.jobdir import JobDir, UnsafeOutput
-from academyd.habitat.process import EXIT_FILE, JOB_FILE, LIMIT_FILE, ProcessHabitat, _read_json, _write_json
+from academyd.habitat.jobdir import (
+    EXIT_FILE,
+    JOB_FILE,
+    LIMIT_FILE,
+    JobDir,
+    JobWatcher,
+    UnsafeOutput,
+    read_control,
+    write_control,
+)
 from academyd.trainer import spec as S
 
 if TYPE_CHECKING:
@@ -54,45 +62,22 @@ REF_PREFIX = "docker:"
 DEQUANTIZE_TIMEOUT_S = 1800
 
 
-class DockerHabitat(ProcessHabitat):
-    """Runs the trainer in a container. Same interface as ProcessHabitat; the layout of the job's
-    directory is `academyd.habitat.jobdir`'s (a daemon-owned control directory, a writable output mount).
+class ContainerRunner:
+    """The trainer in a container; the layout of the job's directory is `academyd.habitat.jobdir`'s (a
+    daemon-owned control directory, a writable output mount). Docker enforces the memory limit.
 
     Every engine call runs in a worker thread, never on the event loop: the state reads behind `status`,
     the progress stream and the watchdog too (each polls ~4 times a second, and a slow or hung engine
     would otherwise freeze ingest, acks and the systemd watchdog for up to the client's timeout). Reads of
-    one job's state that overlap share one engine call (`_is_alive`).
+    one job's state that overlap share one engine call (`is_alive`).
     """
 
-    name = "docker"
-
-    def __init__(self, client: docker.DockerClient, options: DockerOptions, *, poll_s: float = 0.25,
+    def __init__(self, client: docker.DockerClient, options: DockerOptions, *,
                  clock: Callable[[], float] = time.time) -> None:
-        super().__init__(poll_s=poll_s, clock=clock)
         self.client = client
         self.options = options
+        self._clock = clock
         self._state_reads: dict[str, asyncio.Future[bool]] = {}  # ref -> the engine call in flight
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DockerHabitat:
-        t = settings.training
-        if not t.docker_image:
-            raise HabitatError("the Docker habitat needs an image: set training.docker_image "
-                               "(ACADEMY_TRAINING__DOCKER_IMAGE) to repo@sha256:<digest>")
-        return cls(
-            connect(t.docker_url),
-            DockerOptions(
-                image=t.docker_image,
-                python=t.docker_python,
-                user=t.docker_user or default_user(os.getuid(), os.getgid()),
-                mounts=tuple(Mount.parse(m) for m in t.docker_mounts),
-                cpus=t.docker_cpus,
-                pids_limit=t.docker_pids_limit,
-                shm_mb=t.docker_shm_mb,
-                memory_mb=t.docker_memory_mb,
-                host_trainer_python=_host_trainer_python(t.trainer_python),
-            ),
-        )
 
     async def _base_cache(self, base_model: str, uid: int, gid: int) -> tuple[tuple[Mount, ...], dict[str, str]]:
         """The container's view of a GGUF base's dequantized directory: (read-only mounts, environment).
@@ -158,7 +143,7 @@ class DockerHabitat(ProcessHabitat):
 
     # ------------------------------------------------------------ start / reattach
 
-    async def start(self, job: TrainingJob) -> JobHandle:
+    async def start(self, job: TrainingJob) -> tuple[JobHandle, dict[str, Any]]:
         uid, gid = parse_user(self.options.user)
         jd = JobDir(Path(job.spec.output_dir).resolve())  # the pipeline's output_dir: the control directory
         ref = REF_PREFIX + str(jd.root)
@@ -174,9 +159,12 @@ class DockerHabitat(ProcessHabitat):
         for old in await asyncio.to_thread(self._containers, str(jd.root)):
             if (old.labels.get(LABEL_RUN_ID) == job.run_id
                     and old.labels.get(LABEL_SPEC_HASH) == S.spec_hash(spec)
-                    and _read_json(jd / JOB_FILE)):
+                    and isinstance(previous := read_control(jd / JOB_FILE), dict)):
                 # This very job, started by a daemon that died before it recorded the ref: adopt it.
-                return self._adopt(ref, job.run_id, self._record_for(jd), jd.root)
+                log.warning("job_adopted", run_id=job.run_id, ref=ref, pid=previous.get("pid"),
+                            reason="a job of this run was already running (the daemon died before it "
+                                   "recorded the ref)")
+                return JobHandle(ref=ref, run_id=job.run_id, output_dir=str(jd.root)), previous
             if old.status in LIVE_STATES:
                 raise HabitatError(f"a trainer container ({old.name}) already runs in {jd.root}; cancel it "
                                    "or give the job another output_dir")
@@ -221,7 +209,7 @@ class DockerHabitat(ProcessHabitat):
                 "docker_cpus": options.cpus or None,
                 "spec_hash": S.spec_hash(spec),
             }
-            _write_json(jd / JOB_FILE, record)  # before create: a daemon that dies next still knows the job
+            write_control(jd / JOB_FILE, record)  # before create: a daemon that dies next still knows the job
             container = await asyncio.to_thread(lambda: self.client.containers.create(**config))
         except DockerException as exc:
             raise HabitatError(f"the Docker engine refused the trainer container: {exc}") from None
@@ -232,47 +220,28 @@ class DockerHabitat(ProcessHabitat):
             raise HabitatError(f"the trainer container did not start: {exc}") from None
         await asyncio.to_thread(container.reload)
         record["pid"] = container.attrs.get("State", {}).get("Pid")  # on the engine's host; for messages
-        _write_json(jd / JOB_FILE, record)
+        write_control(jd / JOB_FILE, record)
         log.info("docker_job_started", run_id=job.run_id, container=config["name"], image=self.options.image,
                  gpu=gpu, job_dir=str(jd.root))
-        handle = JobHandle(ref=ref, run_id=job.run_id, output_dir=str(jd.root))
-        self._watch(handle, record)
-        return handle
-
-    def _record_for(self, jd: JobDir) -> dict[str, Any]:
-        record = _read_json(jd / JOB_FILE)
-        assert isinstance(record, dict)
-        return record
+        return JobHandle(ref=ref, run_id=job.run_id, output_dir=str(jd.root)), record
 
     def _default_memory_mb(self, info: dict[str, Any]) -> int | None:
         if self.options.memory_mb:
             return self.options.memory_mb
         return default_memory_mb(info)
 
-    async def reattach(self, ref: str) -> JobHandle | None:
+    async def reattach(self, ref: str) -> tuple[JobHandle, dict[str, Any]] | None:
         if not ref.startswith(REF_PREFIX):
             return None
         jd = JobDir(Path(ref[len(REF_PREFIX) :]))
-        record = _read_json(jd / JOB_FILE)
+        record = read_control(jd / JOB_FILE)
         if not isinstance(record, dict) or record.get("ref") != ref:
             return None
         # The engine's labels are the truth about which container is this job's.
         found = await asyncio.to_thread(self._containers, str(jd.root))
         if found and all(c.labels.get(LABEL_RUN_ID) != record.get("run_id") for c in found):
             return None  # job.json is stale: another job owns this directory now
-        handle = JobHandle(ref=ref, run_id=str(record.get("run_id", "")), output_dir=str(jd.root))
-        if await self._is_alive(record):
-            self._watch(handle, record)
-        return handle
-
-    async def find_jobs(self) -> list[JobHandle]:
-        """Handles of every academyd container on the engine (running or not yet collected)."""
-        handles = []
-        for c in await asyncio.to_thread(self._containers, None):
-            handle = await self.reattach(REF_PREFIX + c.labels.get(LABEL_JOB_DIR, ""))
-            if handle is not None:
-                handles.append(handle)
-        return handles
+        return JobHandle(ref=ref, run_id=str(record.get("run_id", "")), output_dir=str(jd.root)), record
 
     def _containers(self, job_dir: str | None) -> list[Container]:
         return managed_containers(self.client, job_dir)
@@ -289,7 +258,7 @@ class DockerHabitat(ProcessHabitat):
                                f"{exc}; start dockerd (the job's files stay in its directory)") from None
         return found[0] if found else None
 
-    async def _is_alive(self, record: dict[str, Any]) -> bool:
+    async def is_alive(self, record: dict[str, Any]) -> bool:
         ref = record["ref"]
         read = self._state_reads.get(ref)
         if read is None:
@@ -297,11 +266,6 @@ class DockerHabitat(ProcessHabitat):
             self._state_reads[ref] = read
             read.add_done_callback(lambda _: self._state_reads.pop(ref, None))
         return await asyncio.shield(read)
-
-    async def _concluded(self, handle: JobHandle) -> tuple[JobStatus, dict[str, Any]]:
-        if await self._is_alive(self._record(handle)):  # the shared read: most calls end here
-            return JobStatus.RUNNING, {}
-        return await asyncio.to_thread(self._conclude, handle)
 
     def _alive(self, record: dict[str, Any]) -> bool:
         jd = JobDir(Path(record["ref"][len(REF_PREFIX) :]))
@@ -315,22 +279,21 @@ class DockerHabitat(ProcessHabitat):
         record_end(container, jd)
         return False
 
-    def _events_since(self, handle: JobHandle, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """Events from the container's output, read as untrusted (see jobdir); a planted link ends the job."""
-        jd = JobDir(Path(handle.output_dir))
-        try:
-            return jobdir.read_events(jd.output, offset)
-        except UnsafeOutput as exc:
-            self._refuse(handle, exc)
-            return [], offset
+    def rss_bytes(self, record: dict[str, Any]) -> int | None:
+        return None  # Docker enforces the memory limit (an OOM kill shows in the container's state)
 
-    def _refuse(self, handle: JobHandle, exc: UnsafeOutput) -> None:
+    def events_dir(self, handle: JobHandle) -> Path:
+        return JobDir(Path(handle.output_dir)).output  # read as untrusted; a planted link ends the job
+
+    def refuse(self, handle: JobHandle, exc: UnsafeOutput) -> None:
         """Fail the job for what its container planted: the reason in limit.json, the container killed."""
         jd = JobDir(Path(handle.output_dir))
         if not (jd / LIMIT_FILE).exists():
-            _write_json(jd / LIMIT_FILE, {"code": exc.code, "reason": str(exc)})
+            write_control(jd / LIMIT_FILE, {"code": exc.code, "reason": str(exc)})
             log.warning("docker_job_refused", run_id=handle.run_id, reason=str(exc))
-        record = self._record(handle)
+        record = read_control(jd / JOB_FILE)
+        if not isinstance(record, dict) or not record.get("ref"):
+            return
 
         def kill() -> None:
             with contextlib.suppress(DockerException, HabitatError):
@@ -343,7 +306,7 @@ class DockerHabitat(ProcessHabitat):
         except RuntimeError:
             kill()
 
-    async def _collect(self, handle: JobHandle) -> tuple[dict[str, Any] | None, str]:
+    async def collect(self, handle: JobHandle) -> tuple[dict[str, Any] | None, str]:
         jd = JobDir(Path(handle.output_dir))
         try:
             return await asyncio.to_thread(collect_result, jd)
@@ -351,17 +314,13 @@ class DockerHabitat(ProcessHabitat):
             log.warning("docker_job_refused", run_id=handle.run_id, reason=str(exc))
             raise
 
-    def _conclude(self, handle: JobHandle) -> tuple[JobStatus, dict[str, Any]]:
-        status, info = super()._conclude(handle)
-        if status is JobStatus.LOST:
-            name = self._record(handle).get("container_name")
-            info["reason"] = (f"the trainer container {name} is gone without an exit code: it was removed "
-                              "from outside or the engine lost it; the same spec resumes from its checkpoint")
-        return status, info
+    def lost_reason(self, record: dict[str, Any]) -> str:
+        return (f"the trainer container {record.get('container_name')} is gone without an exit code: it was "
+                "removed from outside or the engine lost it; the same spec resumes from its checkpoint")
 
     # ------------------------------------------------------------ control
 
-    async def _stop(self, record: dict[str, Any], grace_s: float) -> None:
+    async def stop(self, record: dict[str, Any], grace_s: float) -> None:
         container = await asyncio.to_thread(self._container, record)
         if container is not None:
             try:
@@ -369,19 +328,57 @@ class DockerHabitat(ProcessHabitat):
                 await asyncio.to_thread(container.stop, timeout=int(math.ceil(grace_s)))
             except NotFound:
                 pass
-        while await self._is_alive(record):
-            await asyncio.sleep(self.poll_s / 4)
 
-    async def result(self, handle: JobHandle) -> JobResult:
-        result = await super().result(handle)
-        container = await asyncio.to_thread(self._container, self._record(handle))
+    async def release(self, handle: JobHandle) -> None:
+        record = read_control(JobDir(Path(handle.output_dir)) / JOB_FILE) or {}
+        container = await asyncio.to_thread(self._container, record) if record.get("ref") else None
         if container is not None:  # the end is in the control directory now; the container can go
             await asyncio.to_thread(container.remove, force=True)
-        return result
 
     async def close(self) -> None:
-        await super().close()
         self.client.close()
+
+
+class DockerHabitat(JobWatcher):
+    """Runs the trainer in a container: the job-directory watcher over a `ContainerRunner`."""
+
+    name = "docker"
+
+    def __init__(self, client: docker.DockerClient, options: DockerOptions, *, poll_s: float = 0.25,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.runner: ContainerRunner = ContainerRunner(client, options, clock=clock)
+        super().__init__(self.runner, poll_s=poll_s, clock=clock)
+        self.client, self.options = client, options
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DockerHabitat:
+        t = settings.training
+        if not t.docker_image:
+            raise HabitatError("the Docker habitat needs an image: set training.docker_image "
+                               "(ACADEMY_TRAINING__DOCKER_IMAGE) to repo@sha256:<digest>")
+        return cls(
+            connect(t.docker_url),
+            DockerOptions(
+                image=t.docker_image,
+                python=t.docker_python,
+                user=t.docker_user or default_user(os.getuid(), os.getgid()),
+                mounts=tuple(Mount.parse(m) for m in t.docker_mounts),
+                cpus=t.docker_cpus,
+                pids_limit=t.docker_pids_limit,
+                shm_mb=t.docker_shm_mb,
+                memory_mb=t.docker_memory_mb,
+                host_trainer_python=_host_trainer_python(t.trainer_python),
+            ),
+        )
+
+    async def find_jobs(self) -> list[JobHandle]:
+        """Handles of every academyd container on the engine (running or not yet collected)."""
+        handles = []
+        for c in await asyncio.to_thread(self.runner._containers, None):
+            handle = await self.reattach(REF_PREFIX + c.labels.get(LABEL_JOB_DIR, ""))
+            if handle is not None:
+                handles.append(handle)
+        return handles
 
 
 def _host_trainer_python(configured: Path | None) -> str | None:

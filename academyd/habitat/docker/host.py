@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from academyd.habitat.base import HabitatError
-from academyd.habitat.jobdir import JobDir
-from academyd.habitat.process import CANCEL_FILE, EXIT_FILE, LIMIT_FILE, _write_json
+from academyd.habitat.jobdir import CANCEL_FILE, EXIT_FILE, LIMIT_FILE, JobDir, write_control
 from academyd.trainer import spec as S
 
 
@@ -71,7 +70,7 @@ def prepare(jd: JobDir, spec: S.TrainSpec, uid: int, gid: int) -> None:
         raise HabitatError(f"{jd.root} or its output/ is a symlink; the job directory must be real")
     for name in (EXIT_FILE, CANCEL_FILE, LIMIT_FILE):
         (jd / name).unlink(missing_ok=True)
-    _write_json(jd / S.SPEC_FILE, spec.to_dict())
+    write_control(jd / S.SPEC_FILE, spec.to_dict())
     os.chmod(jd / S.SPEC_FILE, 0o644)  # the container's user reads it (through its single-file mount)
     jd.output.mkdir(exist_ok=True)
     give_output_dir(jd.output, uid, gid)

@@ -8,7 +8,6 @@ from typing import Any
 
 from academyd.habitat import jobdir
 from academyd.habitat.jobdir import JobDir, UnsafeOutput
-from academyd.habitat.process import _write_json
 from academyd.trainer import spec as S
 
 
@@ -35,7 +34,7 @@ def collect_result(jd: JobDir) -> tuple[dict[str, Any], str]:
     loss = jobdir.read_bytes(jd.output, S.LOSS_FILE, max_bytes=256 << 20)
     if loss is not None:
         (jd.result / S.LOSS_FILE).write_bytes(loss)
-    _write_json(jd.result / S.SUMMARY_FILE, summary)
+    jobdir.write_control(jd.result / S.SUMMARY_FILE, summary)
     return summary, str(jd.result / S.ADAPTER_DIR)
 
 
