@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,14 +79,11 @@ class Pipeline:
         self.health = health or Health()
         self._stopping = asyncio.Event()
 
-    def now(self) -> datetime:
-        return self.clock()
-
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         # active_adapter.json is written after the promotion commits: repair a crash in between (off the loop).
-        if await sync_active_adapter_async(self.settings, self.now()):
+        if await sync_active_adapter_async(self.settings, self.clock()):
             log.warning("active_adapter_resynchronised")
         if self.settings.training.autorun:
             self._task = asyncio.create_task(self._supervised(self._loop), name="pipeline")
@@ -183,7 +179,7 @@ class Pipeline:
 
     def _set(self, run_id: str, state: str, **fields: Any) -> None:
         with self.store.transaction():
-            self.store.move_run(run_id, state, self.now(), **fields)
+            self.store.move_run(run_id, state, self.clock(), **fields)
 
     def _finish(self, run_id: str) -> None:
         self._set(run_id, "succeeded")
@@ -191,30 +187,24 @@ class Pipeline:
         self.runs.evaluate("run-finished")
 
     def _fail(self, run_id: str, reason: str, refused: bool = False) -> None:
-        now = self.now()
+        now = self.clock()
         snap = self.store.snapshot()
         retry_at = now + failure_backoff(self.settings.policy, snap.consecutive_failures + 1)
         try:
             with self.store.transaction():
                 self.store.move_run(run_id, "refused" if refused else "failed", now, error=reason)
-                self._outbox("academy.training.failed", f"{run_id}-failed",
-                             {"run_id": run_id, "reason": reason, "retry_at": iso(retry_at)}, now)
+                self.sink.emit("academy.training.failed", f"{run_id}-failed", now,
+                               {"run_id": run_id, "reason": reason, "retry_at": iso(retry_at)})
         except IllegalTransition as exc:  # it ended meanwhile (cancelled, finished): nothing to fail
             log.warning("run_already_ended", run_id=run_id, reason=reason, why=str(exc))
             return
         log.warning("run_failed", run_id=run_id, reason=reason, refused=refused, retry_at=iso(retry_at))
-        self._kick()
-
-    def _outbox(self, subject: str, event_id: str, body: dict[str, Any], now: datetime) -> None:
-        self.sink.emit(subject, event_id, now, body)
+        self.sink.kick()
 
     def _publish(self, subject: str, event_id: str, body: dict[str, Any]) -> None:
-        now = self.now()
+        now = self.clock()
         with self.store.transaction():
-            self._outbox(subject, event_id, body, now)
-        self._kick()
-
-    def _kick(self) -> None:
+            self.sink.emit(subject, event_id, now, body)
         self.sink.kick()
 
     # ------------------------------------------------------------ curation
@@ -228,7 +218,7 @@ class Pipeline:
     async def _build(self, run_id: str | None) -> Any:
         from academyd.curator import build_dataset
 
-        settings, now = self.settings, self.now()
+        settings, now = self.settings, self.clock()
 
         def work() -> Any:
             # Curation is CPU-bound: a worker thread with its own connection keeps the loop responsive.
@@ -240,7 +230,7 @@ class Pipeline:
                 store.close()
 
         result = await asyncio.to_thread(work)
-        self._kick()
+        self.sink.kick()
         log.info("dataset_built", run_id=run_id, dataset_id=result.dataset_id, examples=result.examples,
                  refused=result.refused)
         return result
@@ -335,12 +325,12 @@ class Pipeline:
             except HabitatError as exc:
                 raise RunFailed(f"habitat {habitat.name}: {exc}") from None
             with self.store.transaction():
-                self.store.move_run(run_id, "training", self.now(), job_ref=handle.ref, habitat=habitat.name)
+                self.store.move_run(run_id, "training", self.clock(), job_ref=handle.ref, habitat=habitat.name)
                 attempt = hashlib.sha256(handle.ref.encode()).hexdigest()[:12]
-                self._outbox("academy.training.started", f"{run_id}-started-{attempt}",
-                             {"run_id": run_id, "habitat": habitat.name, "dataset_id": run["dataset_id"],
-                              "spec_hash": spec_hash(spec)}, self.now())
-            self._kick()
+                self.sink.emit("academy.training.started", f"{run_id}-started-{attempt}", self.clock(),
+                               {"run_id": run_id, "habitat": habitat.name, "dataset_id": run["dataset_id"],
+                                "spec_hash": spec_hash(spec)})
+            self.sink.kick()
             log.info("training_started", run_id=run_id, habitat=habitat.name, ref=handle.ref)
         await self._forward_progress(run_id, habitat, handle)
         result = await habitat.result(handle)
@@ -382,7 +372,7 @@ class Pipeline:
         summary = dict(result.summary or {})
         summary.setdefault("spec_hash", spec_hash(spec))
         summary.setdefault("spec", spec.to_dict())
-        settings, now = self.settings, self.now()
+        settings, now = self.settings, self.clock()
 
         def work() -> dict[str, Any]:
             # Copying and hashing the adapter (megabytes, for a large base gigabytes) runs on a worker
@@ -448,8 +438,8 @@ class Pipeline:
             except Exception as exc:
                 raise RunFailed(f"evaluation failed: {exc}") from None
             with self.store.transaction():
-                event = registry.record_verdict(version, verdict, self.now(), run_id=run["run_id"])
-            self._kick()
+                event = registry.record_verdict(version, verdict, self.clock(), run_id=run["run_id"])
+            self.sink.kick()
             await asyncio.to_thread(registry.write_metrics, version, verdict)
             log.info("evaluation_finished", run_id=run["run_id"], version=version, promote=verdict.promote,
                      reasons=verdict.reasons, champion=measured_against)
