@@ -134,22 +134,29 @@ def busy_mode(work: Path, spec: dict[str, Any], repeat: int, model: dict[str, An
     runs: dict[str, list[dict[str, Any]]] = {"idle": [], "busy": [], "busy-nice0": []}
     for i in range(repeat):
         for arm in runs:
+            load0 = os.getloadavg()[0]
             r = run_busy(work, f"{arm}-{i}", spec, arm != "idle", nice=arm != "busy-nice0")
+            r["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # before, after (others' work too)
             runs[arm].append(r)
             print(f"  run {i + 1}/{repeat} {arm:5s} {r['train_duration_s']:7.1f} s  {r['tokens_per_s']:7.0f} tok/s  "
                   f"threads {r['cpu']['threads']} (busy {r['cpu']['busy']:.2f}, wait {r['cpu']['omp_wait_policy']}, "
-                  f"nice {r['cpu']['nice']})  backend {r['backend']}", file=sys.stderr)
+                  f"nice {r['cpu']['nice']})  backend {r['backend']}  load {r['loadavg_1m']}", file=sys.stderr,
+                  flush=True)
     med = {arm: statistics.median(r["train_duration_s"] for r in rs) for arm, rs in runs.items()}
     ratio = med["busy"] / med["idle"]
     print(f"trainer on a shared machine: {model['name']}, {spec['max_steps']} steps x batch "
           f"{spec['hyperparameters']['batch_size']}, backend auto ({runs['idle'][0]['backend']}), median of {repeat}")
     for arm in runs:
         threads = sorted({r["cpu"]["threads"] for r in runs[arm]})
+        waits = sorted({str(r["cpu"]["omp_wait_policy"]) for r in runs[arm]})
         busy = [round(r["cpu"]["busy"], 2) for r in runs[arm]]
-        print(f"{arm:10s} training {med[arm]:7.1f} s, threads {threads}, CPUs busy at start {busy}, "
-              f"nice {runs[arm][0]['cpu']['nice']}")
+        times = [round(r["train_duration_s"], 1) for r in runs[arm]]
+        print(f"{arm:10s} training {med[arm]:7.1f} s (runs {times}), threads {threads}, wait policy {waits}, "
+              f"CPUs busy at start {busy}, nice {runs[arm][0]['cpu']['nice']}, load 1 min before/after "
+              f"{[r['loadavg_1m'] for r in runs[arm]]}")
     print(f"ratio busy/idle: x{ratio:.2f} (target <= 2.5); not nice'd: x{med['busy-nice0'] / med['idle']:.2f}")
-    print("(an 'idle' arm whose CPUs were busy at start was not idle: other work shared the machine)")
+    print(f"(an 'idle' arm whose CPUs were busy at start was not idle: other work shared the machine; "
+          f"{os.cpu_count()} CPUs here)")
     if out_json:
         out_json.write_text(json.dumps({"model": model["name"], "runs": runs, "median_train_s": med,
                                         "ratio_busy_idle": ratio}, indent=2))
