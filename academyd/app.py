@@ -143,8 +143,6 @@ class App:
             first_s=sv.restart_backoff_s, max_s=sv.restart_backoff_max_s, healthy_after_s=sv.healthy_after_s,
         ), name="outbox"))
         self.relay.kick()  # anything a crash left unpublished goes out now
-        if self.notifier.watchdog_interval_s:
-            self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         self.started_at = self.clock()
         self.ready.set()
         self.notifier.ready(f"listening on {self.nats_url}")
@@ -174,6 +172,10 @@ class App:
         )
         if self.monitor is not None:
             self.monitor.schedule(self._scheduler)  # the post-promotion watch's tick (#20)
+        if self.notifier.watchdog_interval_s:
+            # systemd's watchdog, pinged from this loop: a wedged event loop pings no more and is restarted.
+            self._scheduler.add_job(self._ping_watchdog, "interval", seconds=self.notifier.watchdog_interval_s,
+                                    id="systemd-watchdog", coalesce=True, max_instances=1, misfire_grace_time=None)
         watch_jobs(self._scheduler, self.health, self.clock)  # a job that raised: degraded until it runs well
         self._scheduler.start()
 
@@ -250,13 +252,9 @@ class App:
             self.store = None
         log.info("daemon_stopped")
 
-    async def _watchdog(self) -> None:
-        assert self.notifier.watchdog_interval_s
-        while not self.stop_event.is_set():
-            # Only a loop that still turns pings: a wedged event loop gets restarted by systemd.
-            if self.bus.nc is not None and not self.bus.nc.is_closed:
-                self.notifier.watchdog()
-            await asyncio.sleep(self.notifier.watchdog_interval_s)
+    async def _ping_watchdog(self) -> None:
+        if self.bus.nc is not None and not self.bus.nc.is_closed and not self.stop_event.is_set():
+            self.notifier.watchdog()
 
     # ------------------------------------------------------------ the trigger
 
