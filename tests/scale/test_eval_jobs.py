@@ -210,3 +210,38 @@ async def test_a_worker_s_measurement_gives_the_local_verdict_and_served_agreeme
     print(f"\nlocal measurement {local_s:.0f} s; as a worker job (SIGKILL of {first.name}, takeover by "
           f"{other.name}) {remote_s:.0f} s after the kill; the killed worker's measurement gone in {orphan_s:.1f} s; "
           f"served agreement {agree_l['mean']:.4f} (local) {agree_r['mean']:.4f} (worker); promote {local.promote}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+async def test_the_pipeline_judges_a_worker_trained_run_on_a_worker(
+        nats_server: Any, start_daemon: Any, start_worker: Any, tiny_base_model: Path, trainer_python: Path,
+        tmp_path: Path) -> None:
+    """The daemon's own loop with arena.where = worker: the run trains on the worker, its measurement is a
+    job for the same worker (the daemon's reference to the base mapped to the worker's copy), and the
+    daemon's gate decides, registers the verdict and promotes, as with a local measurement."""
+    from academyd.registry import Registry
+    from fixtures.nats import wait_for
+    from scale.test_workers import daemon_settings, lessons_in, train, worker
+
+    url = nats_server.url
+    settings = daemon_settings(url, tmp_path / "daemon" / "data", tiny_base_model, trainer_python, autorun=False,
+                               habitat="process")
+    settings.arena.where = "worker"
+    d = await start_daemon(settings)
+    await lessons_in(d, url)
+    w1 = worker(start_worker, tmp_path, tiny_base_model, url, "w1")
+    run_id = await train(d)
+    store = d.app.store
+    await wait_for(lambda: store.get_run(run_id)["state"] in ("succeeded", "failed", "refused"), timeout=1500,
+                   interval=0.5)
+    run = store.get_run(run_id)
+    assert run["state"] == "succeeded", (run, w1.log[-3000:])
+    judged = [e for e in w1.events() if e.get("event") == "evaluation_succeeded"]
+    assert len(judged) == 1 and judged[0]["run_id"].startswith(f"{run_id}-arena-"), judged
+    arena_dir = settings.models_dir / run["version"] / "arena"
+    measured = json.loads((arena_dir / "measure.json").read_text())
+    assert measured["measured_by"]["worker"] == "w1" and measured["measured_by"]["job"] == judged[0]["run_id"]
+    assert (arena_dir / "verdict.json").is_file()
+    registry = Registry(store, settings)
+    assert registry.champion()["version"] == run["version"]  # the tiny run is promoted here as when judged locally
