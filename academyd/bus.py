@@ -32,6 +32,7 @@ from nats.js.api import (
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import BadRequestError, NotFoundError
 
+from academyd.events import dead_letter
 from academyd.ingest import Inbound
 from academyd.settings import NatsSettings
 from academyd.store import StoreFault
@@ -42,7 +43,6 @@ log = structlog.get_logger("academyd.bus")
 INBOUND_SUBJECTS = ["lesson.created", "commit.pushed", "task.completed", "feedback.given", "prompt.approved"]
 OUTBOUND_SUBJECTS = ["academy.training.>", "academy.dataset.>", "academy.evaluation.>", "model.>"]
 DLQ_SUBJECTS = ["academy.dlq.>"]
-DLQ_EXCERPT_BYTES = 64 * 1024
 # Large enough to receive (and dead-letter) an oversized event instead of the server refusing it.
 SERVER_MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -422,20 +422,10 @@ class Bus:
         await self.nc.subscribe(subject, cb=on_advisory)
 
     async def _dead_letter(self, item: Inbound, outcome: Reject) -> bool:
-        headers = {
-            "Academy-Reason": outcome.reason,
-            "Academy-Detail": "".join(c if c.isprintable() else " " for c in outcome.detail[:1000]),
-            "Academy-Original-Subject": item.subject,
-            "Academy-Stream-Seq": str(item.stream_seq or 0),
-            # Re-delivery of the same poison message must not dead-letter it twice.
-            "Nats-Msg-Id": f"dlq-{self.cfg.inbound_stream}-{item.stream_seq}",
-        }
-        data = item.data
-        if len(data) > DLQ_EXCERPT_BYTES:
-            headers["Academy-Truncated"] = str(len(data))
-            data = data[:DLQ_EXCERPT_BYTES]
+        subject, data, headers = dead_letter(item.subject, item.data, reason=outcome.reason, detail=outcome.detail,
+                                             stream=self.cfg.inbound_stream, stream_seq=item.stream_seq)
         try:
-            await self.js.publish(f"academy.dlq.{item.subject}", data, headers=headers)
+            await self.js.publish(subject, data, headers=headers)
         except Exception as exc:
             log.warning("dead_letter_publish_failed", subject=item.subject, error=str(exc))
             return False  # not terminated: it will be redelivered and dead-lettered then

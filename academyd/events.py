@@ -23,6 +23,7 @@ from academyd.clock import iso
 from schemas.models import OUTBOUND, SCHEMA_VERSION
 
 ENVELOPE_FIELDS = ("schema_version", "event_id", "at")
+DLQ_EXCERPT_BYTES = 64 * 1024  # bytes of a dead letter's payload kept (the rest: `Academy-Truncated`)
 
 
 class EventRefused(ValueError):
@@ -45,6 +46,30 @@ def describe(exc: ValidationError, most: int | None = None) -> str:
     offending value itself. The one formatter of validation errors (events, commands, ingest, imports)."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {' '.join(str(e['msg']).split())}"
                      for e in exc.errors()[:most])
+
+
+def dead_letter_subject(subject: str) -> str:
+    """Where a rejected message is kept: the Academy's DLQ stream (`academy.dlq.>`), by its subject."""
+    return f"academy.dlq.{subject}"
+
+
+def dead_letter(subject: str, data: bytes, *, reason: str, detail: str, stream: str,
+                stream_seq: int | None) -> tuple[str, bytes, dict[str, str]]:
+    """A rejected message as a dead letter: (its DLQ subject `academy.dlq.<subject>`, the payload's first
+    DLQ_EXCERPT_BYTES, the headers saying why). The one dead-letter builder (the bus's inbound events,
+    a worker's job messages). Its `Nats-Msg-Id` names the message's stream and sequence, so a redelivered
+    copy is not dead-lettered twice."""
+    headers = {
+        "Academy-Reason": reason,
+        "Academy-Detail": "".join(c if c.isprintable() else " " for c in detail[:1000]),
+        "Academy-Original-Subject": subject,
+        "Academy-Stream-Seq": str(stream_seq or 0),
+        "Nats-Msg-Id": f"dlq-{stream}-{stream_seq}",
+    }
+    if len(data) > DLQ_EXCERPT_BYTES:
+        headers["Academy-Truncated"] = str(len(data))
+        data = data[:DLQ_EXCERPT_BYTES]
+    return dead_letter_subject(subject), data, headers
 
 
 def envelope(subject: str, event_id: str, at: datetime, body: Mapping[str, Any], *,

@@ -28,6 +28,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
 from academyd.artifacts import ArtifactError, delete_prefix, get_dir, get_file, put_file
+from academyd.events import dead_letter_subject
 from academyd.habitat.base import Habitat, HabitatError, JobHandle, JobResult, JobStatus, TrainingJob
 from academyd.settings import Settings
 from academyd.trainer import spec as S
@@ -45,7 +46,6 @@ from academyd.worker.protocol import (
     artifact_name,
     cancel_subject,
     clip,
-    dead_letter_subject,
     events_subject,
     job_subject,
 )

@@ -58,6 +58,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from academyd.artifacts import Artifact, ArtifactStore, ensure_bucket
+from academyd.events import dead_letter, describe
 from academyd.settings import Settings
 from academyd.trainer import spec as S
 
@@ -92,11 +93,6 @@ def consumer_name(capability: str) -> str:
 
 def artifact_name(run_id: str, what: str) -> str:
     return f"runs/{run_id}/{what}"
-
-
-def dead_letter_subject(subject: str) -> str:
-    """Where a rejected job message is kept: the Academy's DLQ stream (`academy.dlq.>`), by its subject."""
-    return f"academy.dlq.{subject}"
 
 
 @dataclass(frozen=True)
@@ -152,7 +148,6 @@ LEASE_MAX_BYTES = 64 * 1024
 ADVERT_MAX_BYTES = 16 * 1024
 CANCEL_MAX_BYTES = 1024
 REASON_MAX = 4000  # characters of a failure reason kept in the lease (the worker's log has the rest)
-DLQ_EXCERPT_BYTES = 64 * 1024  # as academyd.bus
 
 RunId = Field(pattern=rf"^{RUN_ID_PATTERN}$", description="The daemon's run id.")
 WorkerId = Field(pattern=rf"^{WORKER_ID_PATTERN}$", description="A worker's id (its key in academy_workers).")
@@ -166,12 +161,6 @@ class WireError(ValueError):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
-
-
-def describe(exc: ValidationError) -> str:
-    """A pydantic error as one line (field path: message; ...), never the offending value itself."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {' '.join(str(e['msg']).split())}"
-                     for e in exc.errors())
 
 
 class _Part(BaseModel):
@@ -505,24 +494,15 @@ def clip(text: str | None, limit: int = REASON_MAX) -> str | None:
 
 
 async def dead_letter_job(js: Any, msg: Any, error: WireError) -> bool:
-    """Keep a rejected job message in the DLQ stream, with why (the headers academyd.bus writes); False if
-    that failed (no DLQ stream, no permission: the worker's log line is then the only record)."""
+    """Keep a rejected job message in the DLQ stream, with why (academyd.events.dead_letter, as the bus);
+    False if that failed (no DLQ stream, no permission: the worker's log line is then the only record)."""
     meta = getattr(msg, "metadata", None)
-    stream = getattr(meta, "stream", None) or "jobs"
-    stream_seq = getattr(getattr(meta, "sequence", None), "stream", None) or 0
-    data = bytes(msg.data or b"")
-    headers = {
-        "Academy-Reason": f"job_{error.code}",
-        "Academy-Detail": "".join(c if c.isprintable() else " " for c in error.detail[:1000]),
-        "Academy-Original-Subject": msg.subject,
-        "Academy-Stream-Seq": str(stream_seq),
-        "Nats-Msg-Id": f"dlq-{stream}-{stream_seq}",  # a redelivered copy is not dead-lettered twice
-    }
-    if len(data) > DLQ_EXCERPT_BYTES:
-        headers["Academy-Truncated"] = str(len(data))
-        data = data[:DLQ_EXCERPT_BYTES]
+    subject, data, headers = dead_letter(
+        msg.subject, bytes(msg.data or b""), reason=f"job_{error.code}", detail=error.detail,
+        stream=getattr(meta, "stream", None) or "jobs",
+        stream_seq=getattr(getattr(meta, "sequence", None), "stream", None) or 0)
     try:
-        await js.publish(dead_letter_subject(msg.subject), data, headers=headers)
+        await js.publish(subject, data, headers=headers)
     except Exception as exc:
         log.warning("job_dead_letter_failed", subject=msg.subject, error=f"{type(exc).__name__}: {exc}")
         return False

@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from academyd.artifacts import ArtifactError, ensure_bucket, get_dir, get_file, put_dir, put_file
 from academyd.childenv import child_env
+from academyd.events import describe
 from academyd.habitat.base import HabitatError, JobResult, JobStatus, TrainingJob
 from academyd.habitat.process import JOB_FILE, ProcessHabitat, _proc_stat, package_root
 from academyd.settings import Settings
@@ -67,7 +68,6 @@ from academyd.worker.protocol import (
     EvalJob,
     dead_letter_job,
     decode_job,
-    describe,
     events_subject,
 )
 
