@@ -14,13 +14,14 @@ verdict) -> the GGUF adapter the gate exported asked the fact set's 24 held-out 
 (Venom's system prompt, the question as the user turn, greedy), scored as the gate scores
 (academyd.arena.answers.is_right on the fact's key). The base model is asked the same questions once.
 
-Arms (a ladder: each adds to the one before, except mica which swaps the adapter of +kl):
+Arms (aug and kl a ladder on the baseline; mica the baseline with another adapter):
 - baseline: today's defaults (academyd.settings: TrainingSettings, CuratorSettings);
 - aug: + curator.augment (template restatements, academyd.curator.augment), augment_per_kind 1, replay
   0.3 of the dataset (about as many replay rows as lessons, as the baseline has);
 - kl: + a KL budget with early stopping (hyperparameters kl_budget/kl_steps; whatever academyd.trainer on
   main keeps inside the budget) and room to spend it (2 epochs);
-- mica: the kl arm with hyperparameters.adapter = mica.
+- mica: the baseline with hyperparameters.adapter = mica (PEFT's MiCA init, only lora_A trained);
+- ep3: the baseline with 3 epochs.
 `--defaults-only` runs one arm, "default", exactly what academyd.settings ships (the chosen recipe).
 
 Printed: one row per arm and seed (held-out right /24, base /24, the house set's easy phrasings too, general-set
@@ -57,9 +58,10 @@ def arms(kl_budget: float, kl_steps: int) -> dict[str, dict[str, Any]]:
     aug = {"curator": {"augment": True, "augment_per_kind": 1}, "training": {"replay_general": 0.3}}
     kl = {**aug, "training": {"replay_general": 0.3, "epochs": 2.0,
                               "hyperparameters": {"kl_budget": kl_budget, "kl_steps": kl_steps}}}
-    mica = {**aug, "training": {"replay_general": 0.3, "epochs": 2.0,
-                                "hyperparameters": {"kl_budget": kl_budget, "kl_steps": kl_steps, "adapter": "mica"}}}
-    return {"default": {}, "baseline": {"curator": {"augment": False}}, "aug": aug, "kl": kl, "mica": mica}
+    mica = {"training": {"hyperparameters": {"adapter": "mica"}}}  # the defaults with a MiCA adapter
+    ep3 = {"training": {"epochs": 3.0}}  # the defaults, three passes (the facts seen three times as often)
+    return {"default": {}, "baseline": {"curator": {"augment": False}}, "aug": aug, "kl": kl, "mica": mica,
+            "ep3": ep3}
 
 
 def fact_set(name: str) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, list[str]]]:
@@ -290,8 +292,9 @@ def main() -> None:
     ap.add_argument("--defaults-only", action="store_true", help="one arm: the recipe academyd.settings ships")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("ACADEMY_TEST_THREADS") or 2))
-    ap.add_argument("--kl-budget", type=float, default=0.05, help="the kl arm's budget, nats per token")
-    ap.add_argument("--kl-steps", type=int, default=10)
+    # 0.08 every 10 steps stopped a run at step 10 (KL 0.157 there, the first steps peak; the baseline ends 0.077)
+    ap.add_argument("--kl-budget", type=float, default=0.2, help="the kl arm's budget, nats per token")
+    ap.add_argument("--kl-steps", type=int, default=20)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="work directory to keep (default: a temporary one)")
     args = ap.parse_args()
