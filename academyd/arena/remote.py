@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 from nats.js.errors import NotFoundError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_fixed
 
 from academyd.artifacts import ArtifactError, get_dir, get_file, put_dir, put_file, transient
 from academyd.files import sha256_file
@@ -77,18 +78,22 @@ def map_paths(value: Any, old: str, new: str) -> Any:
 
 
 async def _retry(what: str, call: Any, poll_s: float) -> Any:
-    """`call()` again while the cluster answers "not now" (a leader election, a reconnect)."""
+    """`call()` again while the cluster answers "not now" (a leader election, a reconnect): every `poll_s`,
+    until it answers (a warning every 10 s at most); other errors at once."""
     said = 0.0
-    while True:
-        try:
+
+    def warn(state: RetryCallState) -> None:
+        nonlocal said
+        if time.monotonic() - said > 10:
+            said = time.monotonic()
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning("arena_job_unreadable", what=what, error=f"{type(exc).__name__}: {exc}")
+
+    async for tried in AsyncRetrying(retry=retry_if_exception(transient), wait=wait_fixed(poll_s), stop=stop_never,
+                                     before_sleep=warn, reraise=True):
+        with tried:
             return await call()
-        except Exception as exc:
-            if not transient(exc):
-                raise
-            if time.monotonic() - said > 10:
-                said = time.monotonic()
-                log.warning("arena_job_unreadable", what=what, error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(poll_s)
+    raise AssertionError("unreachable")  # AsyncRetrying returns or raises
 
 
 async def _queued(js: Any, settings: Settings, job_id: str, requires_gpu: bool) -> bool:

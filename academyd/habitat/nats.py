@@ -26,6 +26,8 @@ import structlog
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, retry_if_not_exception_type
+from tenacity import stop_after_attempt, stop_never, wait_fixed
 
 from academyd.artifacts import ArtifactError, delete_prefix, get_dir, get_file, put_file
 from academyd.events import dead_letter_subject
@@ -62,6 +64,24 @@ def _check_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def _asking_again(event: str, run_id: str, errors: tuple[type[BaseException], ...], poll_s: float, *,
+                  but: type[BaseException] | None = None, attempts: int | None = 10_000,
+                  warn_every: int = 20) -> AsyncRetrying:
+    """Ask JetStream again while it gives no answer (`errors`: a timeout, no responders, a leader being
+    elected; `but` is an answer), every `poll_s`, `attempts` times at most (None: until cancelled), one
+    warning `event` in `warn_every` tries. After the last try the last error is raised."""
+    def said(state: RetryCallState) -> None:
+        if (state.attempt_number - 1) % warn_every == 0:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(event, run_id=run_id, error=f"{type(exc).__name__}: {exc}")
+
+    retry = retry_if_exception_type(errors)
+    if but is not None:
+        retry = retry & retry_if_not_exception_type(but)
+    return AsyncRetrying(retry=retry, wait=wait_fixed(poll_s), before_sleep=said, reraise=True,
+                         stop=stop_never if attempts is None else stop_after_attempt(attempts))
 
 
 AHEAD = "ahead"
@@ -126,15 +146,15 @@ class NatsHabitat:
         """The lease, asked again while the cluster cannot answer (a node died, a leader is being elected).
         None: no lease, or one that is not valid (not trusted: the job is not over for the daemon)."""
         wire = await self.wire()
-        for attempt in range(10_000):
-            _check_cancelled()
-            try:
-                return await wire.lease(run_id)
-            except (NatsTimeout, NoRespondersError, APIError, ConnectionClosedError, TimeoutError) as exc:
-                if attempt % 20 == 0:
-                    log.warning("lease_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(self.poll_s)
-        raise HabitatError(f"the lease of {run_id} stayed unreadable")
+        unanswered = (NatsTimeout, NoRespondersError, APIError, ConnectionClosedError, TimeoutError)
+        try:
+            async for tried in _asking_again("lease_unreadable", run_id, unanswered, self.poll_s):
+                with tried:
+                    _check_cancelled()
+                    return await wire.lease(run_id)
+        except unanswered:
+            raise HabitatError(f"the lease of {run_id} stayed unreadable") from None
+        raise AssertionError("unreachable")  # AsyncRetrying returns or raises
 
     def _handle(self, run_id: str) -> JobHandle:
         return JobHandle(ref=REF_PREFIX + run_id, run_id=run_id,
@@ -184,17 +204,14 @@ class NatsHabitat:
     async def _job_queued(self, run_id: str) -> bool:
         from nats.js.errors import NotFoundError
 
+        unanswered = (NatsTimeout, NoRespondersError, APIError, TimeoutError)  # not an answer: ask again
         for gpu in (False, True):
-            for attempt in range(10_000):
-                try:
-                    await self.js.get_last_msg(self.settings.workers.jobs_stream, job_subject(run_id, gpu))
-                    return True
-                except NotFoundError:
-                    break
-                except (NatsTimeout, NoRespondersError, APIError, TimeoutError) as exc:  # not an answer: ask again
-                    if attempt % 20 == 0:
-                        log.warning("jobs_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
-                    await asyncio.sleep(self.poll_s)
+            with contextlib.suppress(NotFoundError, *unanswered):  # none queued, or never an answer: not queued
+                async for tried in _asking_again("jobs_unreadable", run_id, unanswered, self.poll_s,
+                                                 but=NotFoundError):
+                    with tried:
+                        await self.js.get_last_msg(self.settings.workers.jobs_stream, job_subject(run_id, gpu))
+                        return True
         return False
 
     async def _refusal(self, run_id: str) -> str | None:
@@ -284,14 +301,12 @@ class NatsHabitat:
                 return
             await queue.put(body)
 
-        sub = None
-        while sub is None:
-            try:
+        async for tried in _asking_again("events_unreadable", run_id,
+                                         (NatsTimeout, NoRespondersError, APIError, TimeoutError), self.poll_s,
+                                         attempts=None, warn_every=1):
+            with tried:
                 sub = await self.js.subscribe(events_subject(run_id, "*"), cb=on_event, ordered_consumer=True,
                                               stream=self.settings.workers.events_stream)
-            except (NatsTimeout, NoRespondersError, APIError, TimeoutError) as exc:
-                log.warning("events_unreadable", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(self.poll_s)
         requires_gpu = self.settings.workers.require_gpu
         last_note = 0.0
         foreign: set[tuple[str, int]] = set()  # (worker, attempt) whose events were dropped: said once each

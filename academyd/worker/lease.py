@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import structlog
 from nats.js.errors import KeyWrongLastSequenceError
+from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, retry_if_not_exception_type
+from tenacity import stop_after_attempt, wait_fixed
 
 from academyd.worker.protocol import Lease, Timing, Wire, WireError, clip
 
@@ -171,14 +173,13 @@ class HeldLease:
         if fields.get("error_code") is not None:
             fields["error_code"] = str(fields["error_code"])[:100]
         ok = False
-        for _ in range(20):
-            try:
-                ok = await self.refresh(state=state, **fields)
-                break
-            except WireError:
-                raise
-            except Exception:
-                await asyncio.sleep(self.timing.heartbeat_s / 4)
+        with contextlib.suppress(RetryError):  # 20 tries that all failed: not recorded
+            async for tried in AsyncRetrying(
+                retry=retry_if_exception_type(Exception) & retry_if_not_exception_type(WireError),
+                wait=wait_fixed(self.timing.heartbeat_s / 4), stop=stop_after_attempt(20),
+            ):
+                with tried:
+                    ok = await self.refresh(state=state, **fields)
         if not ok:
             log.warning("job_result_not_recorded", run_id=self.run_id, worker=self.worker,
                         reason=self.lost or "unreachable")
@@ -186,12 +187,11 @@ class HeldLease:
 
     async def ack(self, state: str) -> None:
         """The job is done (its end is in the lease): ack it, so it is never delivered again."""
-        for _ in range(10):
-            try:
-                await self.msg.ack_sync(timeout=self.timing.heartbeat_s)
-                break
-            except Exception:
-                await asyncio.sleep(0.5)
+        with contextlib.suppress(RetryError):  # 10 tries that all failed: the lease says it is done anyway
+            async for tried in AsyncRetrying(retry=retry_if_exception_type(Exception), wait=wait_fixed(0.5),
+                                             stop=stop_after_attempt(10)):
+                with tried:
+                    await self.msg.ack_sync(timeout=self.timing.heartbeat_s)
         log.info("job_acked", run_id=self.run_id, worker=self.worker, state=state)
 
     async def release(self) -> None:
