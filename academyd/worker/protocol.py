@@ -15,7 +15,6 @@ Subjects, streams and buckets (names from `settings.workers`; replicas from `set
                                       ckpt/<step>-<worker>-a<attempt>.tar,
                                       <worker>-a<attempt>/{adapter.tar, summary.json, loss.jsonl}}
 
-
 The lease is the fence. A worker holds a job while it can refresh the lease by compare-and-swap on its
 revision (every heartbeat, and before recording a checkpoint or the result). A holder that cannot refresh
 for `stop_after_s` kills its trainer. A worker that receives a redelivered job takes the lease only after
@@ -34,7 +33,6 @@ Two kinds of job travel this way, told apart by the message's `kind`: a training
 `<run_id>-arena-<...>`, its inputs the candidate's and the champion's adapters and the held-out, checks
 and general sets, its result the measurement JSON and the arena directory with the GGUF adapters, in the
 lease's `evaluation`). Same queue, same lease, same object store; the gate itself stays on the daemon.
-
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One job at a time, held from acquire to ack by its lease (academyd.worker.lease.HeldLease): an in-progress
 ack and a lease refresh (compare-and-swap) every heartbeat, through the downloads (inputs, the checkpoint
 to resume from), the trainer, the uploads and the result record alike. Transfers retry transient JetStream
-errors for as long as the lease holds. The trainer's events are forwarded to `academy.jobs.events.<run_id>`;
+errors for as long as the lease holds. The trainer's events are forwarded to `academy.jobs.events.<run_id>.<id>`;
 each checkpoint is uploaded beside the trainer and recorded in the lease. At the end: adapter, summary and
 loss log uploaded (sha256 checked by the store against what was read), the lease set to its final state,
 then the job acked. A worker that cannot refresh its lease for `stop_after_s` (cut off from NATS) or finds
