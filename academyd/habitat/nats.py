@@ -4,9 +4,9 @@
 work-queue stream (`academy.jobs.train.<any|gpu>.<run_id>`, see `academyd.worker.protocol`); the ref
 is `nats:<run_id>`, so a restarted daemon re-attaches by name. `progress` replays the worker's trainer
 events (`academy.jobs.events.<run_id>.<worker>`: the lease holder's only) and ends when the lease records
-how the job ended; the pipeline publishes them as the same `academy.training.*` events as for a local trainer. `result` downloads the
-summary and the adapter, checks both sha256 on arrival and the adapter's manifest sha256 against the one
-the worker computed, and hands the pipeline a local adapter directory to register.
+how the job ended; the pipeline publishes them as the same `academy.training.*` events as for a local
+trainer. `result` downloads the summary and the adapter, checks both sha256 on arrival and the adapter's
+manifest sha256 against the one the worker computed, and hands the pipeline a local adapter directory to register.
 
 `AutoHabitat` sends a job to the workers when any is connected (advertised in the workers bucket),
 else to the local habitat (Docker or a process).
