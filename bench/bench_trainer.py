@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -189,6 +190,8 @@ def main() -> None:
     p.add_argument("--save-calibration", action="store_true",
                    help="write the backends' tokens/s for backend=auto on this machine's CPU")
     a = p.parse_args()
+    # Stopped (timeout, kill): unwind, so run_busy's `finally` stops the spinning process it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     real = not a.gpu and not a.tiny
     repeat = a.repeat or (2 if real else 3)
     threads = a.threads or (2 if real else 1)
