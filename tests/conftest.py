@@ -12,4 +12,5 @@ pytest_plugins = [
     "fixtures.follower",
     "fixtures.venom",
     "fixtures.realmodel",
+    "fixtures.gate_real",
 ]

@@ -24,50 +24,20 @@ gate on the house facts.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from academyd.arena.contest import evaluate
-from academyd.curator.build import build_dataset
-from academyd.settings import load_settings
-from academyd.store import Store
-from fixtures.curator import T0, CorpusStore
-from fixtures.polish import polish_lessons
-from fixtures.realmodel import THREADS, trainer_json
+from fixtures.gate_real import GateReal
 
-# Training two adapters and two arena measurements: about 5 minutes on 2 idle cores, far more on busy ones.
+# Training two adapters and two arena measurements (tests/fixtures/gate_real.py, shared with
+# tests/scale/test_eval_jobs.py): about 5 minutes on 2 idle cores, far more on busy ones.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def judged(tmp_path_factory: pytest.TempPathFactory, smol: Any) -> dict[str, Any]:
-    tmp = tmp_path_factory.mktemp("gate-real")
-    settings = load_settings(None, data_dir=tmp / "data")
-    settings.arena.cpu_threads = THREADS
-    settings.arena.generation_sample = 2
-    settings.arena.general_sample = 4
-    store = Store.open(settings.db_path)
-    c = CorpusStore(store)
-    for les in polish_lessons():
-        c.lesson(les["situation"], les["action"], les["result"], lesson_id=les["id"])
-    ds = build_dataset(settings, store, now=T0)
-    store.close()
-    assert ds.ok, ds.refused
-    built = trainer_json([str(HERE.parent / "fixtures" / "build_gate_adapters.py", ), settings.training.base_model,
-                          ds.path, str(tmp / "adapters"), "--threads", str(THREADS)])
-    assert built.get("_exit") == 0, built.get("_stderr")
-    import asyncio
-
-    async def judge(name: str) -> Any:
-        return await evaluate(settings, candidate_adapter=Path(built[name]["path"]), champion_adapter=None,
-                              base_model=settings.training.base_model, heldout_path=Path(ds.heldout_path),
-                              format=ds.format, out_dir=tmp / "arena" / name)
-
-    verdicts = {name: asyncio.run(judge(name)) for name in ("one_answer", "wording")}
-    return {"verdicts": verdicts, "built": built, "manifest": json.loads(Path(ds.manifest_path).read_text())}
+def judged(gate_real: GateReal) -> dict[str, Any]:
+    return {"verdicts": gate_real.verdicts, "built": gate_real.built, "manifest": gate_real.manifest}
 
 
 def _failing(v: Any) -> set[str]:

@@ -5,14 +5,15 @@ and object store as a training job; the daemon's gate decides on what comes back
 The heavy test judges one real adapter twice with the daemon's own arena (`academyd.arena.contest.evaluate`):
 locally (the trainer-env subprocess on the daemon's host) and as a worker job, on SmolLM2-135M-Instruct
 with the served artifact measured in real llama.cpp, on a dataset the curator built (held-out, checks and
-manifest as the pipeline has them), the adapter from tests/fixtures/build_gate_adapters.py (`one_answer`,
-as tests/arena/test_gate_real.py). The first worker that takes the job is SIGKILLed while it measures: its
+manifest as the pipeline has them). The adapter (`one_answer` of tests/fixtures/build_gate_adapters.py), its
+dataset and its local verdict come from tests/fixtures/gate_real.py, made once per session and shared with
+tests/arena/test_gate_real.py. The first worker that takes the job is SIGKILLed while it measures: its
 measurement process must end by itself and the second worker must take the job over, as for training.
 Both verdicts, the served agreement and the measurement's numbers must be the same.
 
-Measured (this shared 2-core VM, load ~8): 36.5 minutes in all (the adapter's training most of it); the local
-measurement 402 s, the worker job back 602 s after the kill, the killed worker's measurement gone in 0.6 s,
-served agreement 0.9788 both ways.
+Measured (this shared 2-core VM, load ~8, when the test still trained and judged its own adapter): 36.5
+minutes in all (the adapter's training most of it); the local measurement 402 s, the worker job back 602 s
+after the kill, the killed worker's measurement gone in 0.6 s, served agreement 0.9788 both ways.
 """
 
 from __future__ import annotations
@@ -28,13 +29,9 @@ import nats
 import pytest
 
 from academyd.arena.contest import evaluate
-from academyd.curator.build import build_dataset
 from academyd.settings import load_settings
-from academyd.store import Store
 from academyd.worker.protocol import ArtifactRef, EvalJob, EvalOutcome, JobMessage, Lease, WireError, decode_job
-from fixtures.curator import T0, CorpusStore
-from fixtures.polish import polish_lessons
-from fixtures.realmodel import THREADS, trainer_json
+from fixtures.gate_real import ARENA, GateReal
 
 HERE = Path(__file__).resolve().parent
 ACK_WAIT = 10.0  # heartbeat 2.5 s; a SIGKILLed worker's job moves after 10 s + 7.5 s of lease silence
@@ -118,24 +115,17 @@ def losses(rows: list[dict[str, Any]]) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.timeout(5400)
 async def test_a_worker_s_measurement_gives_the_local_verdict_and_served_agreement(
-        tmp_path: Path, nats_server: Any, start_worker: Any, smol: Any, base_cache: Path) -> None:
+        tmp_path: Path, nats_server: Any, start_worker: Any, base_cache: Path, gate_real: GateReal) -> None:
+    # The adapter, its dataset and its local verdict: tests/fixtures/gate_real.py (made once per session and
+    # judged there by the same `evaluate` on the daemon's host, with the same arena options).
     settings = load_settings(None, data_dir=tmp_path / "data", nats={"url": nats_server.url},
-                             workers={"ack_wait_s": ACK_WAIT},
-                             arena={"cpu_threads": THREADS, "generation_sample": 2, "general_sample": 4})
-    store = Store.open(settings.db_path)
-    c = CorpusStore(store)
-    for les in polish_lessons():
-        c.lesson(les["situation"], les["action"], les["result"], lesson_id=les["id"])
-    ds = build_dataset(settings, store, now=T0)
-    store.close()
-    assert ds.ok, ds.refused
-    built = await asyncio.to_thread(trainer_json, [
-        str(HERE.parent / "fixtures" / "build_gate_adapters.py"), settings.training.base_model, ds.path,
-        str(tmp_path / "adapters"), "--threads", str(THREADS), "--only", "one_answer"], timeout=2400)
-    assert built.get("_exit") == 0, built.get("_stderr")
-    adapter = Path(built["one_answer"]["path"])
+                             workers={"ack_wait_s": ACK_WAIT}, arena=ARENA)
+    ds = gate_real.dataset
+    adapter = gate_real.adapter("one_answer")
+    local = gate_real.verdicts["one_answer"]
+    local_dir = gate_real.out["one_answer"]
 
-    # Two workers ("hosts"), started now: they probe their trainer environment while the local one measures.
+    # Two workers ("hosts").
     env = {"ACADEMY_WORKERS__ACK_WAIT_S": str(ACK_WAIT), "ACADEMY_BASE_CACHE": str(base_cache)}
     w1 = start_worker(nats_server.url, "w1", "--gpu", "none", **env)
     w2 = start_worker(nats_server.url, "w2", "--gpu", "none", **env)
@@ -146,10 +136,6 @@ async def test_a_worker_s_measurement_gives_the_local_verdict_and_served_agreeme
         return await evaluate(s, candidate_adapter=adapter, champion_adapter=None,
                               base_model=settings.training.base_model, heldout_path=Path(ds.heldout_path),
                               format=ds.format, out_dir=out, nc=nc, run_id="run-eval-1")
-
-    t0 = time.monotonic()
-    local = await judge("local", tmp_path / "local")
-    local_s = time.monotonic() - t0
 
     nc = await nats.connect(nats_server.url)
     try:
@@ -178,7 +164,7 @@ async def test_a_worker_s_measurement_gives_the_local_verdict_and_served_agreeme
     finally:
         await nc.close()
 
-    measure_local = json.loads((tmp_path / "local" / "measure.json").read_text())
+    measure_local = json.loads((local_dir / "measure.json").read_text())
     measure_remote = json.loads((tmp_path / "remote" / "measure.json").read_text())
     by = measure_remote["measured_by"]
     assert by["worker"] == other.name and by["attempt"] == 2, by
@@ -204,10 +190,10 @@ async def test_a_worker_s_measurement_gives_the_local_verdict_and_served_agreeme
     assert measure_remote["answers"] == measure_local["answers"]
     # The served artifact came back where the promotion looks for it, as exported on the worker: the same bytes.
     gguf = tmp_path / "remote" / "candidate.gguf"
-    assert gguf.is_file() and gguf.read_bytes() == (tmp_path / "local" / "candidate.gguf").read_bytes()
+    assert gguf.is_file() and gguf.read_bytes() == (local_dir / "candidate.gguf").read_bytes()
     assert measure_remote["runtime"]["probes_path"] == str(tmp_path / "remote" / "probes.json")
     assert Path(measure_remote["runtime"]["probes_path"]).is_file()
-    print(f"\nlocal measurement {local_s:.0f} s; as a worker job (SIGKILL of {first.name}, takeover by "
+    print(f"\nas a worker job (SIGKILL of {first.name}, takeover by "
           f"{other.name}) {remote_s:.0f} s after the kill; the killed worker's measurement gone in {orphan_s:.1f} s; "
           f"served agreement {agree_l['mean']:.4f} (local) {agree_r['mean']:.4f} (worker); promote {local.promote}")
 
