@@ -8,7 +8,7 @@ import pytest
 
 from academyd.cli import build_parser, main
 
-EXPECTED = {"run", "status", "train", "dataset", "outbox", "models", "import-venom", "bridge-venom", "schemas", "worker", "follow"}
+EXPECTED = {"run", "status", "train", "dataset", "outbox", "models", "import-venom", "bridge-venom", "schemas", "worker", "worker-identity", "follow"}
 
 
 def walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
