@@ -96,7 +96,6 @@ class Stats:
     skipped_failed: int = 0
     accepted: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
-    failed: bool = False
     error: str | None = None
     seconds: float = 0.0
 
@@ -106,7 +105,7 @@ class Stats:
                 "cached": self.cached, "skipped_budget": self.skipped_budget, "skipped_failed": self.skipped_failed,
                 "replies": replies, "accepted": self.accepted, "rejected": dict(sorted(self.rejected.items())),
                 "accepted_fraction": round(self.accepted / replies, 3) if replies else None,
-                "failed": self.failed, "error": self.error, "seconds": round(self.seconds, 2)}
+                "failed": self.error is not None, "error": self.error, "seconds": round(self.seconds, 2)}
 
 
 class ParaphraserFailed(Exception):
@@ -362,7 +361,7 @@ async def _ask_all(todo: list[_Request], cfg: ParaphraserSettings, api_key: str 
                         stats.requested += 1
                         content = await once(req)
             except (_Transient, ParaphraserFailed) as exc:
-                stats.failed, stats.error = True, _safe(str(exc), api_key)
+                stats.error = _safe(str(exc), api_key)
                 stats.skipped_failed = len(todo) - n
                 log.warning("paraphraser_failed", url=url, model=cfg.model, error=stats.error,
                             skipped=stats.skipped_failed)
@@ -415,7 +414,6 @@ def paraphrase(lessons: Sequence[Lesson], cfg: ParaphraserSettings, cache_dir: P
     if todo and cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env) or None
         if api_key is None:
-            stats.failed = True
             stats.error = f"the environment variable {cfg.api_key_env} (curator.paraphraser.api_key_env) is not set"
             stats.skipped_failed = len(todo)
             log.warning("paraphraser_failed", model=cfg.model, error=stats.error)
