@@ -651,6 +651,10 @@ class Settings(BaseSettings):
             t.trainer_python = absolute(t.trainer_python)
         t.base_model = local_or_name(t.base_model)
         t.docker_mounts = [_absolute_mount(m) for m in t.docker_mounts]
+        if self.curator.validation_families and int(t.hyperparameters.get("kl_steps") or 0) < 1:
+            # the families would be kept out of training and never asked: lessons lost for nothing
+            raise ValueError("curator.validation_families needs training.hyperparameters.kl_steps >= 1 (how often "
+                             "the trainer asks them); without it set curator.validation_families to 0")
         f = self.follower
         if f.target == "venom" and f.venom_base_for(t.base_model) is None:
             raise ValueError(f"follower.venom_base_models names no Venom model for training.base_model "

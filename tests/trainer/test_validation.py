@@ -123,3 +123,15 @@ def test_the_adapter_kept_is_the_best_on_validation_inside_the_budget_and_a_spen
     assert [e["validation_right"] for e in capped["kl_log"][:5]] == [e["validation_right"] for e in first]
     last_inside = max(e["step"] for e in first)
     assert expected["step"] != last_inside, first  # on this seed the old rule would have kept another step
+
+
+def test_validation_families_that_would_never_be_asked_are_refused_when_the_settings_load(tmp_path: Path) -> None:
+    from academyd.settings import SettingsError, load_settings
+
+    with pytest.raises((SettingsError, ValueError)) as info:
+        load_settings(None, data_dir=tmp_path / "a", curator={"validation_families": 3})
+    assert "kl_steps >= 1" in str(info.value)
+    ok = load_settings(None, data_dir=tmp_path / "b", curator={"validation_families": 3},
+                       training={"hyperparameters": {"kl_steps": 10}})
+    assert ok.curator.validation_families == 3
+    assert load_settings(None, data_dir=tmp_path / "c").curator.validation_families == 0  # the default: off
