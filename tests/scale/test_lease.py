@@ -14,6 +14,7 @@ import pytest
 from academyd.settings import load_settings
 from academyd.worker.lease import HeldLease, LeaseLost
 from academyd.worker.protocol import Lease, Timing, Wire, consumer_name, job_subject
+from tests.fixtures.scale import write_over
 
 ACK_WAIT = 2.0  # heartbeat 0.5 s, a holder stops after 1 s without a refresh
 
@@ -90,8 +91,7 @@ async def test_a_takeover_while_the_holder_s_heartbeat_is_fresh_is_not_honoured(
                        Lease.build(run_id="run-1", worker="w1", state="failed", attempt=1, reason="forged"),
                        Lease.build(run_id="run-1", worker="w2", state="failed", attempt=3, reason="forged")):
             await asyncio.sleep(Timing(ACK_WAIT).heartbeat_s * 1.5)
-            _, rev = await wire.lease("run-1")
-            await wire.write_lease("run-1", "w2", forged, last=rev)
+            await write_over(wire, "run-1", "w2", forged)  # lands, even when w1 beats meanwhile
             lease, _ = await wire.lease("run-1")
             assert (lease.worker, lease.attempt, lease.state) == ("w1", 1, "training"), lease
         await asyncio.sleep(Timing(ACK_WAIT).heartbeat_s * 2)

@@ -44,6 +44,7 @@ from academyd.worker.protocol import (
     consumer_name,
     events_subject,
 )
+from tests.fixtures.scale import write_over
 
 ACK_WAIT = 8.0  # heartbeat 2 s; a holder stops after 4 s of silence; fresh for 5 s; a taker waits 6 s
 
@@ -177,8 +178,7 @@ async def test_a_second_worker_identity_cannot_write_for_another(embedded, tmp_p
                                           result=result),
                               Lease.build(run_id="run-1", worker="mallory", state="succeeded", attempt=1,
                                           result=result)):
-                    _, rev = await mwire.lease("run-1")
-                    await mwire.write_lease("run-1", "mallory", lease, last=rev)
+                    await write_over(mwire, "run-1", "mallory", lease)
                     held = (await (await habitat.wire()).lease("run-1"))[0]
                     assert (held.worker, held.attempt, held.state) == ("honest", 1, "training"), held
                     assert await habitat.status(handle) is JobStatus.RUNNING
