@@ -6,7 +6,7 @@ answers to general prompts keeps its general behaviour the target for everything
 fact. No outside data is needed: the base writes its own targets.
 
 `replay_examples(model_dir, tokenizer, n, ...)` returns up to `n` ShareGPT examples (the prompt's turns,
-the base's reply), generated once per (base identity, prompts, length, engine) and cached beside the
+the base's reply), each generated once per (base identity, prompt, length, engine) and cached beside the
 dequantized base. The prompts (`data/replay_prompts.txt`) come in both shapes the curator writes: a
 question alone (one user turn) and `INSTRUCTION :: INPUT` (a system turn and a user turn, as an Alpaca
 line with an input is asked), alternating so that any prefix has both. They overlap neither the arena's
@@ -61,26 +61,43 @@ def replay_examples(model_dir: str, tokenizer: Any, n: int, *, base_sha256: str,
         return []
     qs = prompts()[:n]  # no more than are used (generation is most of replay's cost)
     engine = "llama.cpp" if base_gguf and _llama_available() else "transformers"
+    # One cache file per (base, length, template, engine); a reply per prompt, so a run with more rows than
+    # the last generates only the prompts it adds (each dataset size used to generate all of them again).
     # The eos ends a transformers reply (an earlier cache stopped at transformers' GGUF eos, see trainer.base).
-    key = hashlib.sha256(json.dumps([base_sha256, qs, max_new_tokens, tokenizer.chat_template, engine,
-                                     tokenizer.eos_token_id]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([base_sha256, max_new_tokens, tokenizer.chat_template, engine,
+                                     tokenizer.eos_token_id, "per-prompt"]).encode()).hexdigest()
     path = cache_dir / f"replay-{key[:24]}.jsonl"
+    cached: dict[str, dict[str, Any]] = {}
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                cached[entry["prompt"]] = entry["row"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn or foreign line: that prompt is generated again
+    ids = [_prompt_id(q) for q in qs]
+    missing = [q for q, i in zip(qs, ids, strict=True) if i not in cached]
+    if missing:
         if engine == "llama.cpp":
             assert base_gguf is not None
-            replies = _generate_llamacpp(base_gguf, qs, max_new_tokens)
+            replies = _generate_llamacpp(base_gguf, missing, max_new_tokens)
         else:
-            replies = _generate_transformers(model_dir, tokenizer, qs, device, max_new_tokens)
-        rows = [_row(q, text, finished) for q, (text, finished) in zip(qs, replies, strict=True)]
+            replies = _generate_transformers(model_dir, tokenizer, missing, device, max_new_tokens)
+        for q, (text, finished) in zip(missing, replies, strict=True):
+            cached[_prompt_id(q)] = _row(q, text, finished)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            atomic_write_text(path, "".join(json.dumps({"prompt": i, "row": r}, ensure_ascii=False) + "\n"
+                                            for i, r in cached.items()))
         except OSError:
             pass  # a read-only cache (the Docker habitat mounts the host's so): made again next time
+    rows = [cached[i] for i in ids]
     rows = [r for r in rows if r["conversations"][-1]["value"].strip()]
     return [rows[i % len(rows)] for i in range(n)] if rows else []
+
+
+def _prompt_id(messages: Messages) -> str:
+    return hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()[:24]
 
 
 def _row(messages: Messages, answer: str, finished: bool) -> dict[str, Any]:
