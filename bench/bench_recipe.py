@@ -21,7 +21,9 @@ Arms (aug and kl a ladder on the baseline; mica the baseline with another adapte
 - kl: + a KL budget with early stopping (hyperparameters kl_budget/kl_steps; whatever academyd.trainer on
   main keeps inside the budget) and room to spend it (2 epochs);
 - mica: the baseline with hyperparameters.adapter = mica (PEFT's MiCA init, only lora_A trained);
-- ep3: the baseline with 3 epochs.
+- ep3: the baseline with 3 epochs;
+- augr: + curator.augment (1 per kind) with the baseline's replay (as many replay rows as dataset rows);
+- ep3lr2, ep3lr4: the baseline with 3 epochs at learning rate 2e-3, 4e-3.
 `--defaults-only` runs one arm, "default", exactly what academyd.settings ships (the chosen recipe).
 
 Printed: one row per arm and seed (held-out right /24, base /24, the house set's easy phrasings too, general-set
@@ -60,8 +62,13 @@ def arms(kl_budget: float, kl_steps: int) -> dict[str, dict[str, Any]]:
                               "hyperparameters": {"kl_budget": kl_budget, "kl_steps": kl_steps}}}
     mica = {"training": {"hyperparameters": {"adapter": "mica"}}}  # the defaults with a MiCA adapter
     ep3 = {"training": {"epochs": 3.0}}  # the defaults, three passes (the facts seen three times as often)
+    # aug with the baseline's replay (as many replay rows as dataset rows, restatements included): ~2x its rows
+    augr = {"curator": {"augment": True, "augment_per_kind": 1}}
+    ep3lr2 = {"training": {"epochs": 3.0, "learning_rate": 2e-3}}  # three passes at twice the step size
+    ep3lr4 = {"training": {"epochs": 3.0, "learning_rate": 4e-3}}
     return {"default": {}, "baseline": {"curator": {"augment": False}}, "aug": aug, "kl": kl, "mica": mica,
-            "ep3": ep3}
+            "ep3": ep3, "augr": augr, "ep3lr2": ep3lr2,
+            "ep3lr4": ep3lr4}
 
 
 def fact_set(name: str) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, list[str]]]:
