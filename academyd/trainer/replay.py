@@ -76,15 +76,16 @@ def replay_examples(model_dir: str, tokenizer: Any, n: int, *, base_sha256: str,
             except (ValueError, KeyError, TypeError):
                 continue  # a torn or foreign line: that prompt is generated again
     ids = [_prompt_id(q) for q in qs]
-    missing = [q for q, i in zip(qs, ids, strict=True) if i not in cached]
+    missing = {i: q for i, q in zip(ids, qs, strict=True) if i not in cached}
     if missing:
+        todo = list(missing.values())
         if engine == "llama.cpp":
             assert base_gguf is not None
-            replies = _generate_llamacpp(base_gguf, missing, max_new_tokens)
+            replies = _generate_llamacpp(base_gguf, todo, max_new_tokens)
         else:
-            replies = _generate_transformers(model_dir, tokenizer, missing, device, max_new_tokens)
-        for q, (text, finished) in zip(missing, replies, strict=True):
-            cached[_prompt_id(q)] = _row(q, text, finished)
+            replies = _generate_transformers(model_dir, tokenizer, todo, device, max_new_tokens)
+        for (i, q), (text, finished) in zip(missing.items(), replies, strict=True):
+            cached[i] = _row(q, text, finished)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, "".join(json.dumps({"prompt": i, "row": r}, ensure_ascii=False) + "\n"
