@@ -23,7 +23,10 @@ Arms (aug and kl a ladder on the baseline; mica the baseline with another adapte
 - mica: the baseline with hyperparameters.adapter = mica (PEFT's MiCA init, only lora_A trained);
 - ep3: the baseline with 3 epochs;
 - augr: + curator.augment (1 per kind) with the baseline's replay (as many replay rows as dataset rows);
-- ep3lr2, ep3lr4: the baseline with 3 epochs at learning rate 2e-3, 4e-3.
+- ep3lr2, ep3lr4: the baseline with 3 epochs at learning rate 2e-3, 4e-3;
+- aug15: augmentation on the default's lr 2e-3 at about its compute (1.5 passes over ~3.3x the rows, replay 0.3);
+- ep3val: the default keeping its best step on 2 validation families (curator.validation_families) inside
+  the --kl-budget, measured every 24 steps.
 `--defaults-only` runs one arm, "default", exactly what academyd.settings ships (the chosen recipe).
 
 Printed: one row per arm and seed (held-out right /24, base /24, the house set's easy phrasings too, general-set
@@ -72,7 +75,13 @@ def arms(kl_budget: float, kl_steps: int) -> dict[str, dict[str, Any]]:
     augr = {"curator": {"augment": True, "augment_per_kind": 1}, "training": dict(OLD_DEFAULT)}
     ep3lr2 = {"training": {"epochs": 3.0, "learning_rate": 2e-3}}  # three passes at twice the step size
     ep3lr4 = {"training": {"epochs": 3.0, "learning_rate": 4e-3}}
-    return {"default": {}, "baseline": {"curator": {"augment": False}, "training": dict(OLD_DEFAULT)}, "aug": aug,
+    # augmentation on the three-pass default at about its compute: 1.5 passes over ~3.3x the rows, replay 0.3
+    aug15 = {"curator": {"augment": True, "augment_per_kind": 1},
+             "training": {"epochs": 1.5, "learning_rate": 2e-3, "replay_general": 0.3}}
+    # the default keeping its best step on 2 validation families inside a KL budget (measured every 24 steps)
+    ep3val = {"curator": {"validation_families": 2},
+              "training": {"hyperparameters": {"kl_budget": kl_budget, "kl_steps": 24}}}
+    return {"default": {}, "aug15": aug15, "ep3val": ep3val, "baseline": {"curator": {"augment": False}, "training": dict(OLD_DEFAULT)}, "aug": aug,
             "kl": kl, "mica": mica, "ep3": ep3, "augr": augr, "ep3lr2": ep3lr2, "ep3lr4": ep3lr4}
 
 
@@ -115,10 +124,16 @@ def spec_for(settings: Any, ds: dict[str, Any], base_path: str, out_dir: Path) -
     hp = {**{k: v for k, v in recipe.items() if v is not None}, **t.hyperparameters}
     if t.max_seq_length is not None:
         hp["max_length"] = t.max_seq_length
-    return {"base_model": base_path, "dataset_path": ds["path"], "heldout_path": ds["heldout_path"],
+    from academyd.curator.validation import read_validation
+
+    spec = {"base_model": base_path, "dataset_path": ds["path"], "heldout_path": ds["heldout_path"],
             "format": ds["format"], "render": t.render, "output_dir": str(out_dir), "hyperparameters": hp,
             "seed": t.seed, "backend": t.backend, "max_steps": t.max_steps, "run_id": out_dir.name,
             "cpu_threads": t.cpu_threads}
+    validation = read_validation(ds["heldout_path"])  # the curator's validation families, as the pipeline does
+    if validation:
+        spec["validation"] = validation
+    return spec
 
 
 def env() -> dict[str, str]:
