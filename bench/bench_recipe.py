@@ -15,7 +15,7 @@ verdict) -> the GGUF adapter the gate exported asked the fact set's 24 held-out 
 (academyd.arena.answers.is_right on the fact's key). The base model is asked the same questions once.
 
 Arms (aug and kl a ladder on the baseline; mica the baseline with another adapter):
-- baseline: the old default, one pass at lr 1e-3 (pinned; the shipped default is now ep3lr2);
+- baseline: the first default, one pass at lr 1e-3, no augmentation (pinned, as every arm's knobs are);
 - aug: + curator.augment (template restatements, academyd.curator.augment), augment_per_kind 1, replay
   0.3 of the dataset (about as many replay rows as lessons, as the baseline has);
 - kl: + a KL budget with early stopping (hyperparameters kl_budget/kl_steps; whatever academyd.trainer on
@@ -24,8 +24,9 @@ Arms (aug and kl a ladder on the baseline; mica the baseline with another adapte
 - ep3: the baseline with 3 epochs;
 - augr: + curator.augment (1 per kind) with the baseline's replay (as many replay rows as dataset rows);
 - ep3lr2, ep3lr4: the baseline with 3 epochs at learning rate 2e-3, 4e-3;
-- aug15: augmentation on the default's lr 2e-3 at about its compute (1.5 passes over ~3.3x the rows, replay 0.3);
-- ep3val: the default keeping its best step on 2 validation families (curator.validation_families) inside
+- aug15: augmentation at lr 2e-3 and about ep3lr2's compute (1.5 passes over ~3.3x the rows, replay 0.3): what
+  academyd.settings ships;
+- ep3val: ep3lr2 keeping its best step on 2 validation families (curator.validation_families) inside
   the --kl-budget, measured every 24 steps.
 `--defaults-only` runs one arm, "default", exactly what academyd.settings ships (the chosen recipe).
 
@@ -56,33 +57,37 @@ ASK = REPO / "tests" / "fixtures" / "ask_llamacpp.py"
 BUDGET = 0.03  # the forgetting budget the default recipe is chosen inside: general-set loss change <= +3 %
 
 
-# The old default (one pass at lr 1e-3), pinned: the arms below were measured against it, and the shipped
-# default (academyd.settings) is now the ep3lr2 arm. Without the pin every arm would move with the default.
-OLD_DEFAULT = {"epochs": 1.0, "learning_rate": 1e-3}
+# Every arm pins every knob it was measured with (the curator's augmentation, passes, step size, replay), so
+# an arm does not move when academyd.settings' default does. OLD_DEFAULT is the first default (one pass at
+# lr 1e-3, no augmentation, as many replay rows as dataset rows); EP3LR2 the second.
+OLD_DEFAULT = {"epochs": 1.0, "learning_rate": 1e-3, "replay_general": 1.0}
+NO_AUG = {"augment": False}
+AUG1 = {"augment": True, "augment_per_kind": 1}
+EP3LR2 = {"epochs": 3.0, "learning_rate": 2e-3, "replay_general": 1.0}
 
 
 def arms(kl_budget: float, kl_steps: int) -> dict[str, dict[str, Any]]:
     # Augmentation multiplies the lessons' rows (x3.3 on house at one restatement per kind and language);
     # replay stays about as many rows as the lessons (not as the restatements), so training costs ~2.2x
     # the baseline's instead of ~3.3x.
-    aug = {"curator": {"augment": True, "augment_per_kind": 1}, "training": {**OLD_DEFAULT, "replay_general": 0.3}}
-    kl = {**aug, "training": {**OLD_DEFAULT, "replay_general": 0.3, "epochs": 2.0,
-                              "hyperparameters": {"kl_budget": kl_budget, "kl_steps": kl_steps}}}
+    aug = {"curator": AUG1, "training": {**OLD_DEFAULT, "replay_general": 0.3}}
+    kl = {"curator": AUG1, "training": {**OLD_DEFAULT, "replay_general": 0.3, "epochs": 2.0,
+                                        "hyperparameters": {"kl_budget": kl_budget, "kl_steps": kl_steps}}}
     # the baseline with a MiCA adapter
-    mica = {"training": {**OLD_DEFAULT, "hyperparameters": {"adapter": "mica"}}}
-    ep3 = {"training": {**OLD_DEFAULT, "epochs": 3.0}}  # three passes (the facts seen three times as often)
+    mica = {"curator": NO_AUG, "training": {**OLD_DEFAULT, "hyperparameters": {"adapter": "mica"}}}
+    ep3 = {"curator": NO_AUG, "training": {**OLD_DEFAULT, "epochs": 3.0}}  # the facts seen three times as often
     # aug with the baseline's replay (as many replay rows as dataset rows, restatements included): ~2x its rows
-    augr = {"curator": {"augment": True, "augment_per_kind": 1}, "training": dict(OLD_DEFAULT)}
-    ep3lr2 = {"training": {"epochs": 3.0, "learning_rate": 2e-3}}  # three passes at twice the step size
-    ep3lr4 = {"training": {"epochs": 3.0, "learning_rate": 4e-3}}
-    # augmentation on the three-pass default at about its compute: 1.5 passes over ~3.3x the rows, replay 0.3
-    aug15 = {"curator": {"augment": True, "augment_per_kind": 1},
-             "training": {"epochs": 1.5, "learning_rate": 2e-3, "replay_general": 0.3}}
-    # the default keeping its best step on 2 validation families inside a KL budget (measured every 24 steps)
-    ep3val = {"curator": {"validation_families": 2},
-              "training": {"hyperparameters": {"kl_budget": kl_budget, "kl_steps": 24}}}
-    return {"default": {}, "aug15": aug15, "ep3val": ep3val, "baseline": {"curator": {"augment": False}, "training": dict(OLD_DEFAULT)}, "aug": aug,
-            "kl": kl, "mica": mica, "ep3": ep3, "augr": augr, "ep3lr2": ep3lr2, "ep3lr4": ep3lr4}
+    augr = {"curator": AUG1, "training": dict(OLD_DEFAULT)}
+    ep3lr2 = {"curator": NO_AUG, "training": dict(EP3LR2)}  # three passes at twice the step size
+    ep3lr4 = {"curator": NO_AUG, "training": {**EP3LR2, "learning_rate": 4e-3}}
+    # augmentation at lr 2e-3 and about ep3lr2's compute: 1.5 passes over ~3.3x the rows, replay 0.3
+    aug15 = {"curator": AUG1, "training": {"epochs": 1.5, "learning_rate": 2e-3, "replay_general": 0.3}}
+    # ep3lr2 keeping its best step on 2 validation families inside a KL budget (measured every 24 steps)
+    ep3val = {"curator": {**NO_AUG, "validation_families": 2},
+              "training": {**EP3LR2, "hyperparameters": {"kl_budget": kl_budget, "kl_steps": 24}}}
+    return {"default": {}, "baseline": {"curator": NO_AUG, "training": dict(OLD_DEFAULT)}, "aug": aug, "kl": kl,
+            "mica": mica, "ep3": ep3, "augr": augr, "ep3lr2": ep3lr2, "ep3lr4": ep3lr4, "aug15": aug15,
+            "ep3val": ep3val}
 
 
 def fact_set(name: str) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, list[str]]]:

@@ -58,7 +58,8 @@ SEED = int(os.environ.get("ACADEMY_REAL_LOOP_SEED") or 1)
 # Which facts: house (tests/fixtures/house.py, the set the recipe was tuned on, held-out phrasings that keep
 # the topic phrase) or lab (tests/fixtures/lab_facts.py, new facts, real paraphrases). House until the
 # default recipe reaches issue 21's bar on the lab facts: measured 2026-12-06, it does not (11-14/24 with
-# three epochs at lr 2e-3; README, Default recipe); ACADEMY_REAL_LOOP_FACTS=lab runs the Must-show as it stands.
+# three epochs at lr 2e-3, 14 with the restatements of the default since; README, Default recipe);
+# ACADEMY_REAL_LOOP_FACTS=lab runs the Must-show as it stands.
 FACTS = os.environ.get("ACADEMY_REAL_LOOP_FACTS") or "house"
 if FACTS == "lab":
     answered, heldout_questions, lessons = lab_facts.answered, lab_facts.heldout_questions, lab_facts.lab_lessons
