@@ -281,7 +281,8 @@ def build_dataset(
     dropped: Counter[str] = Counter()
     for c in dropped_by_source.values():
         dropped.update(c)
-    survivors = len(train_all) + len(heldout)
+    # What survived curation: records, not their restatements (30 lessons restated are still 30 lessons).
+    survivors = len(train) + len(replay) + len(heldout)
     created = iso(now) or ""
     taken = store.dataset_ids(f"ds-{stamp}")
     result = BuildResult(
@@ -340,7 +341,8 @@ def build_dataset(
     }
     if survivors < cfg.min_examples:
         result.refused = (
-            f"only {survivors} examples survived curation (train {len(train_all)}, held-out {len(heldout)}); "
+            f"only {survivors} examples survived curation (train {len(train) + len(replay)}, held-out "
+            f"{len(heldout)}; restatements not counted); "
             f"at least {cfg.min_examples} are needed (curator.min_examples)"
         )
         manifest["refused"] = result.refused

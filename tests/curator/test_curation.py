@@ -27,16 +27,20 @@ def test_planted_corpus_exact_counts_and_no_secret_in_any_file(planted: Planted)
     r = build_dataset(planted.settings, planted.store, now=T0)
     assert r.refused is None
     assert r.dropped == planted.dropped
-    assert r.examples + r.heldout == planted.survivors
-    assert grep_secrets(planted.settings.training_dir) == []
+    # the records that survived, each once; the training file adds the default's restatements of its lessons
+    records = sum(c["train"] + c["replay"] + c["heldout"] for c in r.counts.values())
+    assert records == planted.survivors
     manifest = json.loads(Path(r.manifest_path).read_text())
+    restated = manifest["augmentation"]["restatements"]
+    assert restated > 0 and r.examples == records - r.heldout + restated
+    assert grep_secrets(planted.settings.training_dir) == []
     assert manifest["secrets"]["examples_redacted"] == sum(planted.secret_examples.values())
     assert manifest["counts"]["commit"]["dropped"] == 9  # merge, 4 messages, too long, 2 outside, missing
     # every source record has exactly one decision, and lineage names exactly what the files hold
     decisions = _lines(r.decisions_path)
     assert len(decisions) == len({d["record"] for d in decisions}) == sum(c["records"] for c in r.counts.values())
     lineage = manifest["lineage"]
-    assert len(lineage["train"]) == len(_lines(r.path)) == r.examples
+    assert len(lineage["train"]) + restated == len(_lines(r.path)) == r.examples  # records, then restatements
     assert len(lineage["heldout"]) == len(_lines(r.heldout_path)) == r.heldout
     assert not set(lineage["train"]) & set(lineage["heldout"])
     for key in planted.keys["good"] + planted.keys["secret"]:
@@ -98,6 +102,8 @@ def test_too_few_examples_is_refused_and_visible(tmp_path: Path) -> None:
     for _ in range(30):
         c.lesson(w.sentence(12), w.sentence(12), "porażka")
     r = build_dataset(settings, store, now=T0)
+    # the default restates every lesson (curator.augment): ~100 rows, still 30 lessons, still too few
+    assert settings.curator.augment
     assert r.refused and "only 30 examples" in r.refused and "curator.min_examples" in r.refused
     assert r.dropped == {"failure": 30}
     assert not settings.training_dir.exists() or not any(settings.training_dir.iterdir())
@@ -114,7 +120,7 @@ def test_scope_new_with_replay(planted: Planted) -> None:
     planted.settings.curator.scope = "new"
     planted.settings.curator.replay_fraction = 0.25
     r = build_dataset(planted.settings, planted.store, now=T0 + timedelta(days=1))
-    new_train = r.examples - r.replay
+    new_train = sum(c["train"] for c in r.counts.values())  # new records (their restatements not counted)
     assert r.replay == round(0.25 * new_train) and new_train >= 45
     lineage = json.loads(Path(r.manifest_path).read_text())["lineage"]
     assert len(lineage["replay"]) == r.replay and not set(lineage["replay"]) & set(lineage["heldout"])

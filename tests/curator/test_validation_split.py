@@ -81,7 +81,7 @@ def test_off_by_default_and_none_when_the_dataset_is_too_small(tmp_path: Path) -
     store.close()
     # Six lessons (three questions, two wordings each): too few families to set one aside and still teach.
     small = [les for les in polish_lessons() if les["fact"] == 0][:6]
-    settings, r, store = _build(tmp_path / "small", small, validation_families=2, min_examples=1)
+    settings, r, store = _build(tmp_path / "small", small, validation_families=2, min_examples=1, augment=False)
     assert r.ok, r.refused
     stats = json.loads(Path(r.manifest_path).read_text())["validation"]
     assert stats["families"] == 0 and "too small" in stats["reason"], stats
