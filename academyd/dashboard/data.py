@@ -113,6 +113,8 @@ def datasets(store: Store, limit: int = 5) -> dict[str, Any]:
         d["counts"] = _json(d["counts"], {})
         d["dropped"] = _json(d["dropped"], {})
         d["replay"] = manifest.get("replay", 0)
+        # rows of the training file that restate a lesson (curator.augment / the paraphraser), among `examples`
+        d["restatements"] = (manifest.get("augmentation") or {}).get("restatements", 0)
         d["tokens"] = manifest.get("tokens")
         d["length_histogram"] = {
             "unit": "approx. tokens (words and punctuation)",
