@@ -168,7 +168,7 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
         for body in lessons():
             await publish(js, "lesson.created", body, body["event_id"])
         await wait_for(lambda: of("academy.evaluation.finished") or of("academy.training.failed"),
-                       timeout=2400, interval=0.5)  # ~700 s on 2 idle cores (3 epochs)
+                       timeout=2400, interval=0.5)  # ~700 s on 2 idle cores (the default recipe)
         assert of("academy.training.failed") == [], of("academy.training.failed")
         verdict = of("academy.evaluation.finished")[0]
         if os.environ.get("ACADEMY_REAL_LOOP_FIGURES"):  # a refusal is a figure too (bench_recipe.py)
