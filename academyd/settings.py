@@ -277,7 +277,7 @@ class TrainingSettings(BaseModel):
     # (tests/fixtures/house.py, bench/bench_recipe.py, issue 21; README "Default recipe"): the arm with the
     # most right answers to hard phrasings inside the forgetting budget over 3 seeds (10/8/7, mean 8.3, vs
     # 9/6/6 for the earlier three passes at 2e-3 without restatements, about the same compute), at about twice
-    # its KL (0.22-0.26 vs 0.09-0.13) and a general-set loss change of -3.4 to +0.04 %. A hyperparameters
+    # its KL (0.19-0.26 vs 0.09-0.13) and a general-set loss change of -5.6 to +0.04 %. A hyperparameters
     # entry wins over these.
     epochs: float | None = Field(
         default=1.5, gt=0, description="Passes over the dataset (with replay); None: the trainer's default (3).")

@@ -428,8 +428,8 @@ function renderDataset(d) {
   if (!d) { body.append(h("div", { class: "empty" }, "No dataset yet.")); return; }
   body.append(h("div", { class: "stats" },
     h("div", { class: "stat" }, h("span", {}, "train"), h("b", {}, (d.examples || 0).toLocaleString())),
-    h("div", { class: "stat" }, h("span", {}, "held-out"), h("b", {}, (d.heldout || 0).toLocaleString())),
     h("div", { class: "stat" }, h("span", {}, "of them restated"), h("b", {}, (d.restatements || 0).toLocaleString())),
+    h("div", { class: "stat" }, h("span", {}, "held-out"), h("b", {}, (d.heldout || 0).toLocaleString())),
     h("div", { class: "stat" }, h("span", {}, "replay"), h("b", {}, (d.replay || 0).toLocaleString())),
     h("div", { class: "stat" }, h("span", {}, "dropped"),
       h("b", {}, Object.values(d.dropped || {}).reduce((a, b) => a + b, 0).toLocaleString())),
