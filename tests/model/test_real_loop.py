@@ -58,7 +58,7 @@ SEED = int(os.environ.get("ACADEMY_REAL_LOOP_SEED") or 1)
 # Which facts: house (tests/fixtures/house.py, the set the recipe was tuned on, held-out phrasings that keep
 # the topic phrase) or lab (tests/fixtures/lab_facts.py, new facts, real paraphrases). House until the
 # default recipe reaches issue 21's bar on the lab facts: measured 2026-12-06, it does not (11-14/24 with
-# three epochs at lr 2e-3, 14 with the restatements of the default since; README, Default recipe);
+# three epochs at lr 2e-3, 13-14 with the default's restatements since; README, Default recipe);
 # ACADEMY_REAL_LOOP_FACTS=lab runs the Must-show as it stands.
 FACTS = os.environ.get("ACADEMY_REAL_LOOP_FACTS") or "house"
 if FACTS == "lab":
@@ -168,7 +168,7 @@ async def test_lessons_become_a_smarter_model_that_venom_hot_swaps_and_rolls_bac
         for body in lessons():
             await publish(js, "lesson.created", body, body["event_id"])
         await wait_for(lambda: of("academy.evaluation.finished") or of("academy.training.failed"),
-                       timeout=2400, interval=0.5)  # ~700 s on 2 idle cores (the default recipe)
+                       timeout=2400, interval=0.5)  # ~820 s on 2 idle cores (the default recipe)
         assert of("academy.training.failed") == [], of("academy.training.failed")
         verdict = of("academy.evaluation.finished")[0]
         if os.environ.get("ACADEMY_REAL_LOOP_FIGURES"):  # a refusal is a figure too (bench_recipe.py)
