@@ -118,11 +118,13 @@ def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, dev
     # TrainerCallback is mixed in here, not at import time: transformers may only load after unsloth.
     callback_cls = type("ProtocolCallback", (ProtocolCallback, TrainerCallback), {})
     callback = callback_cls(events, Path(spec.output_dir) / S.LOSS_FILE, counter, h, steps)
-    callbacks = [callback]
+    callbacks: list[Any] = [callback]
     if enc_general and hp.kl_steps > 0:
         watch_cls = type("KLWatch", (KLWatch, TrainerCallback), {})
-        callbacks.append(watch_cls(events, model, enc_general, pad_id, hp.batch_size, hp.kl_budget, hp.kl_steps,
-                                   tokenizer, validation, hp.validation_max_new_tokens))
+        # Before the protocol callback: on a save the watch writes its state into the checkpoint first, and
+        # the marker that makes the checkpoint usable comes last.
+        callbacks.insert(0, watch_cls(events, model, enc_general, pad_id, hp.batch_size, hp.kl_budget,
+                                      hp.kl_steps, tokenizer, validation, hp.validation_max_new_tokens))
     trainer_cls = Trainer
     if hp.replay_loss == "kl":
         def compute_loss(self: Any, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -246,6 +248,10 @@ def better(new: Measured, kept: Measured | None) -> bool:
     return new.right >= kept.right
 
 
+WATCH_STATE = "academy_watch.json"  # in a checkpoint: the measurements so far and which step is kept
+WATCH_KEPT = "academy_watch_kept.safetensors"  # in a checkpoint: the kept step's trainable weights
+
+
 class KLWatch:
     """Forgetting as a budget, and early stopping on validation answers.
 
@@ -255,7 +261,11 @@ class KLWatch:
     weights of the best (`better`) are kept in memory (a LoRA is small). A measurement past the budget stops
     training. At the end the kept weights are put back, so the adapter written is the best measured inside
     the budget (the one training began with, if none was). A last step that was not measured is measured at
-    the end, so the adapter written has always been checked against the budget."""
+    the end, so the adapter written has always been checked against the budget.
+
+    What it has measured and the kept weights go into every checkpoint (`on_save`, before the checkpoint's
+    marker) and come back on a resume (`resume_from`): a run killed after its best step and resumed still
+    keeps that step, and its summary lists every measurement, not only those after the resume."""
 
     def __init__(self, events: EventWriter, model: Any, encoded: list[dict[str, Any]], pad_id: int,
                  batch_size: int, budget: float, every: int, tokenizer: Any = None,
@@ -292,8 +302,54 @@ class KLWatch:
         return self._kept[0] if self._kept is not None else None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.selecting:
+        if self.selecting and self._kept is None:  # not restored from a checkpoint by resume_from
             self._keep(state.global_step)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not path.is_dir():
+            return
+        from safetensors.torch import save_file
+
+        best = self.best
+        atomic_write_json(path / WATCH_STATE, {
+            "step": state.global_step, "log": self.log, "last_measured": self._last_measured,
+            "best": None if best is None else {"step": best.step, "general_kl": best.general_kl,
+                                               "right": best.right, "total": best.total},
+            "kept_step": self.kept_step, "kept_replies": self.kept_replies,
+        }, sort_keys=True, allow_nan=False)
+        if self._kept is not None:
+            tmp = path / (WATCH_KEPT + ".tmp")
+            save_file({n: t.contiguous() for n, t in self._kept[1].items()}, str(tmp))
+            tmp.replace(path / WATCH_KEPT)
+
+    def resume_from(self, checkpoint: Path) -> bool:
+        """Take back what the killed attempt had measured and kept, from the checkpoint training resumes
+        from; False (and nothing changed) when the checkpoint holds no watch state (an older trainer's)."""
+        try:
+            saved = json.loads((checkpoint / WATCH_STATE).read_text())
+        except (OSError, ValueError):
+            return False
+        kept: dict[str, Any] | None = None
+        if saved.get("kept_step") is not None:
+            from safetensors.torch import load_file
+
+            try:
+                kept = load_file(str(checkpoint / WATCH_KEPT))
+            except (OSError, ValueError):
+                return False
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            if set(kept) != trainable:
+                return False
+        self.log = list(saved.get("log") or [])
+        self._last_measured = saved.get("last_measured")
+        b = saved.get("best")
+        self.best = None if b is None else Measured(int(b["step"]), float(b["general_kl"]), b.get("right"),
+                                                    int(b.get("total") or 0))
+        self.kept_replies = [str(r) for r in saved.get("kept_replies") or []]
+        if kept is not None:
+            self._kept = (int(saved["kept_step"]), kept)
+        return True
 
     def _measure(self, state: Any) -> Measured:
         from academyd.trainer.evaluate import general_kl, validation_right

@@ -137,16 +137,20 @@ def run(spec: S.TrainSpec, train: list[dict[str, Any]], heldout: list[dict[str, 
         trim_loss_log(loss_log, resume_step)
     elif loss_log.exists():
         loss_log.unlink()
+    from academyd.trainer.loop import KLWatch
+
+    watch = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, KLWatch)), None)
+    if resume_path and watch is not None and not watch.resume_from(resume_path):
+        print(f"trainer: {resume_path.name} holds no KL-watch state; measurements before step {resume_step} "
+              "are not known to this attempt", file=sys.stderr, flush=True)
     t_train = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
     train_s = time.monotonic() - t_train
 
     adapter_eval = heldout_loss(model, enc_heldout, pad_id, batch_size=hp.batch_size) if enc_heldout else None
     from academyd.trainer.evaluate import general_kl
-    from academyd.trainer.loop import KLWatch
 
     kl = general_kl(model, enc_general, pad_id, batch_size=hp.batch_size) if enc_general else None
-    watch = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, KLWatch)), None)
     probe_ex = heldout[enc_heldout[0]["index"]] if enc_heldout else train[enc_train[0]["index"]]
     fingerprint = probe(model, prompt_ids(probe_ex, fmt, tokenizer))
     adapter = save_adapter(model, tokenizer, out_dir, spec.base_model, base_identity)

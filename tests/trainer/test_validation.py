@@ -8,13 +8,16 @@ Real runs on the tiny model: the reverse-three-words task, with validation quest
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.trainer import TrainerRun, reverse_words_example
+from fixtures.trainer import TrainerRun, reverse_words_example, trainer_env
 
 from academyd.trainer import spec as S
 from academyd.trainer.loop import Measured, better
@@ -76,10 +79,14 @@ def test_the_spec_carries_validation_questions_and_refuses_bad_ones() -> None:
             S.TrainSpec.from_dict({**BASE, "validation": bad})
 
 
+def validation_spec(out: Path, make_spec: Callable[..., S.TrainSpec], **hp: Any) -> S.TrainSpec:
+    return make_spec(out, backend="peft", max_steps=150, validation=validation_items(),
+                     hyperparameters={"kl_steps": 10, "logging_steps": 10, "validation_max_new_tokens": 24, **hp})
+
+
 def run_with_validation(out: Path, make_spec: Callable[..., S.TrainSpec], run_trainer: Callable[..., TrainerRun],
                         **hp: Any) -> tuple[TrainerRun, dict[str, Any]]:
-    spec = make_spec(out, backend="peft", max_steps=150, validation=validation_items(),
-                     hyperparameters={"kl_steps": 10, "logging_steps": 10, "validation_max_new_tokens": 24, **hp})
+    spec = validation_spec(out, make_spec, **hp)
     run = run_trainer(spec, timeout=900)
     assert run.returncode == S.EXIT_OK, run.stderr[-3000:]
     return run, json.loads((out / S.SUMMARY_FILE).read_text())
@@ -89,6 +96,7 @@ def run_with_validation(out: Path, make_spec: Callable[..., S.TrainSpec], run_tr
 @pytest.mark.timeout(1500)
 def test_the_adapter_kept_is_the_best_on_validation_inside_the_budget_and_a_spent_budget_stops_the_run(
     tmp_path: Path, make_spec: Callable[..., S.TrainSpec], run_trainer: Callable[..., TrainerRun],
+    trainer_python: Path,
 ) -> None:
     # Without a budget: every measurement asks the validation questions; the best step is kept.
     free_run, free = run_with_validation(tmp_path / "free", make_spec, run_trainer)
@@ -123,6 +131,39 @@ def test_the_adapter_kept_is_the_best_on_validation_inside_the_budget_and_a_spen
     assert [e["validation_right"] for e in capped["kl_log"][:5]] == [e["validation_right"] for e in first]
     last_inside = max(e["step"] for e in first)
     assert expected["step"] != last_inside, first  # on this seed the old rule would have kept another step
+
+    # Killed (SIGKILL) at the first checkpoint after its best step and run again: the resumed run still keeps
+    # that step (its measurements and weights came back from the checkpoint), and its summary's log is the
+    # whole run's, not only what came after the resume.
+    out = tmp_path / "killed"
+    spec_path = tmp_path / "killed.json"
+    spec_path.write_text(json.dumps(validation_spec(out, make_spec, save_steps=10).to_dict()))
+    proc = subprocess.Popen([str(trainer_python), "-m", "academyd.trainer", str(spec_path)], env=trainer_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    killed_at = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["type"] == "checkpoint" and event["step"] > best["step"]:
+            killed_at = event["step"]
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL and killed_at is not None
+    assert not (out / S.SUMMARY_FILE).exists()
+    again = run_trainer(spec_path, timeout=900)
+    assert again.returncode == S.EXIT_OK, again.stderr[-3000:]
+    resumed = json.loads((out / S.SUMMARY_FILE).read_text())
+    assert resumed["resumed_from"] == killed_at
+    rlog = resumed["kl_log"]
+    assert [e["step"] for e in rlog] == [e["step"] for e in log]  # every measurement, once
+    before = [e for e in rlog if e["step"] <= killed_at]
+    assert before == [e for e in log if e["step"] <= killed_at]  # the killed attempt's own, from the checkpoint
+    kept = kept_by_rule(rlog, None)
+    assert resumed["validation"]["kept_step"] == kept["step"] and resumed["validation"]["right"] == kept[
+        "validation_right"]
+    assert kept["validation_right"] >= best["validation_right"]
+    assert resumed["general_kl"] == pytest.approx(kept["general_kl"], rel=1e-4)
 
 
 def test_validation_families_that_would_never_be_asked_are_refused_when_the_settings_load(tmp_path: Path) -> None:
