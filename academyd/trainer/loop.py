@@ -124,7 +124,8 @@ def make_trainer(spec, hp, model, tokenizer, enc_train, enc_heldout, pad_id, dev
         # Before the protocol callback: on a save the watch writes its state into the checkpoint first, and
         # the marker that makes the checkpoint usable comes last.
         callbacks.insert(0, watch_cls(events, model, enc_general, pad_id, hp.batch_size, hp.kl_budget,
-                                      hp.kl_steps, tokenizer, validation, hp.validation_max_new_tokens))
+                                      hp.kl_steps, tokenizer, validation, hp.validation_max_new_tokens,
+                                      hp.kl_patience))
     trainer_cls = Trainer
     if hp.replay_loss == "kl":
         def compute_loss(self: Any, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -248,6 +249,11 @@ def better(new: Measured, kept: Measured | None) -> bool:
     return new.right >= kept.right
 
 
+def over_budget(streak: int, kl: float, budget: float) -> int:
+    """How many measurements in a row are past the budget, after one more measuring `kl`. Pure."""
+    return streak + 1 if budget and kl > budget else 0
+
+
 WATCH_STATE = "academy_watch.json"  # in a checkpoint: the measurements so far and which step is kept
 WATCH_KEPT = "academy_watch_kept.safetensors"  # in a checkpoint: the kept step's trainable weights
 
@@ -258,8 +264,8 @@ class KLWatch:
     Every `every` steps: the mean KL(candidate || base) on the general set (evaluate.general_kl) and, with
     validation questions, how many the model answers right (greedy, scored by academyd.arena.answers.is_right,
     as the gate scores). Of the measurements inside the budget (all of them without one) the trainable
-    weights of the best (`better`) are kept in memory (a LoRA is small). A measurement past the budget stops
-    training. At the end the kept weights are put back, so the adapter written is the best measured inside
+    weights of the best (`better`) are kept in memory (a LoRA is small). `patience` measurements in a row
+    past the budget stop training (one past is often the early peak that replay brings back down). At the end the kept weights are put back, so the adapter written is the best measured inside
     the budget (the one training began with, if none was). A last step that was not measured is measured at
     the end, so the adapter written has always been checked against the budget.
 
@@ -269,9 +275,11 @@ class KLWatch:
 
     def __init__(self, events: EventWriter, model: Any, encoded: list[dict[str, Any]], pad_id: int,
                  batch_size: int, budget: float, every: int, tokenizer: Any = None,
-                 validation: list[dict[str, Any]] | None = None, max_new_tokens: int = 32) -> None:
+                 validation: list[dict[str, Any]] | None = None, max_new_tokens: int = 32,
+                 patience: int = 1) -> None:
         self.events, self.model, self.encoded, self.pad_id = events, model, encoded, pad_id
-        self.batch_size, self.budget, self.every = batch_size, budget, every
+        self.batch_size, self.budget, self.every, self.patience = batch_size, budget, every, max(1, patience)
+        self.over = 0  # measurements in a row past the budget
         self.tokenizer, self.validation, self.max_new_tokens = tokenizer, validation or [], max_new_tokens
         self.log: list[dict[str, Any]] = []
         self.stopped: dict[str, Any] | None = None
@@ -316,7 +324,7 @@ class KLWatch:
             "step": state.global_step, "log": self.log, "last_measured": self._last_measured,
             "best": None if best is None else {"step": best.step, "general_kl": best.general_kl,
                                                "right": best.right, "total": best.total},
-            "kept_step": self.kept_step, "kept_replies": self.kept_replies,
+            "kept_step": self.kept_step, "kept_replies": self.kept_replies, "over": self.over,
         }, sort_keys=True, allow_nan=False)
         if self._kept is not None:
             tmp = path / (WATCH_KEPT + ".tmp")
@@ -347,6 +355,7 @@ class KLWatch:
         self.best = None if b is None else Measured(int(b["step"]), float(b["general_kl"]), b.get("right"),
                                                     int(b.get("total") or 0))
         self.kept_replies = [str(r) for r in saved.get("kept_replies") or []]
+        self.over = int(saved.get("over") or 0)
         if kept is not None:
             self._kept = (int(saved["kept_step"]), kept)
         return True
@@ -384,9 +393,10 @@ class KLWatch:
         if state.global_step % self.every:
             return
         m = self._measure(state)
-        if self.budget and m.general_kl > self.budget:
+        self.over = over_budget(self.over, m.general_kl, self.budget)
+        if self.over >= self.patience:
             self.stopped = {"step": m.step, "general_kl": m.general_kl, "kl_budget": self.budget,
-                            "kept_step": self.kept_step}
+                            "kl_patience": self.patience, "kept_step": self.kept_step}
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

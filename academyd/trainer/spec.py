@@ -123,10 +123,13 @@ class Hyperparameters:
     adapter: str = "lora"  # one of ADAPTERS
     # Forgetting as a budget: the mean KL(candidate || base) per response token on the general set (the
     # arena's, academyd/arena/data/general.jsonl), measured every kl_steps optimiser steps (0: only after
-    # training) and reported as general_kl. With kl_budget > 0 a run whose KL passes the budget stops there
-    # with the adapter of its last measurement inside the budget. 0: no budget.
+    # training) and reported as general_kl. With kl_budget > 0 only measurements inside the budget can be
+    # kept, and the run stops when kl_patience measurements in a row are past it (the KL often peaks in the
+    # first steps and comes back down as replay pulls the model back: one measurement past is not yet a
+    # spent budget). 0: no budget.
     kl_budget: float = 0.0
     kl_steps: int = 0
+    kl_patience: int = 3
     # The spec's validation questions (TrainSpec.validation) are answered greedily at each KL measurement,
     # with replies of at most this many tokens: the answer's facts come first, so a short reply is enough.
     validation_max_new_tokens: int = 32
@@ -322,6 +325,7 @@ def _parse_hyperparameters(raw: Any) -> tuple[Hyperparameters, list[str]]:
         (hp.adapter in ADAPTERS, f"adapter must be one of {ADAPTERS}"),
         (hp.kl_budget >= 0, "kl_budget must be >= 0 (0: no budget)"),
         (hp.kl_steps >= 0, "kl_steps must be >= 0"),
+        (hp.kl_patience >= 1, "kl_patience must be >= 1 (measurements in a row past kl_budget that stop a run)"),
         (hp.kl_budget == 0 or hp.kl_steps >= 1, "kl_budget needs kl_steps >= 1 (how often the KL is measured)"),
         (hp.validation_max_new_tokens >= 1, "validation_max_new_tokens must be >= 1"),
     ]
@@ -374,7 +378,7 @@ def canonical_json(data: Any) -> str:
 
 
 _ADDED_LATER = {"adapter": "lora", "use_rslora": False, "kl_budget": 0.0, "kl_steps": 0,
-                "validation_max_new_tokens": 32}
+                "validation_max_new_tokens": 32, "kl_patience": 3}
 
 
 def spec_hash(spec: TrainSpec) -> str:

@@ -41,6 +41,7 @@ def test_servable_adapters_load(hp: dict[str, Any]) -> None:
     ({"use_rslora": "yes"}, "hyperparameters.use_rslora must be true or false"),
     ({"kl_budget": 0.1}, "kl_budget needs kl_steps >= 1"),
     ({"kl_budget": -1.0, "kl_steps": 5}, "kl_budget must be >= 0"),
+    ({"kl_budget": 0.1, "kl_steps": 5, "kl_patience": 0}, "kl_patience must be >= 1"),
 ])
 def test_the_spec_refuses_them_too(hp: dict[str, Any], reason: str) -> None:
     # A spec written by hand, or by a daemon of another version, meets the same rule in the trainer.
@@ -61,7 +62,7 @@ def test_variants_are_part_of_what_is_trained_and_old_hashes_stay() -> None:
     old = plain.to_dict()
     for key in ("output_dir", "run_id", "cpu_threads"):
         old.pop(key)
-    for key in ("adapter", "use_rslora", "kl_budget", "kl_steps", "validation_max_new_tokens"):
+    for key in ("adapter", "use_rslora", "kl_budget", "kl_steps", "validation_max_new_tokens", "kl_patience"):
         old["hyperparameters"].pop(key)
     old.pop("validation")
     canonical = json.dumps(old, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

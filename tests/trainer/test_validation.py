@@ -61,6 +61,26 @@ def test_the_rule_keeps_the_most_right_answers_and_a_tie_goes_to_the_later_step(
     assert best is not None and best.step == 20
 
 
+def test_a_budget_is_spent_only_after_patience_measurements_in_a_row_past_it() -> None:
+    from academyd.trainer.loop import over_budget
+
+    def stop_at(kls: list[float], budget: float, patience: int) -> int | None:
+        streak = 0
+        for i, kl in enumerate(kls):
+            streak = over_budget(streak, kl, budget)
+            if streak >= patience:
+                return i
+        return None
+
+    # The shape measured on the house facts (bench/bench_recipe.py, arm kl): the KL peaks in the first steps
+    # and replay brings it back down. One measurement past the budget stopped such a run at its peak.
+    peak_then_down = [0.29, 0.24, 0.18, 0.16, 0.15]
+    assert stop_at(peak_then_down, 0.2, 1) == 0
+    assert stop_at(peak_then_down, 0.2, S.Hyperparameters().kl_patience) is None
+    assert stop_at([0.1, 0.25, 0.1, 0.25, 0.26, 0.3], 0.2, 3) == 5  # a streak, not a count
+    assert stop_at([0.3, 0.3, 0.3], 0.0, 1) is None  # no budget: never spent
+
+
 def test_the_spec_carries_validation_questions_and_refuses_bad_ones() -> None:
     items = validation_items(3)
     spec = S.TrainSpec.from_dict({**BASE, "validation": items})
@@ -117,12 +137,14 @@ def test_the_adapter_kept_is_the_best_on_validation_inside_the_budget_and_a_spen
     assert free["general_kl"] != pytest.approx(log[-1]["general_kl"], rel=1e-3)
     assert v["general_kl"] == pytest.approx(best["general_kl"]) and len(v["replies"]) == 8
 
-    # A budget that the run passes halfway: it stops at the first measurement past it, and keeps the best
-    # validation step before it, which need not be the last one inside (the rule before validation).
+    # A budget that the run passes halfway, with a patience of 1 (tests/trainer/test_variants_training.py
+    # waits for 2): it stops at the first measurement past it, and keeps the best validation step before it,
+    # which need not be the last one inside (the rule before validation).
     first = log[:5]
     assert log[5]["general_kl"] > max(e["general_kl"] for e in first), log
     budget = (max(e["general_kl"] for e in first) + log[5]["general_kl"]) / 2
-    run, capped = run_with_validation(tmp_path / "capped", make_spec, run_trainer, kl_budget=budget)
+    run, capped = run_with_validation(tmp_path / "capped", make_spec, run_trainer, kl_budget=budget,
+                                      kl_patience=1)
     assert capped["kl_stopped"]["step"] == log[5]["step"] == capped["steps"] < 150
     expected = kept_by_rule(log, budget)
     assert capped["kl_stopped"]["kept_step"] == expected["step"] == capped["validation"]["kept_step"]
