@@ -25,7 +25,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # llama-cpp-python compiles llama.cpp: for AVX2 (not -march=native), so every x86-64-v3 CPU runs the same
 # kernels, and because the native build's AMX matmul segfaults on the first batched decode on AMX Xeons
 # (Sapphire Rapids VMs here: ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36).
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# LLAVA_BUILD=OFF: not the multimodal library (libmtmd, 51 of the 168 compiled files); nothing here sends
+# images, and llama_cpp loads it only for a multimodal chat handler.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DLLAVA_BUILD=OFF
 
 $(TVENV)/.installed: academyd/trainer/requirements.txt constraints.txt
 	$(PY) -m venv $(TVENV)
@@ -39,10 +42,14 @@ trainer-env: $(TVENV)/.installed
 system-deps:
 	bash scripts/install-system-deps
 
-run: $(VENV)/.installed $(TVENV)/.installed
+run:
+	$(MAKE) -j2 $(VENV)/.installed $(TVENV)/.installed
 	$(VENV)/bin/academyd run $(ARGS)
 
-test: $(VENV)/.installed $(TVENV)/.installed system-deps
+# The three installs are independent (two interpreters, Debian packages): a sub-make runs them side by side,
+# so the daemon's environment and the Debian packages come in while llama.cpp compiles.
+test:
+	$(MAKE) -j3 $(VENV)/.installed $(TVENV)/.installed system-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 schemas: $(VENV)/.installed
