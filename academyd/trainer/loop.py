@@ -265,9 +265,10 @@ class KLWatch:
     validation questions, how many the model answers right (greedy, scored by academyd.arena.answers.is_right,
     as the gate scores). Of the measurements inside the budget (all of them without one) the trainable
     weights of the best (`better`) are kept in memory (a LoRA is small). `patience` measurements in a row
-    past the budget stop training (one past is often the early peak that replay brings back down). At the end the kept weights are put back, so the adapter written is the best measured inside
-    the budget (the one training began with, if none was). A last step that was not measured is measured at
-    the end, so the adapter written has always been checked against the budget.
+    past the budget stop training (one past is often the early peak that replay brings back down). At the
+    end the kept weights are put back, so the adapter written is the best measured inside the budget (the
+    one training began with, if none was). A last step that was not measured is measured at the end, so
+    the adapter written has always been checked against the budget.
 
     What it has measured and the kept weights go into every checkpoint (`on_save`, before the checkpoint's
     marker) and come back on a resume (`resume_from`): a run killed after its best step and resumed still
