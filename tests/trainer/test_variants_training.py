@@ -86,8 +86,9 @@ def test_kl_to_the_base_is_measured_while_training_and_a_budget_stops_the_run(
     budget = (log[1]["general_kl"] + max(e["general_kl"] for e in log[2:])) / 2
     assert budget > log[1]["general_kl"] and any(e["general_kl"] > budget for e in log[2:])
     over = [e["general_kl"] > budget for e in log]
-    stop = next(i for i in range(1, len(log)) if over[i - 1] and over[i])
-    assert stop < len(log) - 1, log  # on this seed the KL stays past the budget: the stop comes before step 30
+    stop = next((i for i in range(1, len(log)) if over[i - 1] and over[i]), None)
+    # on this seed the KL stays past the budget: the stop comes before step 30
+    assert stop is not None and stop < len(log) - 1, log
     kept = max(e["step"] for e in log[:stop] if e["general_kl"] <= budget)
     run, capped = kl_run(tmp_path / "capped", make_spec, run_trainer, kl_budget=budget, kl_patience=2)
     assert capped["kl_stopped"]["step"] == log[stop]["step"] and capped["kl_stopped"]["kept_step"] == kept
