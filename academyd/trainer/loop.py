@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,9 +277,9 @@ class KLWatch:
     def __init__(self, events: EventWriter, model: Any, encoded: list[dict[str, Any]], pad_id: int,
                  batch_size: int, budget: float, every: int, tokenizer: Any = None,
                  validation: list[dict[str, Any]] | None = None, max_new_tokens: int = 32,
-                 patience: int = 1) -> None:
+                 patience: int = S.Hyperparameters.kl_patience) -> None:
         self.events, self.model, self.encoded, self.pad_id = events, model, encoded, pad_id
-        self.batch_size, self.budget, self.every, self.patience = batch_size, budget, every, max(1, patience)
+        self.batch_size, self.budget, self.every, self.patience = batch_size, budget, every, patience
         self.over = 0  # measurements in a row past the budget
         self.tokenizer, self.validation, self.max_new_tokens = tokenizer, validation or [], max_new_tokens
         self.log: list[dict[str, Any]] = []
@@ -320,11 +320,9 @@ class KLWatch:
             return
         from safetensors.torch import save_file
 
-        best = self.best
         atomic_write_json(path / WATCH_STATE, {
-            "step": state.global_step, "log": self.log, "last_measured": self._last_measured,
-            "best": None if best is None else {"step": best.step, "general_kl": best.general_kl,
-                                               "right": best.right, "total": best.total},
+            "log": self.log, "last_measured": self._last_measured,
+            "best": None if self.best is None else asdict(self.best),
             "kept_step": self.kept_step, "kept_replies": self.kept_replies, "over": self.over,
         }, sort_keys=True, allow_nan=False)
         if self._kept is not None:
@@ -352,9 +350,7 @@ class KLWatch:
                 return False
         self.log = list(saved.get("log") or [])
         self._last_measured = saved.get("last_measured")
-        b = saved.get("best")
-        self.best = None if b is None else Measured(int(b["step"]), float(b["general_kl"]), b.get("right"),
-                                                    int(b.get("total") or 0))
+        self.best = None if saved.get("best") is None else Measured(**saved["best"])
         self.kept_replies = [str(r) for r in saved.get("kept_replies") or []]
         self.over = int(saved.get("over") or 0)
         if kept is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.trainer import REPO, Dataset, TrainerRun, evaluate_adapter, parse_events, trainer_env
+from fixtures.trainer import REPO, Dataset, TrainerRun, evaluate_adapter, parse_events, run_until_killed, trainer_env
 
 from academyd.habitat.base import JobStatus, TrainingJob
 from academyd.habitat.process import ProcessHabitat
@@ -147,19 +147,9 @@ def test_killed_mid_run_resumes_from_checkpoint(
     spec = make_spec(out, backend="peft", hyperparameters={"epochs": 2, "save_steps": 10, "logging_steps": 1})
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec.to_dict()))
-    proc = subprocess.Popen(
-        [str(trainer_python), "-m", "academyd.trainer", str(spec_path)],
-        env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    assert proc.stdout is not None
-    first: list[dict[str, Any]] = []
-    for line in proc.stdout:
-        first.append(json.loads(line))
-        if first[-1]["type"] == "checkpoint" and first[-1]["step"] >= 20:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, first
+    first, status = run_until_killed(trainer_python, spec_path,
+                                     lambda e: e["type"] == "checkpoint" and e["step"] >= 20)
+    assert status == -signal.SIGKILL, first
     assert not (out / S.ADAPTER_DIR).exists() and not (out / S.SUMMARY_FILE).exists()
     total = first[0]["total_steps"]
     assert total == 50

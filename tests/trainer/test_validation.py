@@ -8,16 +8,14 @@ Real runs on the tiny model: the reverse-three-words task, with validation quest
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.trainer import TrainerRun, reverse_words_example, trainer_env
+from fixtures.trainer import TrainerRun, reverse_words_example, run_until_killed
 
 from academyd.trainer import spec as S
 from academyd.trainer.loop import Measured, better
@@ -160,18 +158,10 @@ def test_the_adapter_kept_is_the_best_on_validation_inside_the_budget_and_a_spen
     out = tmp_path / "killed"
     spec_path = tmp_path / "killed.json"
     spec_path.write_text(json.dumps(validation_spec(out, make_spec, save_steps=10).to_dict()))
-    proc = subprocess.Popen([str(trainer_python), "-m", "academyd.trainer", str(spec_path)], env=trainer_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    killed_at = None
-    for line in proc.stdout:
-        event = json.loads(line)
-        if event["type"] == "checkpoint" and event["step"] > best["step"]:
-            killed_at = event["step"]
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL and killed_at is not None
+    events, status = run_until_killed(trainer_python, spec_path,
+                                      lambda e: e["type"] == "checkpoint" and e["step"] > best["step"])
+    killed_at = events[-1]["step"] if events[-1]["type"] == "checkpoint" else None
+    assert status == -signal.SIGKILL and killed_at is not None
     assert not (out / S.SUMMARY_FILE).exists()
     again = run_trainer(spec_path, timeout=900)
     assert again.returncode == S.EXIT_OK, again.stderr[-3000:]
