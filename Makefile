@@ -50,9 +50,12 @@ run:
 
 # The three installs are independent (two interpreters, Debian packages): a sub-make runs them side by side,
 # so the daemon's environment and the Debian packages come in while llama.cpp compiles.
+# The suite runs on TEST_WORKERS xdist workers, a group of tests at a time each (tests/conftest.py says which
+# tests go together and which go first); TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
 test:
 	$(MAKE) -j3 $(VENV)/.installed $(TVENV)/.installed system-deps
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 schemas: $(VENV)/.installed
 	$(VENV)/bin/academyd schemas export
