@@ -55,7 +55,7 @@ run:
 TEST_WORKERS ?= 2
 test:
 	$(MAKE) -j3 $(VENV)/.installed $(TVENV)/.installed system-deps
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder $(PYTEST_ARGS)
 
 schemas: $(VENV)/.installed
 	$(VENV)/bin/academyd schemas export

@@ -1,5 +1,7 @@
 """Shared test setup. Each area keeps its fixtures in tests/fixtures/<area>.py (registered here)."""
 
+from typing import Any
+
 import pytest
 
 pytest_plugins = [
@@ -17,41 +19,64 @@ pytest_plugins = [
     "fixtures.gate_real",
 ]
 
-# `make test` runs the suite on two xdist workers (-n 2 --dist loadgroup --no-loadscope-reorder): while one
-# test waits on a broker, a daemon or a container, the other has the CPU. A group runs on one worker, one
-# test after another, and is what the scheduler hands out:
+# `make test` runs the suite on two xdist workers (-n 2 --no-loadscope-reorder). The unit the scheduler hands
+# a worker is a group of tests that run one after another there (`Groups` below, through xdist's
+# pytest_xdist_make_scheduler hook: its own loadgroup mode does not work with pytest 9, whose nodes keep
+# their id in `_id`, not the `_nodeid` it rewrites):
 # - a module is a group (its module-scoped fixtures are made once);
-# - modules that share a costly session fixture are one group, so it is made once, not once per worker;
-# - the groups that take longest go first (the scheduler hands them out in collection order), so the suite
-#   does not end with one worker alone on the real loop.
-SHARED_FIXTURES = ("gate_real", "follower_adapters", "trained_good", "trained_noise")
+# - modules that share a costly session fixture are one group (SHARED), so it is made once, not once per
+#   worker; a module that uses one and is not listed stops the collection (`_check_shared`);
+# - the groups that take longest go first (LONGEST_FIRST; the scheduler hands groups out in collection
+#   order), so the suite does not end with one worker alone on the real loop.
+SHARED: dict[str, tuple[str, ...]] = {  # session fixture -> the modules that use it
+    "gate_real": ("tests/arena/test_gate_real.py", "tests/scale/test_eval_jobs.py"),
+    "follower_adapters": ("tests/arena/test_served.py", "tests/follower/test_llamacpp_swap.py",
+                          "tests/follower/test_ollama_merged.py"),
+    "trained_good": ("tests/arena/test_arena.py", "tests/arena/test_cli.py", "tests/arena/test_identity.py",
+                     "tests/arena/test_promotion.py", "tests/arena/test_registry.py",
+                     "tests/pipeline/test_champion.py"),
+}
+SHARED_ALIASES = {"trained_noise": "trained_good"}  # made in the same group as trained_good
+GROUP_OF = {module: fixture for fixture, modules in SHARED.items() for module in modules}
 LONGEST_FIRST = ("tests/model/test_real_loop.py", "gate_real", "follower_adapters",
                  "tests/trainer/test_docker_habitat.py", "tests/trainer/test_validation.py")
 
 
-def _module_groups(items: list[pytest.Item]) -> dict[str, str]:
-    groups: dict[str, str] = {}
+def group_of(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return GROUP_OF.get(module, module)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return Groups(config, log)
+
+
+def _check_shared(items: list[pytest.Item]) -> None:
     for item in items:
-        module = item.nodeid.split("::", 1)[0]
-        shared = next((f for f in SHARED_FIXTURES if f in getattr(item, "fixturenames", ())), None)
-        if shared is not None and groups.get(module, module) == module:
-            groups[module] = "trained_good" if shared == "trained_noise" else shared
-        groups.setdefault(module, module)
-    return groups
+        for name in getattr(item, "fixturenames", ()):
+            fixture = SHARED_ALIASES.get(name, name)
+            module = item.nodeid.split("::", 1)[0]
+            if fixture in SHARED and GROUP_OF.get(module) != fixture:
+                raise pytest.UsageError(f"{module} uses the session fixture {name}: add it to SHARED[{fixture!r}] "
+                                        "in tests/conftest.py, so the fixture is made once")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    groups = _module_groups(items)
+    _check_shared(items)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     first_seen: dict[str, int] = {}
     for i, item in enumerate(items):
-        first_seen.setdefault(groups[item.nodeid.split("::", 1)[0]], i)
+        first_seen.setdefault(group_of(item.nodeid), i)
 
     def order(pair: tuple[int, pytest.Item]) -> tuple[int, int, int]:
-        group = groups[pair[1].nodeid.split("::", 1)[0]]
+        group = group_of(pair[1].nodeid)
         return rank.get(group, len(rank)), first_seen[group], pair[0]
 
     items[:] = [item for _, item in sorted(enumerate(items), key=order)]
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid.split("::", 1)[0]]))
