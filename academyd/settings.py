@@ -212,18 +212,6 @@ class CuratorSettings(BaseModel):
         "near a held-out question is dropped. Part of the default recipe (TrainingSettings, README).",
     )
     augment_per_kind: int = Field(default=1, ge=1, le=16, description="Restatements per kind and language.")
-    code_switch: int = Field(
-        default=0, ge=0, le=4,
-        description="Code-switched restatements per training lesson (academyd.curator.lexicon): its question with "
-        "its content words looked up in a bilingual dictionary, all of them for the first, about half for the "
-        "others, so an English lesson is also asked in Polish words and a Polish one in English. 0: none. "
-        "Needs the dictionaries in lexicon_dir; without them none are made and the manifest says so.",
-    )
-    lexicon_dir: Path = Field(
-        default=Path("/usr/share/dictd"),
-        description="Where FreeDict's eng-pol and pol-eng dictd files are (Debian dict-freedict-eng-pol, "
-        "dict-freedict-pol-eng; scripts/install-system-deps installs them).",
-    )
     paraphraser: ParaphraserSettings = Field(
         default_factory=ParaphraserSettings,
         description="Restatements from a model as well (academyd.curator.paraphrase), cached by content hash; "

@@ -27,9 +27,7 @@ Arms (aug and kl a ladder on the baseline; mica the baseline with another adapte
 - aug15: augmentation at lr 2e-3 and about ep3lr2's compute (1.5 passes over ~3.3x the rows, replay 0.3): what
   academyd.settings ships;
 - ep3val: ep3lr2 keeping its best step on 2 validation families (curator.validation_families) inside
-  the --kl-budget, measured every 24 steps;
-- switch: aug15 with two code-switched restatements per lesson (curator.code_switch 2: the question with its
-  content words from a bilingual dictionary, academyd.curator.lexicon).
+  the --kl-budget, measured every 24 steps.
 `--defaults-only` runs one arm, "default", exactly what academyd.settings ships (the chosen recipe).
 
 Printed: one row per arm and seed (held-out right /24, base /24, the house set's easy phrasings too, general-set
@@ -63,8 +61,8 @@ BUDGET = 0.03  # the forgetting budget the default recipe is chosen inside: gene
 # an arm does not move when academyd.settings' default does. OLD_DEFAULT is the first default (one pass at
 # lr 1e-3, no augmentation, as many replay rows as dataset rows); EP3LR2 the second.
 OLD_DEFAULT = {"epochs": 1.0, "learning_rate": 1e-3, "replay_general": 1.0}
-NO_AUG = {"augment": False, "code_switch": 0}
-AUG1 = {"augment": True, "augment_per_kind": 1, "code_switch": 0}
+NO_AUG = {"augment": False}
+AUG1 = {"augment": True, "augment_per_kind": 1}
 EP3LR2 = {"epochs": 3.0, "learning_rate": 2e-3, "replay_general": 1.0}
 
 
@@ -85,14 +83,12 @@ def arms(kl_budget: float, kl_steps: int) -> dict[str, dict[str, Any]]:
     ep3lr4 = {"curator": NO_AUG, "training": {**EP3LR2, "learning_rate": 4e-3}}
     # augmentation at lr 2e-3 and about ep3lr2's compute: 1.5 passes over ~3.3x the rows, replay 0.3
     aug15 = {"curator": AUG1, "training": {"epochs": 1.5, "learning_rate": 2e-3, "replay_general": 0.3}}
-    # aug15 with two code-switched restatements per lesson (its words through a bilingual dictionary)
-    switch = {"curator": {**AUG1, "code_switch": 2}, "training": dict(aug15["training"])}
     # ep3lr2 keeping its best step on 2 validation families inside a KL budget (measured every 24 steps)
     ep3val = {"curator": {**NO_AUG, "validation_families": 2},
               "training": {**EP3LR2, "hyperparameters": {"kl_budget": kl_budget, "kl_steps": 24}}}
     return {"default": {}, "baseline": {"curator": NO_AUG, "training": dict(OLD_DEFAULT)}, "aug": aug, "kl": kl,
             "mica": mica, "ep3": ep3, "augr": augr, "ep3lr2": ep3lr2, "ep3lr4": ep3lr4, "aug15": aug15,
-            "ep3val": ep3val, "switch": switch}
+            "ep3val": ep3val}
 
 
 def fact_set(name: str) -> tuple[list[dict[str, Any]], dict[str, list[str]], dict[str, list[str]]]:

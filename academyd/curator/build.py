@@ -8,8 +8,6 @@ dataset, so anyone can see why an example is in or out.
 from __future__ import annotations
 
 import hashlib
-import random
-import re
 import json
 import statistics
 import time
@@ -258,7 +256,7 @@ def build_dataset(
     clock.lap("split")
     augmented: list[Example] = []
     aug_stats: dict[str, Any] = {"enabled": cfg.augment}
-    if cfg.augment or cfg.paraphraser.url or cfg.code_switch:
+    if cfg.augment or cfg.paraphraser.url:
         augmented, aug_stats = _augment(train, heldout, family, cfg, settings.data_dir / "cache" / "paraphraser",
                                         lambda done, total: report("paraphrase", done, total))
         train_all += augmented
@@ -453,7 +451,6 @@ def _augment(train: list[Example], heldout: list[Example], family: dict[str, str
             family[made[-1].key] = family[ex.key]
             if r.template.startswith("paraphraser"):
                 from_paraphraser.add(made[-1].key)
-    switched = _code_switch(lessons, family, cfg, made)
     dropped = 0
     if made and heldout:
         dedup = Deduper(threshold=cfg.decontamination_threshold, num_perm=cfg.num_perm, k=cfg.shingle_chars)
@@ -473,45 +470,7 @@ def _augment(train: list[Example], heldout: list[Example], family: dict[str, str
     return made, {"enabled": cfg.augment, "lessons": len(lessons), "restatements": len(made),
                   "dropped_near_heldout": dropped, "per_kind": cfg.augment_per_kind,
                   "from_paraphraser": sum(1 for e in made if e.key in from_paraphraser),
-                  "code_switched": {**switched, "kept": sum(1 for e in made if "#switch-" in e.key)},
                   **({"paraphraser": para_stats} if cfg.paraphraser.url else {})}
-
-
-def _code_switch(lessons: list[Example], family: dict[str, str], cfg: Any, made: list[Example]) -> dict[str, Any]:
-    """cfg.code_switch restatements of each lesson's question in the other language's words (academyd.curator.
-    lexicon), appended to `made` in the lesson's family; the lesson's answer unchanged. Names (capitalised
-    past a question's first word), the answer's entity and function words stay as written."""
-    from academyd.curator.augment import answer_entity, language
-    from academyd.curator.lexicon import load, switch
-
-    if not cfg.code_switch:
-        return {"per_lesson": 0}
-    lexicons = {src: load(src, dst, str(cfg.lexicon_dir)) for src, dst in (("en", "pl"), ("pl", "en"))}
-    if not all(lexicons.values()):
-        return {"per_lesson": cfg.code_switch, "made": 0,
-                "missing": f"no FreeDict eng-pol / pol-eng dictionaries in {cfg.lexicon_dir}"}
-    count = 0
-    for ex in lessons:
-        question, answer = ex.prompt(), ex.answer()
-        lexicon = lexicons["pl" if language(question) == "pl" else "en"]
-        words = re.findall(r"[^\W\d_]+", question)
-        entity = answer_entity(answer, "pl" if language(answer) == "pl" else "en") or ""
-        keep = frozenset({w.lower() for w in re.findall(r"[^\W\d_]+", entity)}
-                         | {w.lower() for w in words[1:] if w[:1].isupper()})
-        rng = random.Random(f"switch\0{ex.key}")
-        seen = {question}
-        for i in range(cfg.code_switch):
-            text = switch(question, lexicon, rng, rate=1.0 if i == 0 else 0.5, keep=keep)
-            if text is None or text in seen:
-                continue
-            seen.add(text)
-            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-            made.append(Example(source="lesson", key=f"{ex.key}#switch-{digest}", order=ex.order,
-                                instruction=ex.instruction, turns=[("human", text), ("gpt", answer)],
-                                family=family[ex.key]))
-            family[made[-1].key] = family[ex.key]
-            count += 1
-    return {"per_lesson": cfg.code_switch, "made": count}
 
 
 def _family_stats(family: dict[str, str], train: list[Example], heldout: list[Example],
