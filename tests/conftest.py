@@ -22,7 +22,7 @@ pytest_plugins = [
 # `make test` runs the suite on two xdist workers (-n 2 --no-loadscope-reorder). The unit the scheduler hands
 # a worker is a group of tests that run one after another there (`Groups` below, through xdist's
 # pytest_xdist_make_scheduler hook: its own loadgroup mode does not work with pytest 9, whose nodes keep
-# their id in `_id`, not the `_nodeid` it rewrites):
+# their id in `_id`, not the `_nodeid` it rewrites: pytest-dev/pytest-xdist#1386, open):
 # - a module is a group (its module-scoped fixtures are made once);
 # - modules that share a costly session fixture are one group (SHARED), so it is made once, not once per
 #   worker; a module that uses one and is not listed stops the collection (`_check_shared`);
