@@ -416,7 +416,10 @@ class ArenaSettings(BaseModel):
     )
     max_new_tokens: int = Field(default=64, ge=1, description="Generation length of the arena's sample.")
     seed: int = Field(default=0, description="Seed of the generation sample and the bootstrap.")
-    cpu_threads: int | None = Field(default=None, ge=1, description="torch threads of the measurement.")
+    cpu_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch threads of the measurement; unset: the CPUs left free when it starts, as the trainer "
+        "chooses (academyd.trainer.cpu), with threads that sleep instead of spinning.")
     gguf: bool = Field(default=True, description="Write a GGUF adapter on promotion (llama/mistral/qwen2/qwen3).")
     runtime: Literal["llamacpp", "none"] = Field(
         default="llamacpp",

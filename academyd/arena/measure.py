@@ -125,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         out.write(json.dumps({"error": "bad_input", "reason": str(exc)}) + "\n")
         return S.EXIT_BAD_INPUT
+    # The measurement shares the machine as the trainer does (academyd.trainer.cpu), before torch loads its
+    # OpenMP runtime: threads from the CPUs left free unless --cpu-threads says, waits that sleep instead of
+    # spinning, nice'd below the daemon and the serving runtime.
+    from academyd.trainer import cpu
+
+    plan = cpu.measure(a.cpu_threads)
+    cpu.apply_env(plan)
+    nice = cpu.lower_priority()
+    a.cpu_threads = plan.threads
+    a.cpu_plan = {**plan.to_dict(), "nice": nice}
+    print(f"arena measure: {plan.reason}; torch threads {plan.threads}, wait policy {plan.wait_policy}, "
+          f"nice {nice}", file=sys.stderr, flush=True)
     try:
         result = measure(a, heldout, general)
     except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into the protocol
@@ -173,7 +185,8 @@ def measure(a: argparse.Namespace, heldout: list[dict[str, Any]], general: list[
     general, gfmt = rendered(general, "alpaca", a.render)
     enc_held, skipped_held = encode_all(heldout, fmt, tokenizer, a.max_length)
     enc_gen, skipped_gen = encode_all(general, gfmt, tokenizer, a.max_length)
-    result: dict[str, Any] = {"device": device, "format": a.format, "render": a.render, "base_identity": identity,
+    result: dict[str, Any] = {"device": device, "cpu": getattr(a, "cpu_plan", None),
+                              "format": a.format, "render": a.render, "base_identity": identity,
                               "champion_is_base": a.champion is None,
                               "skipped": {"heldout": skipped_held, "general": skipped_gen},
                               "heldout": {}, "general": {}}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +19,11 @@ from academyd.champion.moves import promote
 from academyd.registry import Registry
 from academyd.settings import Settings
 from academyd.store import Store
+from academyd.trainer import cpu
 from schemas.models import EvaluationFinished
+
+# A bounded hog: it spins one core and ends by itself, whatever becomes of the test.
+HOG = "import time\nend = time.monotonic() + 240\nwhile time.monotonic() < end:\n    pass\n"
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -45,6 +53,10 @@ async def test_a_noise_candidate_is_rejected_and_the_champion_stays(
     assert v1.metrics["forgetting"]["candidate_kl"] == pytest.approx(trained_kl) and trained_kl > 0
     assert f"KL to the base {trained_kl:.4f}" in next(r for r in v1.reasons if r.startswith("general-set loss"))
     assert (tmp_path / "e1" / "measure.json").is_file() and (tmp_path / "e1" / "verdict.json").is_file()
+    # It shares the machine as the trainer does: the threads asked for, waits that sleep, nice'd below the daemon.
+    plan = json.loads((tmp_path / "e1" / "measure.json").read_text())["cpu"]
+    assert plan["threads"] == plan["requested"] == 1 and plan["wait_policy"] == "PASSIVE", plan
+    assert plan["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + cpu.NICE_INCREMENT), plan
     reg.record_verdict("v1", v1, NOW)
     await promote(arena_store, s, "v1", reason="; ".join(v1.reasons), now=NOW)
 
@@ -52,8 +64,24 @@ async def test_a_noise_candidate_is_rejected_and_the_champion_stays(
     noise = reg.add_candidate(run_id="run-noise", adapter_src=trained_noise / "adapter", dataset=None, base_model=base,
                               run_summary=json.loads((trained_noise / "summary.json").read_text()), now=NOW)
     assert noise["parent"] == "v1"
-    v2 = await evaluate(s, candidate_adapter=Path(noise["adapter_path"]), champion_adapter=Path(good["adapter_path"]),
-                        base_model=base, heldout_path=alpaca_data.heldout, format="alpaca", out_dir=tmp_path / "e2")
+    # Measured with no thread count set, beside a core held busy by another process: it takes the CPUs left.
+    s.arena.cpu_threads = None
+    hog = subprocess.Popen([sys.executable, "-c", HOG])
+    try:
+        time.sleep(1.0)  # the hog is at full speed before the measurement looks
+        v2 = await evaluate(s, candidate_adapter=Path(noise["adapter_path"]),
+                            champion_adapter=Path(good["adapter_path"]), base_model=base,
+                            heldout_path=alpaca_data.heldout, format="alpaca", out_dir=tmp_path / "e2")
+        assert hog.poll() is None, "the hog ended before the measurement: the core was not held busy throughout"
+    finally:
+        hog.kill()
+        hog.wait()
+    plan = json.loads((tmp_path / "e2" / "measure.json").read_text())["cpu"]
+    allowed, quota = len(cpu.allowed_cpus()), cpu.cgroup_cpus()
+    capacity = allowed if quota is None else max(1, min(allowed, int(quota)))
+    assert plan["requested"] is None and plan["busy"] >= 0.8 and plan["wait_policy"] == "PASSIVE", plan
+    assert plan["threads"] == cpu.choose_threads(allowed, quota, plan["busy"])[0], plan
+    assert 1 <= plan["threads"] <= max(1, capacity - 1), plan
     assert not v2.promote
     assert v2.champion == "v1"  # named from the registry path models/v1/adapter
     assert v2.rules["heldout"] is False and v2.metrics["heldout"]["ci_high"] < 0, v2.reasons
