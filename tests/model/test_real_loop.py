@@ -57,7 +57,7 @@ ASK_TOKENS = 32
 SEED = int(os.environ.get("ACADEMY_REAL_LOOP_SEED") or 1)
 # Which facts: house (tests/fixtures/house.py, the set the recipe was tuned on, held-out phrasings that keep
 # the topic phrase) or lab (tests/fixtures/lab_facts.py, new facts, real paraphrases). House until the
-# default recipe reaches issue 21's bar on the lab facts: measured 2026-12-06 and -07, it does not (11-14/24 with
+# default recipe reaches issue 21's bar on the lab facts: measured 2026-12-07, it does not (11-14/24 with
 # three epochs at lr 2e-3, 11-14 with the default's restatements since; README, Default recipe);
 # ACADEMY_REAL_LOOP_FACTS=lab runs the Must-show as it stands.
 FACTS = os.environ.get("ACADEMY_REAL_LOOP_FACTS") or "house"
