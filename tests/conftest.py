@@ -67,7 +67,6 @@ def _check_shared(items: list[pytest.Item]) -> None:
                                         "in tests/conftest.py, so the fixture is made once")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _check_shared(items)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}

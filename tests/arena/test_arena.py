@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from fixtures.arena import outbox_rows
-from fixtures.trainer import Dataset
+from fixtures.trainer import Dataset, core_held_busy, cpu_capacity
 
 from academyd.arena import ArenaError, evaluate
 from academyd.champion.moves import promote
@@ -21,9 +18,6 @@ from academyd.settings import Settings
 from academyd.store import Store
 from academyd.trainer import cpu
 from schemas.models import EvaluationFinished
-
-# A bounded hog: it spins one core and ends by itself, whatever becomes of the test.
-HOG = "import time\nend = time.monotonic() + 240\nwhile time.monotonic() < end:\n    pass\n"
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -66,19 +60,12 @@ async def test_a_noise_candidate_is_rejected_and_the_champion_stays(
     assert noise["parent"] == "v1"
     # Measured with no thread count set, beside a core held busy by another process: it takes the CPUs left.
     s.arena.cpu_threads = None
-    hog = subprocess.Popen([sys.executable, "-c", HOG])
-    try:
-        time.sleep(1.0)  # the hog is at full speed before the measurement looks
+    with core_held_busy(240):  # the hog ends before the measurement: the block fails
         v2 = await evaluate(s, candidate_adapter=Path(noise["adapter_path"]),
                             champion_adapter=Path(good["adapter_path"]), base_model=base,
                             heldout_path=alpaca_data.heldout, format="alpaca", out_dir=tmp_path / "e2")
-        assert hog.poll() is None, "the hog ended before the measurement: the core was not held busy throughout"
-    finally:
-        hog.kill()
-        hog.wait()
     plan = json.loads((tmp_path / "e2" / "measure.json").read_text())["cpu"]
-    allowed, quota = len(cpu.allowed_cpus()), cpu.cgroup_cpus()
-    capacity = allowed if quota is None else max(1, min(allowed, int(quota)))
+    allowed, quota, capacity = len(cpu.allowed_cpus()), cpu.cgroup_cpus(), cpu_capacity()
     assert plan["requested"] is None and plan["busy"] >= 0.8 and plan["wait_policy"] == "PASSIVE", plan
     assert plan["threads"] == cpu.choose_threads(allowed, quota, plan["busy"])[0], plan
     assert 1 <= plan["threads"] <= max(1, capacity - 1), plan

@@ -37,6 +37,7 @@ from fixtures.trainer import trainer_env
 
 from academyd.arena.gate import decide
 from academyd.settings import ArenaSettings
+from academyd.trainer.cpu import WAIT_ENV
 
 THRESHOLD = ArenaSettings().served_agreement_min
 # Margins on either side of the threshold (see the figures in the commit message and the report printed
@@ -64,8 +65,7 @@ print(json.dumps(out))
 
 def served_cli(py: Path, *args: str) -> tuple[int, dict[str, Any], str]:
     proc = subprocess.run([str(py), "-m", "academyd.arena.served", *args], capture_output=True, text=True,
-                          env=trainer_env({"OMP_NUM_THREADS": "2",
-                                           "OMP_WAIT_POLICY": "PASSIVE"}), timeout=300, check=False)
+                          env=trainer_env({"OMP_NUM_THREADS": "2", **WAIT_ENV}), timeout=300, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert lines, f"no output (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     return proc.returncode, json.loads(lines[-1]), proc.stderr
@@ -89,9 +89,8 @@ def cases(follower_adapters: dict[str, Any], smollm2_gguf: Path) -> dict[str, tu
 def agreements(llama_python: Path, follower_adapters: dict[str, Any],
                cases: dict[str, tuple[str, str | None]]) -> dict[str, dict[str, Any]]:
     proc = subprocess.run([str(llama_python), "-c", MEASURE, follower_adapters["probes"], json.dumps(cases)],
-                          capture_output=True, text=True, env=trainer_env({"OMP_NUM_THREADS": "2",
-                                                                           "OMP_WAIT_POLICY": "PASSIVE"}), timeout=600,
-                          check=False)
+                          capture_output=True, text=True, env=trainer_env({"OMP_NUM_THREADS": "2", **WAIT_ENV}),
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\nteacher-forced top-1 agreement with the trainer's replies (threshold {THRESHOLD}):")

@@ -25,6 +25,7 @@ from fixtures.trainer import trainer_env
 
 from academyd.follower.targets import OllamaTarget
 from academyd.settings import ArenaSettings, Settings
+from academyd.trainer.cpu import WAIT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -77,9 +78,8 @@ async def test_the_merged_q8_0_model_is_created_and_answers_like_base_plus_adapt
              "base + adapter": (str(smollm2_gguf), payload["gguf_path"]),
              "base": (str(smollm2_gguf), None)}
     proc = subprocess.run([str(llama_python), "-c", MEASURE, follower_adapters["probes"], json.dumps(cases)],
-                          capture_output=True, text=True, env=trainer_env({"OMP_NUM_THREADS": "2",
-                                                                           "OMP_WAIT_POLICY": "PASSIVE"}), timeout=600,
-                          check=False)
+                          capture_output=True, text=True, env=trainer_env({"OMP_NUM_THREADS": "2", **WAIT_ENV}),
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, r in got.items():

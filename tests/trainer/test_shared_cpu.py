@@ -4,22 +4,16 @@ with threads that sleep instead of spinning, below the priority of the work it s
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fixtures.trainer import TrainerRun
+from fixtures.trainer import TrainerRun, core_held_busy, cpu_capacity
 
 from academyd.trainer import cpu
 from academyd.trainer import spec as S
 
 pytestmark = pytest.mark.slow
-
-# A bounded hog: it spins one core and ends by itself, whatever becomes of the test.
-HOG = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
 
 
 def test_training_beside_a_core_held_busy(
@@ -27,19 +21,13 @@ def test_training_beside_a_core_held_busy(
 ) -> None:
     allowed = len(cpu.allowed_cpus())
     quota = cpu.cgroup_cpus()
-    capacity = allowed if quota is None else max(1, min(allowed, int(quota)))
-    hog = subprocess.Popen([sys.executable, "-c", HOG.format(seconds=240)])
-    try:
-        time.sleep(1.0)  # the hog is at full speed before the trainer looks
+    capacity = cpu_capacity()
+    with core_held_busy(240):  # the hog ends before the trainer: the block fails
         # What the trainer will find, measured here too: the hog's core at least.
         assert cpu.busy_cpus(cpu.allowed_cpus(), 0.5) >= 0.8
         spec = make_spec(tmp_path / "run", backend="auto", cpu_threads=None, max_steps=30)
         run = run_trainer(spec, env={"ACADEMY_TRAINER_CALIBRATION": str(tmp_path / "no-calibration.json")},
                           timeout=280)
-        assert hog.poll() is None, "the hog ended before the trainer: the core was not held busy throughout"
-    finally:
-        hog.kill()
-        hog.wait()
     assert run.returncode == S.EXIT_OK, run.stderr[-3000:]
     start = run.of_type("start")[0]
     found = start["cpu"]
